@@ -1,0 +1,139 @@
+"""Validated configuration of a detector.
+
+Every field has a default that works on the embedded backbone; configs load from plain dicts or
+YAML and report bad values with the field path and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from defectscope.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Section):
+    name: str = Field("tf_efficientnet_lite0", description="timm model name.")
+    weights: str = Field(
+        "default",
+        description=(
+            "'default' (weights shipped in a Python package, else the timm hub), 'hub', 'random', "
+            "or a path to a .pth/.pt/.safetensors file (Meta's DINOv3 format is converted)."
+        ),
+    )
+    layers: list[int] | None = Field(
+        None, description="Feature layer indices (timm forward_intermediates); None = family default."
+    )
+
+
+class FeatureConfig(_Section):
+    input_size: tuple[int, int] = Field((256, 256), description="Network input (height, width).")
+    aspect: Literal["stretch", "pad"] = Field(
+        "stretch", description="'stretch' resizes to input_size; 'pad' keeps the aspect and pads."
+    )
+    neighbourhood: int = Field(3, ge=1, le=9, description="Local aggregation window (patches).")
+    embedding_dim: int | None = Field(
+        None, ge=8, description="Reduce patch features to this many dims (adaptive pooling)."
+    )
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 32 or max(value) > 2048:
+            raise ValueError("each side must be between 32 and 2048 pixels")
+        return value
+
+
+class CoresetConfig(_Section):
+    method: Literal["greedy", "sharded", "random", "none"] = Field(
+        "sharded",
+        description="'greedy' exact k-center; 'sharded' per-shard greedy (fast, bounded memory); "
+        "'random' subsample; 'none' keeps every patch.",
+    )
+    ratio: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of patches to keep.")
+    size: int | None = Field(None, ge=1, description="Absolute bank size; overrides ratio.")
+    projection_dim: int | None = Field(
+        128, ge=4, description="Random projection used only for selection; None = no projection."
+    )
+    shard_size: int = Field(16384, ge=256, description="Patches per shard for 'sharded'.")
+    seed: int = 0
+
+
+class ScoringConfig(_Section):
+    k: int = Field(1, ge=1, le=64, description="Nearest neighbours averaged into a patch score.")
+    reduction: Literal["max", "topk_mean", "patchcore"] = "max"
+    topk_fraction: float = Field(0.01, gt=0.0, le=1.0, description="For 'topk_mean'.")
+    reweight_neighbours: int = Field(3, ge=1, description="For 'patchcore' re-weighting.")
+    smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels.")
+    knn_backend: Literal["auto", "torch", "faiss"] = "auto"
+    faiss_min_bank: int = Field(
+        200_000, ge=1, description="'auto' uses faiss (when installed) from this bank size."
+    )
+    chunk_size: int = Field(4096, ge=64, description="Query patches per distance block.")
+
+
+class CalibrationConfig(_Section):
+    method: Literal["leave_one_out", "holdout", "none"] = Field(
+        "leave_one_out",
+        description="'leave_one_out' scores each training image against the bank without its own "
+        "patches; 'holdout' keeps a fraction of the images out of the bank.",
+    )
+    holdout_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    false_alarm_rate: float = Field(
+        0.01, gt=0.0, lt=0.5, description="Target share of good images flagged at the threshold."
+    )
+
+
+class DetectorConfig(_Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    coreset: CoresetConfig = Field(default_factory=CoresetConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    batch_size: int = Field(16, ge=1, le=1024)
+    half_precision: bool = Field(False, description="fp16 backbone on CUDA.")
+
+    @model_validator(mode="after")
+    def _check_device(self) -> DetectorConfig:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DetectorConfig:
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DetectorConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data.get("detector", data) if data else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The PatchCore-style detector: memory bank, coreset, kNN scoring, calibration, model file."""

@@ -1,0 +1,1 @@
+"""Backbones, preprocessing and patch features."""
