@@ -1,0 +1,106 @@
+"""Thresholds and the normalised score, from good images only.
+
+The image threshold is the (1 - false_alarm_rate) quantile of out-of-sample scores of good
+images; the pixel threshold is the same quantile of their anomaly-map maxima, so that a good
+image's mask is empty as often as its decision is "good". The normalised score is a logistic
+map of the raw score that sends the threshold to 0.5, with a slope set by the spread of good
+scores, so 0.5 means the same thing for every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from defectscope.errors import DefectscopeError
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    pixel_threshold: float
+    scale: float
+    method: str
+    false_alarm_rate: float
+    threshold_source: str = "good_quantile"
+    good_scores: list[float] = field(default_factory=list)
+    good_pixel_maxima: list[float] = field(default_factory=list)
+
+    def normalize(self, scores: np.ndarray | float, threshold: float | None = None) -> np.ndarray:
+        t = self.threshold if threshold is None else float(threshold)
+        z = (np.asarray(scores, dtype=np.float64) - t) / self.scale
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+    def stats(self) -> dict[str, float]:
+        scores = np.asarray(self.good_scores, dtype=np.float64)
+        if scores.size == 0:
+            return {}
+        q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
+        return {
+            "n": int(scores.size),
+            "mean": float(scores.mean()),
+            "std": float(scores.std()),
+            "min": float(scores.min()),
+            "max": float(scores.max()),
+            "p50": float(q[0]),
+            "p90": float(q[1]),
+            "p95": float(q[2]),
+            "p99": float(q[3]),
+        }
+
+    def with_thresholds(
+        self, image: float | None = None, pixel: float | None = None, source: str = "user"
+    ) -> Calibration:
+        for name, value in (("image", image), ("pixel", pixel)):
+            if value is not None and not np.isfinite(value):
+                raise DefectscopeError(f"{name} threshold must be a finite number, not {value}")
+        return Calibration(
+            threshold=self.threshold if image is None else float(image),
+            pixel_threshold=self.pixel_threshold if pixel is None else float(pixel),
+            scale=self.scale,
+            method=self.method,
+            false_alarm_rate=self.false_alarm_rate,
+            threshold_source=source,
+            good_scores=list(self.good_scores),
+            good_pixel_maxima=list(self.good_pixel_maxima),
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["stats"] = self.stats()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        data = {k: v for k, v in data.items() if k != "stats"}
+        return cls(**data)
+
+
+def robust_scale(scores: np.ndarray) -> float:
+    """Spread of good scores: MAD (normal-consistent), falling back to std, then to the median."""
+    median = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - median))) * 1.4826
+    for candidate in (mad, float(scores.std()), abs(median) * 0.1):
+        if candidate > 1e-12:
+            return candidate
+    return 1.0
+
+
+def calibrate(
+    good_scores: np.ndarray, good_pixel_maxima: np.ndarray, false_alarm_rate: float, method: str
+) -> Calibration:
+    scores = np.asarray(good_scores, dtype=np.float64)
+    maxima = np.asarray(good_pixel_maxima, dtype=np.float64)
+    if scores.size == 0:
+        raise DefectscopeError("calibration needs at least one good image")
+    q = 1.0 - false_alarm_rate
+    return Calibration(
+        threshold=float(np.quantile(scores, q, method="higher")),
+        pixel_threshold=float(np.quantile(maxima, q, method="higher")),
+        scale=robust_scale(scores),
+        method=method,
+        false_alarm_rate=false_alarm_rate,
+        good_scores=[float(s) for s in scores],
+        good_pixel_maxima=[float(m) for m in maxima],
+    )

@@ -1,0 +1,116 @@
+"""Memory bank subsampling: greedy k-center coreset (PatchCore), exact or sharded.
+
+Exact greedy costs O(N * k) distance evaluations and streams the whole feature matrix through
+memory k times. The sharded variant runs greedy within random shards that fit in cache and takes
+the union, which cuts the work by the number of shards and keeps memory bounded; its quality cost
+is measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from defectscope.config import CoresetConfig
+
+ProgressFn = Callable[[int, int], None]
+
+
+def coreset_size(n_total: int, config: CoresetConfig) -> int:
+    if config.method == "none":
+        return n_total
+    target = config.size if config.size is not None else math.ceil(config.ratio * n_total)
+    return max(1, min(n_total, target))
+
+
+def random_projection(features: torch.Tensor, dim: int | None, seed: int) -> torch.Tensor:
+    """Johnson-Lindenstrauss projection: distances are kept approximately, selection gets cheaper."""
+    if dim is None or dim >= features.shape[1]:
+        return features
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    matrix = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
+    return features @ matrix.to(features.device, features.dtype)
+
+
+def greedy_kcenter(
+    features: torch.Tensor, n_select: int, seed: int = 0, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """Indices of ``n_select`` rows chosen by greedy farthest-point selection."""
+    n = features.shape[0]
+    if n_select >= n:
+        return torch.arange(n, device=features.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=generator))
+    squared_norms = (features * features).sum(dim=1)
+    selected = torch.empty(n_select, dtype=torch.long, device=features.device)
+    selected[0] = first
+    min_dist = squared_norms - 2.0 * (features @ features[first]) + squared_norms[first]
+    distances = torch.empty_like(min_dist)
+    report_every = max(1, n_select // 100)
+    for i in range(1, n_select):
+        index = torch.argmax(min_dist)
+        selected[i] = index
+        center = features[index]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, in one fused matrix-vector product.
+        torch.addmv(squared_norms + squared_norms[index], features, center, alpha=-2.0, out=distances)
+        torch.minimum(min_dist, distances, out=min_dist)
+        if progress is not None and i % report_every == 0:
+            progress(i, n_select)
+    if progress is not None:
+        progress(n_select, n_select)
+    return selected
+
+
+def sharded_kcenter(
+    features: torch.Tensor,
+    n_select: int,
+    shard_size: int,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Greedy k-center inside random shards, union of the per-shard selections."""
+    n = features.shape[0]
+    if n_select >= n:
+        return torch.arange(n, device=features.device)
+    n_shards = max(1, math.ceil(n / shard_size))
+    if n_shards == 1:
+        return greedy_kcenter(features, n_select, seed, progress)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    order = torch.randperm(n, generator=generator).to(features.device)
+    shards = torch.tensor_split(order, n_shards)
+    # Spread the budget in proportion to shard size, exactly n_select in total.
+    quotas = [len(s) * n_select // n for s in shards]
+    for i in range(n_select - sum(quotas)):
+        quotas[i % n_shards] += 1
+    chosen = []
+    done = 0
+    for shard_index, (shard, quota) in enumerate(zip(shards, quotas, strict=True)):
+        if quota == 0:
+            continue
+        local = greedy_kcenter(features[shard], quota, seed + shard_index)
+        chosen.append(shard[local])
+        done += quota
+        if progress is not None:
+            progress(done, n_select)
+    return torch.cat(chosen)
+
+
+def select_coreset(
+    features: torch.Tensor, config: CoresetConfig, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """Indices into ``features`` (N, D) that form the memory bank, sorted ascending."""
+    n = features.shape[0]
+    n_select = coreset_size(n, config)
+    if n_select >= n:
+        return torch.arange(n, device=features.device)
+    if config.method == "random":
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        return torch.randperm(n, generator=generator)[:n_select].sort().values.to(features.device)
+    projected = random_projection(features, config.projection_dim, config.seed)
+    if config.method == "greedy":
+        selected = greedy_kcenter(projected, n_select, config.seed, progress)
+    else:
+        selected = sharded_kcenter(projected, n_select, config.shard_size, config.seed, progress)
+    return selected.sort().values

@@ -1,0 +1,463 @@
+"""`Detector`: learn what good looks like from images, then score and localise defects.
+
+Life cycle as in scikit-learn: ``Detector(config).fit(images)``, ``.predict(images)``,
+``.save(path)``, ``Detector.load(path)``. Every adapter (CLI, REST, export, monitoring) goes
+through this class, so preprocessing and scoring exist exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from defectscope import __version__
+from defectscope.config import DetectorConfig
+from defectscope.data.io import ImageInput, load_image
+from defectscope.detector.calibration import Calibration, calibrate
+from defectscope.detector.coreset import select_coreset
+from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
+from defectscope.detector.prediction import Prediction
+from defectscope.detector.scoring import AnomalyScorer
+from defectscope.errors import (
+    ConfigError,
+    DefectscopeError,
+    ImageLoadError,
+    ModelFileError,
+    NotFittedError,
+)
+from defectscope.features.backbones import create_backbone
+from defectscope.features.patches import PatchFeatures
+from defectscope.features.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+"""progress(stage, done, total): stages are 'features', 'coreset', 'calibration', 'predict'."""
+
+
+@dataclass
+class LoadedImage:
+    index: int
+    source: str | None
+    image: np.ndarray | None
+    error: ImageLoadError | None
+
+
+def describe_source(source: ImageInput) -> str | None:
+    return str(source) if isinstance(source, (str, Path)) else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+    return torch.device(name)
+
+
+def iter_loaded(
+    sources: Sequence[ImageInput], batch_size: int, workers: int = 2
+) -> Iterator[list[LoadedImage]]:
+    """Decode images in background threads, a batch ahead of the model (PIL releases the GIL)."""
+
+    def load(item: tuple[int, ImageInput]) -> LoadedImage:
+        index, source = item
+        name = describe_source(source)
+        try:
+            return LoadedImage(index, name, load_image(source), None)
+        except ImageLoadError as exc:
+            return LoadedImage(index, name, None, exc)
+
+    batches = [
+        list(enumerate(sources))[start : start + batch_size]
+        for start in range(0, len(sources), batch_size)
+    ]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = pool.map(lambda batch: [load(item) for item in batch], batches)
+        yield from pending
+
+
+class Detector:
+    """PatchCore-style anomaly detector (frozen backbone + memory bank of good patches)."""
+
+    def __init__(self, config: DetectorConfig | dict | None = None) -> None:
+        if isinstance(config, dict) or config is None:
+            config = DetectorConfig.from_dict(config)
+        self.config: DetectorConfig = config
+        self.device = resolve_device(config.device)
+        self.features: PatchFeatures | None = None
+        self.preprocessor: Preprocessor | None = None
+        self.scorer: AnomalyScorer | None = None
+        self.calibration: Calibration | None = None
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_fitted(self) -> bool:
+        return self.scorer is not None and self.calibration is not None
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError("the detector is not fitted: call fit() or Detector.load() first")
+
+    @property
+    def threshold(self) -> float:
+        self._require_fitted()
+        return self.calibration.threshold
+
+    @property
+    def pixel_threshold(self) -> float:
+        self._require_fitted()
+        return self.calibration.pixel_threshold
+
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        self._require_fitted()
+        return self.scorer.bank
+
+    def set_thresholds(
+        self, image: float | None = None, pixel: float | None = None, source: str = "user"
+    ) -> None:
+        """Replace the stored thresholds (e.g. by F1-optimal ones from a labelled validation set)."""
+        self._require_fitted()
+        self.calibration = self.calibration.with_thresholds(image, pixel, source)
+
+    def _build_features(self) -> None:
+        if self.features is not None:
+            return
+        backbone = create_backbone(self.config.backbone)
+        check = getattr(backbone, "check_input_size", None)
+        if check is not None:
+            check(tuple(self.config.features.input_size))
+        self.features = PatchFeatures(
+            backbone, self.config.features.neighbourhood, self.config.features.embedding_dim
+        ).to(self.device)
+        if self.config.half_precision and self.device.type == "cuda":
+            backbone.half()
+        self.preprocessor = Preprocessor(
+            self.config.features.input_size, backbone.mean, backbone.std, self.config.features.aspect
+        )
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
+        self._build_features()
+        batch = batch.to(self.device, non_blocking=True)
+        if self.config.half_precision and self.device.type == "cuda":
+            batch = batch.half()
+        return self.features(batch).float()
+
+    # -------------------------------------------------------------------- fit
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        on_error: str = "raise",
+        progress: ProgressFn | None = None,
+    ) -> Detector:
+        """Learn the memory bank and thresholds from good images (paths, arrays, PIL, bytes)."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        images = list(images)
+        if not images:
+            raise DefectscopeError("fit needs at least one good image")
+        self._build_features()
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        embeddings, owners, names, skipped, digest = self._embed_all(images, on_error, progress)
+        n_images = len(names)
+        if n_images == 0:
+            raise DefectscopeError("no readable training image: every image failed to load")
+        cal_cfg = self.config.calibration
+        if cal_cfg.method == "leave_one_out" and n_images < 2:
+            raise DefectscopeError("leave-one-out calibration needs at least 2 good images")
+        timings["features_s"] = time.perf_counter() - start
+
+        in_bank = torch.ones(n_images, dtype=torch.bool)
+        if cal_cfg.method == "holdout":
+            in_bank = self._holdout_split(n_images)
+        bank_rows = torch.nonzero(in_bank[owners], as_tuple=True)[0]
+
+        t0 = time.perf_counter()
+        bank_features = embeddings.flatten(2).permute(0, 2, 1).reshape(-1, embeddings.shape[1])
+        candidates = bank_features[bank_rows.to(bank_features.device)]
+        report = (lambda d, t: progress("coreset", d, t)) if progress else None
+        chosen = select_coreset(candidates, self.config.coreset, report)
+        bank = candidates[chosen].contiguous()
+        bank_owner = owners[bank_rows][chosen.cpu()]
+        timings["coreset_s"] = time.perf_counter() - t0
+
+        self.scorer = AnomalyScorer(bank, self.config.scoring, self.config.features.input_size)
+        self.scorer.to(self.device)
+
+        t0 = time.perf_counter()
+        good_scores, good_maxima = self._calibration_scores(
+            embeddings, in_bank, bank_owner, progress
+        )
+        self.calibration = calibrate(
+            good_scores, good_maxima, cal_cfg.false_alarm_rate, cal_cfg.method
+        )
+        timings["calibration_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+
+        self.info = {
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "defectscope_version": __version__,
+            "training": {
+                "n_images": n_images,
+                "n_in_bank": int(in_bank.sum()),
+                "n_patches": int(bank_rows.numel()),
+                "fingerprint": digest,
+                "skipped": skipped,
+                "examples": [n for n in names[:5] if n],
+            },
+            "bank_size": int(bank.shape[0]),
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        }
+        return self
+
+    def _embed_all(
+        self, images: Sequence[ImageInput], on_error: str, progress: ProgressFn | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str | None], list[dict], str]:
+        chunks: list[torch.Tensor] = []
+        names: list[str | None] = []
+        skipped: list[dict] = []
+        hashes: list[str] = []
+        done = 0
+        for batch in iter_loaded(images, self.config.batch_size):
+            good = []
+            for item in batch:
+                if item.error is not None:
+                    if on_error == "raise":
+                        raise item.error
+                    warnings.warn(f"skipping unreadable image: {item.error}", stacklevel=3)
+                    skipped.append({"source": item.source, "error": item.error.reason})
+                else:
+                    good.append(item)
+            if good:
+                tensor = self.preprocessor([item.image for item in good])
+                chunks.append(self.embed(tensor))
+                names.extend(item.source for item in good)
+                hashes.extend(hashlib.sha256(item.image.tobytes()).hexdigest() for item in good)
+            done += len(batch)
+            if progress:
+                progress("features", done, len(images))
+        if not chunks:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), [], skipped, ""
+        embeddings = torch.cat(chunks)
+        n, _, h, w = embeddings.shape
+        owners = torch.arange(n).repeat_interleave(h * w)
+        # Order-independent: the same set of images gives the same fingerprint.
+        digest = hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()[:32]
+        return embeddings, owners, names, skipped, digest
+
+    def _holdout_split(self, n_images: int) -> torch.Tensor:
+        n_holdout = max(1, round(self.config.calibration.holdout_fraction * n_images))
+        if n_holdout >= n_images:
+            raise DefectscopeError(
+                f"holdout calibration needs more images: {n_images} given, {n_holdout} held out"
+            )
+        generator = torch.Generator().manual_seed(self.config.coreset.seed)
+        in_bank = torch.ones(n_images, dtype=torch.bool)
+        in_bank[torch.randperm(n_images, generator=generator)[:n_holdout]] = False
+        return in_bank
+
+    @torch.inference_mode()
+    def _calibration_scores(
+        self,
+        embeddings: torch.Tensor,
+        in_bank: torch.Tensor,
+        bank_owner: torch.Tensor,
+        progress: ProgressFn | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        method = self.config.calibration.method
+        if method == "holdout":
+            targets = torch.nonzero(~in_bank, as_tuple=True)[0].tolist()
+        else:
+            targets = list(range(embeddings.shape[0]))
+        owner_on_device = bank_owner.to(self.device)
+        scores, maxima = [], []
+        step = self.config.batch_size
+        for start in range(0, len(targets), step):
+            chunk = targets[start : start + step]
+            if method == "leave_one_out":
+                # Each image is scored against the bank without its own patches: an
+                # out-of-sample score for every training image from a single bank.
+                for index in chunk:
+                    banned = owner_on_device == index
+                    maps, image_scores = self.scorer(embeddings[index : index + 1], banned=banned)
+                    scores.append(image_scores.cpu())
+                    maxima.append(maps.flatten(1).amax(1).cpu())
+            else:
+                maps, image_scores = self.scorer(embeddings[chunk])
+                scores.append(image_scores.cpu())
+                maxima.append(maps.flatten(1).amax(1).cpu())
+            if progress:
+                progress("calibration", min(start + step, len(targets)), len(targets))
+        return torch.cat(scores).numpy(), torch.cat(maxima).numpy()
+
+    # ---------------------------------------------------------------- predict
+    @torch.inference_mode()
+    def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input (B, 3, H, W) -> (anomaly maps at input size, image scores)."""
+        self._require_fitted()
+        return self.scorer(self.embed(batch))
+
+    def iter_predict(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[int, str | None, Prediction | ImageLoadError]]:
+        """Yield (index, source, Prediction or the ImageLoadError) in input order."""
+        self._require_fitted()
+        image_threshold = self.threshold if threshold is None else float(threshold)
+        mask_threshold = self.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
+        for batch in iter_loaded(list(images), batch_size or self.config.batch_size):
+            good = [item for item in batch if item.error is None]
+            results: dict[int, Prediction] = {}
+            if good:
+                t0 = time.perf_counter()
+                tensor = self.preprocessor([item.image for item in good])
+                maps, scores = self.score_batch(tensor)
+                elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(good)
+                normalized = self.calibration.normalize(scores.cpu().numpy(), image_threshold)
+                for row, item in enumerate(good):
+                    original = self.preprocessor.to_original(maps[row : row + 1], item.image.shape[:2])
+                    anomaly_map = original[0].float().cpu().numpy()
+                    score = float(scores[row])
+                    results[item.index] = Prediction(
+                        score=score,
+                        normalized_score=float(normalized[row]),
+                        is_anomalous=score >= image_threshold,
+                        threshold=image_threshold,
+                        anomaly_map=anomaly_map,
+                        mask=anomaly_map >= mask_threshold,
+                        pixel_threshold=mask_threshold,
+                        source=item.source,
+                        timings={"model_ms": elapsed_ms},
+                    )
+            for item in batch:
+                yield item.index, item.source, results.get(item.index, item.error)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> list[Prediction]:
+        """Predictions for images, in order; an unreadable image raises ImageLoadError."""
+        if isinstance(images, (str, Path, bytes, np.ndarray)) or not isinstance(images, Sequence):
+            images = [images]
+        out = []
+        for _, _, result in self.iter_predict(
+            images, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+        ):
+            if isinstance(result, Exception):
+                raise result
+            out.append(result)
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def describe(self) -> dict[str, Any]:
+        """Everything a person or an adapter needs to know about this model (JSON-able)."""
+        self._require_fitted()
+        backbone = self.features.backbone
+        return {
+            "defectscope_version": self.info.get("defectscope_version", __version__),
+            "config": self.config.to_dict(),
+            "backbone": {
+                "name": backbone.name,
+                "layers": backbone.layers,
+                "channels": backbone.channels,
+                "strides": backbone.strides,
+                "weights": backbone.weights,
+                "fingerprint": backbone.fingerprint,
+            },
+            "preprocessing": self.preprocessor.to_dict(),
+            "feature_dim": int(self.scorer.bank.shape[1]),
+            "grid_size": list(self.features.grid_size(self.preprocessor.input_size)),
+            "calibration": self.calibration.to_dict(),
+            **{k: v for k, v in self.info.items() if k != "defectscope_version"},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model (a folder, or a .safetensors file name) and return the file path."""
+        self._require_fitted()
+        return write_model_file(path, {"memory_bank": self.scorer.bank}, self.describe())
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+        """Load a saved model; refuses corrupt, foreign or incompatible files with a clear error."""
+        file = resolve_model_path(path)
+        tensors, meta = read_model_file(file)
+        try:
+            config = DetectorConfig.from_dict(meta["config"])
+        except (KeyError, ConfigError) as exc:
+            raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
+        if device is not None:
+            config.device = device
+        _check_version(file, meta.get("defectscope_version", "0"))
+        detector = cls(config)
+        detector._build_features()
+        backbone = detector.features.backbone
+        saved = meta.get("backbone", {})
+        if saved.get("fingerprint") != backbone.fingerprint:
+            raise ModelFileError(
+                f"{file}: the backbone weights available here ({backbone.weights}) differ from "
+                f"those the model was trained with ({saved.get('weights')}); the memory bank would "
+                "not match. Install the same weights or refit."
+            )
+        bank = tensors.get("memory_bank")
+        if bank is None or bank.ndim != 2 or bank.shape[1] != detector.features.dim:
+            raise ModelFileError(
+                f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
+                f"match the feature size {detector.features.dim} of this configuration"
+            )
+        detector.scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
+        detector.scorer.to(detector.device)
+        try:
+            detector.calibration = Calibration.from_dict(meta["calibration"])
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{file}: calibration data is missing or invalid ({exc})") from None
+        detector.info = {
+            k: meta[k]
+            for k in ("created_at", "defectscope_version", "training", "bank_size", "timings")
+            if k in meta
+        }
+        return detector
+
+
+def _check_version(file: Path, saved: str) -> None:
+    """Models are compatible within a major version (0.x: within a minor version)."""
+
+    def parts(version: str) -> tuple[int, int]:
+        try:
+            major, minor = (int(p) for p in version.split(".")[:2])
+        except ValueError:
+            return (-1, -1)
+        return major, minor
+
+    ours, theirs = parts(__version__), parts(saved)
+    compatible = ours[0] == theirs[0] and (ours[0] > 0 or ours[1] == theirs[1])
+    if not compatible:
+        raise ModelFileError(
+            f"{file}: written by defectscope {saved}, which is not compatible with this "
+            f"defectscope {__version__}; refit the model or use a matching version"
+        )

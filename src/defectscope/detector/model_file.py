@@ -1,0 +1,104 @@
+"""The model artefact: one safetensors file holding the memory bank and a JSON description.
+
+safetensors keeps the tensors safe to load (no pickle) and its header carries string metadata,
+so a single file is self-describing: backbone, layers, preprocessing, thresholds, score
+statistics, package version and training fingerprint travel with the bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from defectscope.errors import ModelFileError
+
+FORMAT_NAME = "defectscope-model"
+FORMAT_VERSION = 1
+MODEL_FILENAME = "model.safetensors"
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model directory or the file itself -> the safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILENAME
+        if not candidate.is_file():
+            raise ModelFileError(f"{path}: no {MODEL_FILENAME} in this folder; is it a model folder?")
+        return candidate
+    if not path.exists():
+        raise ModelFileError(f"model not found: {path}")
+    return path
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write atomically: a crash mid-write never leaves a half file under the final name."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / MODEL_FILENAME
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "tensor_sha256": {k: tensor_digest(v) for k, v in tensors.items()}}
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and check the header only (cheap): the metadata of a defectscope model file."""
+    try:
+        with path.open("rb") as handle:
+            size_bytes = handle.read(8)
+            if len(size_bytes) < 8:
+                raise ModelFileError(f"{path}: file is too short to be a model file (truncated?)")
+            size = int.from_bytes(size_bytes, "little")
+            if size <= 0 or size > 100_000_000 or size > path.stat().st_size - 8:
+                raise ModelFileError(f"{path}: not a defectscope model file (bad header)")
+            header = json.loads(handle.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFileError(f"{path}: not a defectscope model file (unreadable header)") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path}: a safetensors file, but not a defectscope model (no '{FORMAT_NAME}' marker)"
+        )
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {version} is newer than this defectscope supports "
+            f"({FORMAT_VERSION}); upgrade defectscope"
+        )
+    try:
+        return json.loads(metadata["meta"])
+    except (KeyError, json.JSONDecodeError):
+        raise ModelFileError(f"{path}: model metadata is missing or corrupt") from None
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = resolve_model_path(path)
+    meta = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: corrupt or truncated model file ({exc})") from None
+    for name, digest in meta.get("tensor_sha256", {}).items():
+        if name not in tensors:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing")
+        if tensor_digest(tensors[name]) != digest:
+            raise ModelFileError(f"{path}: tensor {name!r} is corrupt (checksum mismatch)")
+    return tensors, meta

@@ -1,0 +1,60 @@
+"""Patch features: multi-layer backbone maps aggregated locally and brought to one grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.features.backbones import FeatureBackbone
+
+
+class PatchFeatures(nn.Module):
+    """Images (B, 3, H, W) -> patch embeddings (B, D, h, w) on the finest requested grid.
+
+    Each layer is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
+    aggregation, which adds context without losing resolution), upsampled to the finest grid and
+    concatenated. With ``embedding_dim`` each layer is pooled to an equal share of the dims first,
+    so that a wide deep layer does not drown a narrow shallow one.
+    """
+
+    def __init__(
+        self, backbone: FeatureBackbone, neighbourhood: int = 3, embedding_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neighbourhood = int(neighbourhood)
+        self.embedding_dim = embedding_dim
+        self.stride = min(backbone.strides)
+        if embedding_dim is None:
+            self.layer_dims = list(backbone.channels)
+        else:
+            share = max(1, embedding_dim // len(backbone.channels))
+            self.layer_dims = [min(share, c) for c in backbone.channels]
+            self.layer_dims[-1] = min(
+                embedding_dim - sum(self.layer_dims[:-1]), backbone.channels[-1]
+            )
+        self.dim = sum(self.layer_dims)
+
+    def grid_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        return (-(-input_size[0] // self.stride), -(-input_size[1] // self.stride))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone(images)
+        target = maps[int(torch.tensor(self.backbone.strides).argmin())].shape[-2:]
+        parts = []
+        for feature, dim in zip(maps, self.layer_dims, strict=True):
+            feature = feature.float()
+            if self.neighbourhood > 1:
+                feature = F.avg_pool2d(
+                    feature, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                    count_include_pad=False,
+                )
+            if feature.shape[-2:] != target:
+                feature = F.interpolate(feature, size=target, mode="bilinear", align_corners=False)
+            if dim != feature.shape[1]:
+                b, c, h, w = feature.shape
+                flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, c)
+                feature = F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
+            parts.append(feature)
+        return torch.cat(parts, dim=1)
