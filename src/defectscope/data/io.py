@@ -94,7 +94,8 @@ def _from_pil(image: Image.Image, name: Path | None, max_pixels: int) -> np.ndar
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    # np.array copies: the result is writable and independent of the PIL image.
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def to_rgb_uint8(array: np.ndarray, name: Path | None = None) -> np.ndarray:

@@ -1,0 +1,350 @@
+"""The `defectscope` command line: a thin adapter over `Detector` and the evaluation runner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from defectscope import __version__
+
+app = typer.Typer(
+    name="defectscope",
+    help="Visual anomaly detection for industrial inspection: learn good, find defects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+STAGE_LABELS = {
+    "features": "Extracting features",
+    "coreset": "Selecting coreset",
+    "calibration": "Calibrating thresholds",
+    "predict": "Predicting",
+    "evaluate": "Evaluating",
+}
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Hydra-style overrides, e.g. detector.coreset.ratio=0.05 backbone=efficientnet_lite1"),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: packaged configs).")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress(stage, done, total) callback drawing one bar per stage."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False, disable=not console.is_terminal and "CI" in os.environ,
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(STAGE_LABELS.get(stage, stage), total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _compose(config: Path | None, overrides: list[str] | None, device: str | None):
+    from defectscope.experiment import compose
+
+    experiment = compose(config, overrides or [])
+    if device is not None:
+        experiment.detector.device = device
+    return experiment
+
+
+# ---------------------------------------------------------------------------------- commands
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help="Dataset root, folder of good images, or one image.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
+) -> None:
+    """Learn what good looks like from the good training images of DATA."""
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+
+    experiment = _compose(config, overrides, device)
+    dataset = open_dataset(data)
+    paths = [sample.path for sample in dataset.train]
+    console.print(f"Fitting on {len(paths)} good images from {data} ({dataset.layout} layout)")
+    detector = Detector(experiment.detector)
+    with progress_bars() as progress:
+        detector.fit(paths, on_error="skip" if skip_bad else "raise", progress=progress)
+    path = detector.save(out_dir)
+    _print_fit_summary(detector, path)
+
+
+def _print_fit_summary(detector, path: Path) -> None:  # noqa: ANN001
+    info = detector.info
+    timings = info["timings"]
+    table = Table(title="Model", show_header=False)
+    table.add_row("file", str(path))
+    table.add_row("backbone", detector.features.backbone.name)
+    table.add_row("memory bank", f"{info['bank_size']:,} of {info['training']['n_patches']:,} patches")
+    table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
+    table.add_row(
+        "fit time",
+        f"{timings['total_s']:.1f} s (features {timings['features_s']:.1f}, coreset "
+        f"{timings['coreset_s']:.1f}, calibration {timings['calibration_s']:.1f})",
+    )
+    if info["training"]["skipped"]:
+        table.add_row("skipped", f"{len(info['training']['skipped'])} unreadable images")
+    out.print(table)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    data: Annotated[Path, typer.Argument(help="Dataset with a labelled test split.")],
+    report: Annotated[Path, typer.Option("--report", "-r", help="Report folder.")] = Path("reports"),
+    set_threshold: Annotated[
+        str, typer.Option(help="'none', or 'f1': store the F1-optimal image threshold in the model.")
+    ] = "none",
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+) -> None:
+    """Score the test split of DATA, compute metrics and write a report."""
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import DefectscopeError
+    from defectscope.evaluation.report import write_report
+    from defectscope.evaluation.runner import evaluate as run_evaluation
+
+    if set_threshold not in ("none", "f1"):
+        raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
+    detector = Detector.load(model, device=device)
+    dataset = open_dataset(data)
+    if not dataset.test:
+        raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
+    with progress_bars() as progress:
+        result = run_evaluation(
+            detector, dataset, batch_size=batch_size,
+            progress=lambda done, total: progress("evaluate", done, total),
+        )
+    path = write_report(result, report)
+    _print_metrics(result.to_dict())
+    out.print(f"Report: {path}")
+    if set_threshold == "f1":
+        metrics = result.to_dict()["metrics"]
+        detector.set_thresholds(image=metrics["f1_threshold"], source="f1_validation")
+        detector.save(model)
+        out.print(f"Stored the F1-optimal threshold {metrics['f1_threshold']:.4f} in {model}")
+
+
+def _print_metrics(result: dict) -> None:
+    metrics = result["metrics"]
+    table = Table(title="Metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_threshold"):
+        if key in metrics and metrics[key] is not None:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    out.print(table)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Override the mask threshold.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    device: DeviceOpt = None,
+    images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Record unreadable images and go on.")] = True,
+) -> None:
+    """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs."""
+    from defectscope.data.io import expand_image_paths
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import DefectscopeError
+    from defectscope.prediction_writer import PredictionWriter
+
+    detector = Detector.load(model, device=device)
+    paths = expand_image_paths(inputs)
+    if not paths:
+        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
+    writer = PredictionWriter(out_dir, paths, detector, write_images=images)
+    failures = 0
+    with writer, progress_bars() as progress:
+        iterator = detector.iter_predict(
+            paths, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+        )
+        for done, (index, _, result) in enumerate(iterator, start=1):
+            if isinstance(result, Exception):
+                if not skip_bad:
+                    raise result
+                failures += 1
+                console.print(f"[yellow]skipped[/] {result}")
+            writer.write(index, result)
+            progress("predict", done, len(paths))
+    flagged = writer.n_anomalous
+    out.print(
+        f"{len(paths) - failures} images scored, {flagged} anomalous, {failures} unreadable. "
+        f"Results: {writer.jsonl_path}"
+    )
+
+
+@app.command()
+def inspect(model: Annotated[Path, typer.Argument(help="Model folder or file.")]) -> None:
+    """Print a model's metadata (reads the header only; does not load the backbone)."""
+    from defectscope.detector.model_file import read_header, resolve_model_path
+
+    meta = read_header(resolve_model_path(model))
+    meta.pop("tensor_sha256", None)
+    meta.get("calibration", {}).pop("good_scores", None)
+    meta.get("calibration", {}).pop("good_pixel_maxima", None)
+    out.print_json(json.dumps(meta))
+
+
+@app.command()
+def experiment(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep comma lists.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("outputs"),
+    device: DeviceOpt = None,
+) -> None:
+    """Fit and evaluate from a composed config; with --multirun, sweep every combination."""
+    from defectscope.errors import ConfigError
+    from defectscope.experiment import compose, expand_sweep
+    from defectscope.runs import run_experiment, write_sweep_summary
+
+    overrides = overrides or []
+    if multirun:
+        base = compose(config, [o for o in overrides if "," not in o.split("=", 1)[-1]])
+        runs = expand_sweep(overrides, base.raw.get("sweep"))
+    else:
+        if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+            raise ConfigError("comma lists in overrides sweep several runs: add --multirun")
+        runs = [overrides]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    results = []
+    for number, run_overrides in enumerate(runs):
+        exp = _compose(config, run_overrides, device)
+        if not exp.data:
+            raise ConfigError("no dataset: set data=PATH or use an experiment=... config")
+        run_dir = out_dir / exp.name / stamp / (str(number) if len(runs) > 1 else "")
+        console.print(f"[bold]run {number + 1}/{len(runs)}[/] {' '.join(run_overrides) or '(defaults)'}")
+        with progress_bars() as progress:
+            results.append(run_experiment(exp, run_dir, progress))
+        _print_metrics(results[-1])
+    if len(runs) > 1:
+        summary = write_sweep_summary(results, out_dir / exp.name / stamp)
+        out.print(f"Sweep summary: {summary}")
+
+
+@app.command()
+def demo(
+    data: Annotated[Path | None, typer.Option(help="Use real data instead of the synthetic set.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_output"),
+    overrides: Overrides = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Fit, evaluate and report end to end; no download, no data needed."""
+    from defectscope.data.synthetic import make_synthetic_dataset
+    from defectscope.runs import run_experiment
+
+    if data is None:
+        data = out_dir / "data"
+        console.print(f"Building a synthetic dataset from scikit-image textures in {data}")
+        make_synthetic_dataset(data, overwrite=True)
+    exp = _compose(None, [*(overrides or []), f"data={data}", "name=demo"], device)
+    with progress_bars() as progress:
+        result = run_experiment(exp, out_dir, progress)
+    _print_metrics(result)
+    out.print(f"Model: {out_dir / 'model'}   Report: {out_dir / 'report' / 'report.html'}")
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the dataset to.")],
+    texture: Annotated[str, typer.Option(help="brick, grass or gravel.")] = "brick",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset.")] = False,
+) -> None:
+    """Write a synthetic MVTec-layout dataset with exact defect masks."""
+    from defectscope.data.synthetic import make_synthetic_dataset
+
+    path = make_synthetic_dataset(out_dir, texture=texture, seed=seed, overwrite=overwrite)
+    out.print(f"Synthetic dataset: {path}")
+
+
+@app.command()
+def augment(
+    source: Annotated[Path, typer.Argument(help="Dataset to copy.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the augmented copy.")],
+    rotate: Annotated[float, typer.Option(help="Rotation in degrees.")] = 0.0,
+    brightness: Annotated[float, typer.Option(help="Brightness factor change, e.g. 0.2.")] = 0.0,
+    contrast: Annotated[float, typer.Option(help="Contrast factor change.")] = 0.0,
+    saturation: Annotated[float, typer.Option(help="Saturation factor change.")] = 0.0,
+    hue: Annotated[float, typer.Option(help="Hue shift (fraction of a turn, <= 0.5).")] = 0.0,
+    blur: Annotated[float, typer.Option(help="Gaussian blur sigma in pixels.")] = 0.0,
+    noise: Annotated[float, typer.Option(help="Gaussian noise sigma (0-255 scale).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+) -> None:
+    """Write an augmented copy of a dataset (same layout, masks moved with the image)."""
+    from defectscope.data.augment import spec_from_options, write_augmented_dataset
+
+    spec = spec_from_options(
+        rotate=rotate, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+        blur=blur, noise=noise,
+    )
+    dataset = write_augmented_dataset(source, dest, spec, seed=seed, overwrite=overwrite)
+    out.print(f"Augmented copy: {dest} ({len(dataset.train)} train, {len(dataset.test)} test)")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"defectscope {__version__}")
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line (exit 2), never a traceback."""
+    from defectscope.errors import DefectscopeError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    debug = os.environ.get("DEFECTSCOPE_DEBUG") == "1"
+    try:
+        app()
+    except DefectscopeError as exc:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except MemoryError:
+        console.print("[bold red]error:[/] out of memory; try a smaller --batch-size or coreset")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

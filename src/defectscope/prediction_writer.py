@@ -1,0 +1,107 @@
+"""Writes predictions to disk: one JSONL and one CSV row per image, plus heatmap/overlay/mask PNGs.
+
+File names come from each image's path relative to the inputs' common folder, so
+``broken_large/000.png`` and ``contamination/000.png`` never overwrite each other (the
+predecessor's bug).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from defectscope.data.io import load_image
+from defectscope.detector.prediction import Prediction
+from defectscope.errors import ImageLoadError
+
+CSV_FIELDS = [
+    "source", "output_name", "score", "normalized_score", "is_anomalous", "label", "threshold",
+    "pixel_threshold", "defect_area_fraction", "height", "width", "error",
+]
+
+
+def unique_output_names(paths: list[Path]) -> list[str]:
+    """Readable, collision-free names derived from the paths below their common folder."""
+    resolved = [p.resolve() for p in paths]
+    try:
+        common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path()
+    except ValueError:  # different drives
+        common = Path()
+    names, seen = [], {}
+    for path in resolved:
+        try:
+            relative = path.relative_to(common)
+        except ValueError:
+            relative = Path(path.name)
+        stem = "__".join((*relative.parent.parts, relative.stem)) or "image"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}_{count}")
+    return names
+
+
+class PredictionWriter:
+    def __init__(self, out_dir: Path, paths: list[Path], detector: Any, write_images: bool = True):
+        self.out_dir = Path(out_dir)
+        self.paths = paths
+        self.names = unique_output_names(paths)
+        self.write_images = write_images
+        self.detector = detector
+        self.jsonl_path = self.out_dir / "results.jsonl"
+        self.csv_path = self.out_dir / "results.csv"
+        self.n_anomalous = 0
+
+    def __enter__(self) -> PredictionWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.write_images:
+            (self.out_dir / "images").mkdir(exist_ok=True)
+        self._jsonl = self.jsonl_path.open("w")
+        self._csv_file = self.csv_path.open("w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        self._csv.writeheader()
+        return self
+
+    def __exit__(
+        self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._jsonl.close()
+        self._csv_file.close()
+
+    def write(self, index: int, result: Prediction | Exception) -> None:
+        name = self.names[index]
+        if isinstance(result, Exception):
+            reason = result.reason if isinstance(result, ImageLoadError) else str(result)
+            row: dict[str, Any] = {"source": str(self.paths[index]), "output_name": name,
+                                   "error": reason}
+        else:
+            row = {**result.summary(), "output_name": name, "error": None}
+            self.n_anomalous += int(result.is_anomalous)
+            if self.write_images:
+                row["files"] = self._write_images(name, result)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._csv.writerow(row)
+
+    def _write_images(self, name: str, prediction: Prediction) -> dict[str, str]:
+        from defectscope.visualize import colorize, mask_to_png_array, overlay, save_png
+
+        vmax = 2.0 * prediction.threshold
+        image = load_image(prediction.source) if prediction.source else None
+        files = {
+            "heatmap": f"images/{name}_heatmap.png",
+            "mask": f"images/{name}_mask.png",
+        }
+        save_png(colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax), self.out_dir / files["heatmap"])
+        save_png(mask_to_png_array(prediction.mask), self.out_dir / files["mask"])
+        if image is not None:
+            files["overlay"] = f"images/{name}_overlay.png"
+            save_png(
+                overlay(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, mask=prediction.mask),
+                self.out_dir / files["overlay"],
+            )
+        return files

@@ -1,0 +1,39 @@
+"""Small real images for fast tests: crops of scikit-image's CC0 brick texture."""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage import data as skdata
+
+FAST_CONFIG = {
+    "features": {"input_size": [128, 128]},
+    "coreset": {"ratio": 0.25},
+    "batch_size": 8,
+    "device": "cpu",
+}
+
+
+def texture_crops(n: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """``n`` RGB uint8 crops of the brick texture at random positions."""
+    texture = skdata.brick()
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(n):
+        y = int(rng.integers(0, texture.shape[0] - size))
+        x = int(rng.integers(0, texture.shape[1] - size))
+        crop = texture[y : y + size, x : x + size]
+        crops.append(np.repeat(crop[..., None], 3, axis=-1).copy())
+    return crops
+
+
+def with_defect(image: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A copy with a saturated red blob (about 2.5% of the image), and its mask."""
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    cy, cx = int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))
+    radius = max(3, int(0.09 * min(h, w)))
+    yy, xx = np.mgrid[:h, :w]
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    out = image.copy()
+    out[mask] = (220, 30, 30)
+    return out, mask
