@@ -150,6 +150,8 @@ def evaluate(
     out.print(f"Report: {path}")
     if set_threshold == "f1":
         metrics = result.to_dict()["metrics"]
+        if metrics.get("f1_threshold") is None:
+            raise DefectscopeError("no F1-optimal threshold: the test split has no defective images")
         detector.set_thresholds(image=metrics["f1_threshold"], source="f1_validation")
         detector.save(model)
         out.print(f"Stored the F1-optimal threshold {metrics['f1_threshold']:.4f} in {model}")

@@ -24,7 +24,8 @@ class BackboneConfig(_Section):
     weights: str = Field(
         "default",
         description=(
-            "'default' (weights shipped in a Python package, else the timm hub), 'hub', 'random', "
+            "'default' (weights shipped in a Python package), 'hub' (timm hub, needs internet), "
+            "'random', "
             "or a path to a .pth/.pt/.safetensors file (Meta's DINOv3 format is converted)."
         ),
     )
@@ -70,7 +71,9 @@ class ScoringConfig(_Section):
     k: int = Field(1, ge=1, le=64, description="Nearest neighbours averaged into a patch score.")
     reduction: Literal["max", "topk_mean", "patchcore"] = "max"
     topk_fraction: float = Field(0.01, gt=0.0, le=1.0, description="For 'topk_mean'.")
-    reweight_neighbours: int = Field(3, ge=1, description="For 'patchcore' re-weighting.")
+    reweight_neighbours: int = Field(
+        3, ge=2, description="For 'patchcore' re-weighting (the nearest bank patch and its neighbours)."
+    )
     smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels.")
     knn_backend: Literal["auto", "torch", "faiss"] = "auto"
     faiss_min_bank: int = Field(

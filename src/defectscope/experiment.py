@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from defectscope.config import DetectorConfig
 from defectscope.errors import ConfigError
 
@@ -60,7 +62,7 @@ def compose(config: str | Path | None = None, overrides: list[str] | None = None
         with initialize_config_dir(config_dir=str(directory), version_base=None):
             cfg = hydra_compose(config_name=name, overrides=overrides)
         raw = OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot compose the configuration: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a mapping")

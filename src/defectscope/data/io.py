@@ -7,6 +7,7 @@ are converted; images over a pixel limit are refused before they are decoded.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,9 +58,14 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def _decode(handle: io.IOBase, name: Path | None, max_pixels: int) -> np.ndarray:
+    # Our limit is checked on the header, before any pixel is decoded. PIL's own guard (an
+    # error above twice its MAX_IMAGE_PIXELS) can only be relaxed globally, so it is raised
+    # only when a caller explicitly allows more than PIL does.
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)
             width, height = image.size
             if width * height > max_pixels:
@@ -69,8 +75,10 @@ def _decode(handle: io.IOBase, name: Path | None, max_pixels: int) -> np.ndarray
             image.load()
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(name, f"image refused as a decompression bomb: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageLoadError(name, f"image has {size}, over the limit of {max_pixels:,}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not a readable image (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -109,10 +117,10 @@ def to_rgb_uint8(array: np.ndarray, name: Path | None = None) -> np.ndarray:
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImageLoadError(name, "image has no pixels")
     if array.shape[-1] == 4:
-        alpha = _scale_to_unit(array[..., 3:4])
-        array = _scale_to_unit(array[..., :3]) * alpha
+        alpha = _scale_to_unit(array[..., 3:4], name)
+        array = _scale_to_unit(array[..., :3], name) * alpha
     elif array.dtype != np.uint8:
-        array = _scale_to_unit(array)
+        array = _scale_to_unit(array, name)
     if array.dtype != np.uint8:
         array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
     if array.shape[-1] == 1:
@@ -120,7 +128,7 @@ def to_rgb_uint8(array: np.ndarray, name: Path | None = None) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _scale_to_unit(array: np.ndarray) -> np.ndarray:
+def _scale_to_unit(array: np.ndarray, name: Path | None = None) -> np.ndarray:
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if array.dtype == np.uint16:
@@ -131,11 +139,11 @@ def _scale_to_unit(array: np.ndarray) -> np.ndarray:
         return np.clip(array.astype(np.float32) / top, 0.0, 1.0)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ImageLoadError(None, "image contains NaN or infinite values")
+            raise ImageLoadError(name, "image contains NaN or infinite values")
         return np.clip(array.astype(np.float32), 0.0, 1.0)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
-    raise ImageLoadError(None, f"unsupported image dtype {array.dtype}")
+    raise ImageLoadError(name, f"unsupported image dtype {array.dtype}")
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -34,6 +34,9 @@ class TorchKnn:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest bank rows for each query; ``banned`` (M,) bool excludes bank rows."""
         k = min(k, self.bank.shape[0])
+        if queries.shape[0] == 0:
+            empty = queries.new_empty((0, k))
+            return empty, empty.long()
         dists, indices = [], []
         for start in range(0, queries.shape[0], self.chunk_size):
             block = pairwise_sq_dist(queries[start : start + self.chunk_size], self.bank, self.bank_sq)

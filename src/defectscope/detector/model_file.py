@@ -72,21 +72,27 @@ def read_header(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a defectscope model file (unreadable header)") from None
     except OSError as exc:
         raise ModelFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    metadata = header.get("__metadata__") or {}
-    if metadata.get("format") != FORMAT_NAME:
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise ModelFileError(
             f"{path}: a safetensors file, but not a defectscope model (no '{FORMAT_NAME}' marker)"
         )
-    version = int(metadata.get("format_version", "0"))
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except (TypeError, ValueError):
+        raise ModelFileError(f"{path}: model format version is not a number") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model format version {version} is newer than this defectscope supports "
             f"({FORMAT_VERSION}); upgrade defectscope"
         )
     try:
-        return json.loads(metadata["meta"])
-    except (KeyError, json.JSONDecodeError):
-        raise ModelFileError(f"{path}: model metadata is missing or corrupt") from None
+        meta = json.loads(metadata["meta"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: model metadata is missing or corrupt")
+    return meta
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -96,7 +102,10 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: corrupt or truncated model file ({exc})") from None
-    for name, digest in meta.get("tensor_sha256", {}).items():
+    digests = meta.get("tensor_sha256", {})
+    if not isinstance(digests, dict):
+        raise ModelFileError(f"{path}: model metadata is missing or corrupt")
+    for name, digest in digests.items():
         if name not in tensors:
             raise ModelFileError(f"{path}: tensor {name!r} is missing")
         if tensor_digest(tensors[name]) != digest:
