@@ -49,6 +49,66 @@ def latency(detector, images, batch_size: int, repeats: int) -> dict:  # noqa: A
     }
 
 
+def run_benchmark(data: Path, overrides: list[str], latency_images: int = 32,
+                  keep: Path | None = None) -> dict:
+    from defectscope.data.datasets import open_dataset
+    from defectscope.data.io import load_image
+    from defectscope.detector.detector import Detector
+    from defectscope.evaluation.runner import evaluate
+    from defectscope.experiment import compose
+
+    experiment = compose(None, overrides)
+    dataset = open_dataset(data)
+    train = [s.path for s in dataset.train]
+
+    start = time.perf_counter()
+    detector = Detector(experiment.detector).fit(train)
+    fit_wall = time.perf_counter() - start
+    fit_rss = peak_rss_mib()
+
+    metrics = evaluate(detector, dataset).to_dict()["metrics"]
+
+    images = [load_image(s.path) for s in dataset.test[:latency_images]]
+    lat1 = latency(detector, images, 1, repeats=2)
+    lat16 = latency(detector, images, 16, repeats=3)
+
+    model_file = detector.save(keep or Path("/tmp/defectscope_bench_model"))
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(detector.device),
+        },
+        "data": str(data),
+        "n_train": len(train),
+        "n_test": len(dataset.test),
+        "overrides": overrides,
+        "config": {
+            "backbone": detector.features.backbone.name,
+            "layers": detector.features.backbone.layers,
+            "input_size": list(detector.config.features.input_size),
+            "coreset": detector.config.coreset.model_dump(),
+            "k": detector.config.scoring.k,
+            "reduction": detector.config.scoring.reduction,
+        },
+        "quality": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+        "at_stored_threshold": {
+            k: metrics.get(k)
+            for k in ("threshold", "accuracy", "precision", "recall", "false_alarm_rate")
+        },
+        "fit": {"wall_s": round(fit_wall, 2), **detector.info["timings"],
+                "bank_size": detector.info["bank_size"],
+                "n_patches": detector.info["training"]["n_patches"]},
+        "predict_batch1": lat1,
+        "predict_batch16": lat16,
+        "peak_rss_mib": {"after_fit": round(fit_rss, 1), "overall": round(peak_rss_mib(), 1)},
+        "model_file_mib": round(model_file.stat().st_size / 2**20, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -62,65 +122,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.data.is_dir():
         sys.exit(f"dataset not found: {args.data}")
-
-    from defectscope.data.datasets import open_dataset
-    from defectscope.data.io import load_image
-    from defectscope.detector.detector import Detector
-    from defectscope.evaluation.runner import evaluate
-    from defectscope.experiment import compose
-
-    experiment = compose(None, args.overrides)
-    dataset = open_dataset(args.data)
-    train = [s.path for s in dataset.train]
-
-    start = time.perf_counter()
-    detector = Detector(experiment.detector).fit(train)
-    fit_wall = time.perf_counter() - start
-    fit_rss = peak_rss_mib()
-
-    result = evaluate(detector, dataset).to_dict()
-    metrics = result["metrics"]
-
-    images = [load_image(s.path) for s in dataset.test[: args.latency_images]]
-    lat1 = latency(detector, images, 1, repeats=1)
-    lat16 = latency(detector, images, 16, repeats=2)
-
-    model_dir = args.keep or Path("/tmp/defectscope_bench_model")
-    model_file = detector.save(model_dir)
-    out = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "device": str(detector.device),
-        },
-        "data": str(args.data),
-        "n_train": len(train),
-        "n_test": len(dataset.test),
-        "overrides": args.overrides,
-        "config": {
-            "backbone": detector.features.backbone.name,
-            "layers": detector.features.backbone.layers,
-            "input_size": list(detector.config.features.input_size),
-            "coreset": detector.config.coreset.model_dump(),
-            "k": detector.config.scoring.k,
-            "reduction": detector.config.scoring.reduction,
-        },
-        "quality": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
-        "threshold_metrics": {
-            k: metrics.get(k) for k in metrics if k.startswith(("accuracy", "precision", "recall",
-                                                               "false_alarm"))
-        },
-        "fit": {"wall_s": round(fit_wall, 2), **detector.info["timings"],
-                "bank_size": detector.info["bank_size"],
-                "n_patches": detector.info["training"]["n_patches"]},
-        "predict_batch1": lat1,
-        "predict_batch16": lat16,
-        "peak_rss_mib": {"after_fit": round(fit_rss, 1), "overall": round(peak_rss_mib(), 1)},
-        "model_file_mib": round(model_file.stat().st_size / 2**20, 2),
-    }
+    out = run_benchmark(args.data, args.overrides, args.latency_images, args.keep)
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

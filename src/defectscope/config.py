@@ -39,7 +39,14 @@ class FeatureConfig(_Section):
     aspect: Literal["stretch", "pad"] = Field(
         "stretch", description="'stretch' resizes to input_size; 'pad' keeps the aspect and pads."
     )
-    neighbourhood: int = Field(3, ge=1, le=9, description="Local aggregation window (patches).")
+    neighbourhood: int = Field(
+        1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."
+    )
+    normalize: Literal["l2", "none"] = Field(
+        "l2",
+        description="'l2' scales each layer's patch vectors to unit length, so that layers weigh "
+        "equally in distances whatever their width and activation scale.",
+    )
     embedding_dim: int | None = Field(
         None, ge=8, description="Reduce patch features to this many dims (adaptive pooling)."
     )
@@ -58,7 +65,7 @@ class CoresetConfig(_Section):
         description="'greedy' exact k-center; 'sharded' per-shard greedy (fast, bounded memory); "
         "'random' subsample; 'none' keeps every patch.",
     )
-    ratio: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of patches to keep.")
+    ratio: float = Field(0.02, gt=0.0, le=1.0, description="Fraction of patches to keep.")
     size: int | None = Field(None, ge=1, description="Absolute bank size; overrides ratio.")
     projection_dim: int | None = Field(
         128, ge=4, description="Random projection used only for selection; None = no projection."
@@ -79,7 +86,7 @@ class ScoringConfig(_Section):
     faiss_min_bank: int = Field(
         200_000, ge=1, description="'auto' uses faiss (when installed) from this bank size."
     )
-    chunk_size: int = Field(4096, ge=64, description="Query patches per distance block.")
+    chunk_size: int = Field(1024, ge=64, description="Query patches per distance block.")
 
 
 class CalibrationConfig(_Section):

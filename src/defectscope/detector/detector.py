@@ -141,7 +141,10 @@ class Detector:
         if check is not None:
             check(tuple(self.config.features.input_size))
         self.features = PatchFeatures(
-            backbone, self.config.features.neighbourhood, self.config.features.embedding_dim
+            backbone,
+            self.config.features.neighbourhood,
+            self.config.features.embedding_dim,
+            self.config.features.normalize,
         ).to(self.device)
         if self.config.half_precision and self.device.type == "cuda":
             backbone.half()

@@ -1,7 +1,7 @@
 """Nearest-neighbour search over the memory bank.
 
 `TorchKnn` is exact and chunked (a distance block of ``chunk_size`` x bank rows at a time, never
-the full query x bank matrix); `FaissKnn` wraps a faiss index for large banks when faiss is
+the full query x bank matrix; small blocks stay in cache, which is faster than one big product); `FaissKnn` wraps a faiss index for large banks when faiss is
 installed. Both return Euclidean distances, nearest first.
 """
 
@@ -20,11 +20,11 @@ class KnnIndex(Protocol):
 def pairwise_sq_dist(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (Q, M) via one matrix product; clamped against rounding."""
     query_sq = (queries * queries).sum(dim=1, keepdim=True)
-    return torch.addmm(query_sq + bank_sq, queries, bank.T, alpha=-2.0).clamp_(min=0.0)
+    return torch.addmm(query_sq + bank_sq, queries, bank.T, alpha=-2.0)
 
 
 class TorchKnn:
-    def __init__(self, bank: torch.Tensor, chunk_size: int = 4096) -> None:
+    def __init__(self, bank: torch.Tensor, chunk_size: int = 1024) -> None:
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)[None, :]
         self.chunk_size = chunk_size
@@ -42,8 +42,12 @@ class TorchKnn:
             block = pairwise_sq_dist(queries[start : start + self.chunk_size], self.bank, self.bank_sq)
             if banned is not None:
                 block[:, banned] = float("inf")
-            values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
-            dists.append(values.sqrt_())
+            if k == 1:  # min is a cheaper pass than topk
+                values, idx = block.min(dim=1, keepdim=True)
+            else:
+                values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
+            # Clamp only the winners: rounding can make a squared distance slightly negative.
+            dists.append(values.clamp_(min=0.0).sqrt_())
             indices.append(idx)
         return torch.cat(dists), torch.cat(indices)
 

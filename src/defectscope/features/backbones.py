@@ -143,6 +143,10 @@ class FeatureBackbone(nn.Module):
         model.prune_intermediate_layers(self.layers, prune_head=True)
         self.eval().requires_grad_(False)
         self.fingerprint = state_dict_fingerprint(self)
+        if not self.is_vit:
+            # NHWC lets oneDNN/cuDNN run the depthwise and 1x1 convolutions without layout
+            # conversions: about 2x faster on CPU for EfficientNet-Lite.
+            self.to(memory_format=torch.channels_last)
 
     @property
     def input_multiple(self) -> int:
@@ -187,6 +191,8 @@ class FeatureBackbone(nn.Module):
         # their dense features (get_intermediate_layers(norm=True), x_norm_patchtokens). It also
         # evens out the few huge-magnitude channels of raw ViT activations, which would otherwise
         # dominate nearest-neighbour distances. CNN stage outputs are already batch-normalised.
+        if not self.is_vit:
+            images = images.contiguous(memory_format=torch.channels_last)
         return list(
             self.model.forward_intermediates(
                 images, indices=self.layers, intermediates_only=True, norm=self.is_vit

@@ -14,16 +14,23 @@ class PatchFeatures(nn.Module):
 
     Each layer is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
     aggregation, which adds context without losing resolution), upsampled to the finest grid and
-    concatenated. With ``embedding_dim`` each layer is pooled to an equal share of the dims first,
-    so that a wide deep layer does not drown a narrow shallow one.
+    concatenated. With ``embedding_dim`` each layer is pooled to an equal share of the dims first.
+    With ``normalize='l2'`` each layer's vectors get unit length, so that a wide or high-magnitude
+    deep layer does not drown the finer shallow one (on MVTec AD bottle this lifts pixel AUROC
+    from 0.984 to 0.988 and AUPRO from 0.954 to 0.961; see BENCHMARKS.md).
     """
 
     def __init__(
-        self, backbone: FeatureBackbone, neighbourhood: int = 3, embedding_dim: int | None = None
+        self,
+        backbone: FeatureBackbone,
+        neighbourhood: int = 1,
+        embedding_dim: int | None = None,
+        normalize: str = "l2",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neighbourhood = int(neighbourhood)
+        self.normalize = normalize
         self.embedding_dim = embedding_dim
         self.stride = min(backbone.strides)
         if embedding_dim is None:
@@ -56,5 +63,7 @@ class PatchFeatures(nn.Module):
                 b, c, h, w = feature.shape
                 flat = feature.permute(0, 2, 3, 1).reshape(-1, 1, c)
                 feature = F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
+            if self.normalize == "l2":
+                feature = F.normalize(feature, dim=1)
             parts.append(feature)
         return torch.cat(parts, dim=1)
