@@ -28,7 +28,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def latency(detector, images, batch_size: int, repeats: int) -> dict:  # noqa: ANN001
+def latency(detector, images, batch_size: int, repeats: int) -> dict:
     """Per-image latency from decoded arrays (model + maps at original size)."""
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     batches = [b for b in batches if len(b) == batch_size] or batches
@@ -49,8 +49,9 @@ def latency(detector, images, batch_size: int, repeats: int) -> dict:  # noqa: A
     }
 
 
-def run_benchmark(data: Path, overrides: list[str], latency_images: int = 32,
-                  keep: Path | None = None) -> dict:
+def run_benchmark(
+    data: Path, overrides: list[str], latency_images: int = 32, keep: Path | None = None
+) -> dict:
     from defectscope.data.datasets import open_dataset
     from defectscope.data.io import load_image
     from defectscope.detector.detector import Detector
@@ -99,9 +100,12 @@ def run_benchmark(data: Path, overrides: list[str], latency_images: int = 32,
             k: metrics.get(k)
             for k in ("threshold", "accuracy", "precision", "recall", "false_alarm_rate")
         },
-        "fit": {"wall_s": round(fit_wall, 2), **detector.info["timings"],
-                "bank_size": detector.info["bank_size"],
-                "n_patches": detector.info["training"]["n_patches"]},
+        "fit": {
+            "wall_s": round(fit_wall, 2),
+            **detector.info["timings"],
+            "bank_size": detector.info["bank_size"],
+            "n_patches": detector.info["training"]["n_patches"],
+        },
         "predict_batch1": lat1,
         "predict_batch16": lat16,
         "peak_rss_mib": {"after_fit": round(fit_rss, 1), "overall": round(peak_rss_mib(), 1)},
@@ -110,7 +114,9 @@ def run_benchmark(data: Path, overrides: list[str], latency_images: int = 32,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bottle import DEFAULT_DATA, run_benchmark  # noqa: E402
+from bottle import DEFAULT_DATA, run_benchmark
 
 
 def main() -> None:
@@ -27,17 +27,29 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for ratio in args.ratios:
-            overrides = [*args.overrides, f"detector.coreset.method={method}",
-                         f"detector.coreset.ratio={ratio}"]
+            overrides = [
+                *args.overrides,
+                f"detector.coreset.method={method}",
+                f"detector.coreset.ratio={ratio}",
+            ]
             result = run_benchmark(args.data, overrides, latency_images=16)
-            rows.append({"method": method, "ratio": ratio, **result["quality"],
-                         "bank": result["fit"]["bank_size"], "coreset_s": result["fit"]["coreset_s"],
-                         "fit_s": result["fit"]["wall_s"],
-                         "ms_b1": result["predict_batch1"]["ms_per_image_median"],
-                         "ms_b16": result["predict_batch16"]["ms_per_image_median"]})
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    **result["quality"],
+                    "bank": result["fit"]["bank_size"],
+                    "coreset_s": result["fit"]["coreset_s"],
+                    "fit_s": result["fit"]["wall_s"],
+                    "ms_b1": result["predict_batch1"]["ms_per_image_median"],
+                    "ms_b16": result["predict_batch16"]["ms_per_image_median"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    header = ("| method | ratio | bank | image AUROC | pixel AUROC | AUPRO | coreset s | fit s "
-              "| ms/img b1 | ms/img b16 |")
+    header = (
+        "| method | ratio | bank | image AUROC | pixel AUROC | AUPRO | coreset s | fit s "
+        "| ms/img b1 | ms/img b16 |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(

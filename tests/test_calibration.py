@@ -185,7 +185,9 @@ def test_with_thresholds_replaces_and_copies() -> None:
     assert new.good_scores == [1.0, 2.0] and new.good_scores is not cal.good_scores
     assert new.good_pixel_maxima == [3.0] and new.good_pixel_maxima is not cal.good_pixel_maxima
     assert (cal.threshold, cal.pixel_threshold, cal.threshold_source) == (
-        10.0, 12.0, "good_quantile"
+        10.0,
+        12.0,
+        "good_quantile",
     )
 
 
@@ -245,8 +247,15 @@ def test_dict_round_trip_with_stats() -> None:
     )
     data = cal.to_dict()
     assert set(data) == {
-        "threshold", "pixel_threshold", "scale", "method", "false_alarm_rate",
-        "threshold_source", "good_scores", "good_pixel_maxima", "stats",
+        "threshold",
+        "pixel_threshold",
+        "scale",
+        "method",
+        "false_alarm_rate",
+        "threshold_source",
+        "good_scores",
+        "good_pixel_maxima",
+        "stats",
     }
     assert data["stats"] == cal.stats()
     assert data["stats"]["n"] == 50
@@ -272,8 +281,11 @@ def test_from_dict_missing_field_raises_type_error() -> None:
 
 def test_from_dict_defaults_for_optional_fields() -> None:
     data = {
-        "threshold": 1.0, "pixel_threshold": 2.0, "scale": 0.5,
-        "method": "in_sample", "false_alarm_rate": 0.01,
+        "threshold": 1.0,
+        "pixel_threshold": 2.0,
+        "scale": 0.5,
+        "method": "in_sample",
+        "false_alarm_rate": 0.01,
     }
     cal = Calibration.from_dict(data)
     assert cal.threshold_source == "good_quantile"

@@ -12,17 +12,27 @@ import pytest
 
 from defectscope.data.synthetic import make_synthetic_dataset
 
-FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25", "detector.device=cpu"]
+FAST = [
+    "detector.features.input_size=[128,128]",
+    "detector.coreset.ratio=0.25",
+    "detector.device=cpu",
+]
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "120"}
     proc = subprocess.run(
         [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -49,7 +59,9 @@ def test_fit_writes_a_self_describing_model(model: Path) -> None:
     assert meta["calibration"]["threshold"] > 0
 
 
-def test_evaluate_writes_report_and_can_store_f1_threshold(model: Path, dataset: Path, tmp_path) -> None:
+def test_evaluate_writes_report_and_can_store_f1_threshold(
+    model: Path, dataset: Path, tmp_path
+) -> None:
     report = tmp_path / "report"
     run_cli("evaluate", str(model), str(dataset), "--report", str(report))
     metrics = json.loads((report / "metrics.json").read_text())["metrics"]
@@ -66,7 +78,9 @@ def test_evaluate_writes_report_and_can_store_f1_threshold(model: Path, dataset:
     assert meta["calibration"]["threshold_source"] == "f1_validation"
 
 
-def test_predict_writes_unique_outputs_and_reports_bad_images(model: Path, dataset: Path, tmp_path) -> None:
+def test_predict_writes_unique_outputs_and_reports_bad_images(
+    model: Path, dataset: Path, tmp_path
+) -> None:
     (dataset / "test" / "broken.png").write_bytes(b"not an image")
     try:
         out = tmp_path / "pred"
@@ -86,7 +100,9 @@ def test_predict_writes_unique_outputs_and_reports_bad_images(model: Path, datas
             assert (out / row["files"][kind]).is_file()
     defects = [r for r in scored if "/good/" not in r["source"]]
     goods = [r for r in scored if "/good/" in r["source"]]
-    assert sum(r["score"] for r in defects) / len(defects) > sum(r["score"] for r in goods) / len(goods)
+    assert sum(r["score"] for r in defects) / len(defects) > sum(r["score"] for r in goods) / len(
+        goods
+    )
     assert any(r["is_anomalous"] for r in defects)
     assert max(r["normalized_score"] for r in defects) > 0.5
     assert (out / "results.csv").read_text().count("\n") == 12
@@ -95,8 +111,9 @@ def test_predict_writes_unique_outputs_and_reports_bad_images(model: Path, datas
 
 def test_predict_threshold_override(model: Path, dataset: Path, tmp_path) -> None:
     image = next((dataset / "test" / "good").iterdir())
-    run_cli("predict", str(model), str(image), "--out", str(tmp_path), "--threshold", "0",
-            "--no-images")
+    run_cli(
+        "predict", str(model), str(image), "--out", str(tmp_path), "--threshold", "0", "--no-images"
+    )
     (row,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert row["is_anomalous"] and row["threshold"] == 0.0
     assert not (tmp_path / "images").exists()
@@ -104,8 +121,15 @@ def test_predict_threshold_override(model: Path, dataset: Path, tmp_path) -> Non
 
 def test_experiment_multirun_sweeps_and_summarises(dataset: Path, tmp_path) -> None:
     proc = run_cli(
-        "experiment", f"data={dataset}", "name=sweep", *FAST[:1], "detector.device=cpu",
-        "detector.coreset.ratio=0.1,0.3", "--multirun", "--out", str(tmp_path),
+        "experiment",
+        f"data={dataset}",
+        "name=sweep",
+        *FAST[:1],
+        "detector.device=cpu",
+        "detector.coreset.ratio=0.1,0.3",
+        "--multirun",
+        "--out",
+        str(tmp_path),
     )
     summary = next(tmp_path.glob("sweep/*/summary.csv"))
     lines = summary.read_text().splitlines()
@@ -141,7 +165,8 @@ def test_user_errors_are_one_clear_line(args, message, dataset, model, tmp_path)
 def test_synth_and_augment_commands(tmp_path) -> None:
     run_cli("synth", str(tmp_path / "s"))
     assert len(list((tmp_path / "s" / "train" / "good").glob("*.png"))) == 30
-    proc = run_cli("augment", str(tmp_path / "s"), str(tmp_path / "a"), "--rotate", "10",
-                   "--brightness", "0.2")
+    proc = run_cli(
+        "augment", str(tmp_path / "s"), str(tmp_path / "a"), "--rotate", "10", "--brightness", "0.2"
+    )
     assert "30 train" in proc.stdout
     assert (tmp_path / "a" / "ground_truth").is_dir()

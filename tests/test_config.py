@@ -286,8 +286,14 @@ def test_to_dict_is_plain_json_types() -> None:
     data = DetectorConfig().to_dict()
     assert data["features"]["input_size"] == [256, 256]  # tuple dumped as a list
     assert set(data) == {
-        "backbone", "features", "coreset", "scoring", "calibration",
-        "device", "batch_size", "half_precision",
+        "backbone",
+        "features",
+        "coreset",
+        "scoring",
+        "calibration",
+        "device",
+        "batch_size",
+        "half_precision",
     }
     assert data["coreset"]["ratio"] == 0.1
 

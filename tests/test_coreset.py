@@ -323,7 +323,8 @@ def test_select_projection_keeps_clusters() -> None:
 def test_select_progress_passed_through() -> None:
     calls: list[tuple[int, int]] = []
     select_coreset(
-        torch.randn(500, 4), CoresetConfig(method="greedy", size=50),
+        torch.randn(500, 4),
+        CoresetConfig(method="greedy", size=50),
         progress=lambda d, t: calls.append((d, t)),
     )
     assert calls and calls[-1] == (50, 50)

@@ -80,7 +80,9 @@ def test_save_load_roundtrip_gives_identical_predictions(fitted: Detector, tmp_p
         assert a.score == pytest.approx(b.score, rel=1e-6)
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5, atol=1e-6)
     assert loaded.threshold == fitted.threshold
-    assert loaded.describe()["backbone"]["fingerprint"] == fitted.describe()["backbone"]["fingerprint"]
+    assert (
+        loaded.describe()["backbone"]["fingerprint"] == fitted.describe()["backbone"]["fingerprint"]
+    )
 
 
 def test_set_thresholds_persist(fitted: Detector, tmp_path) -> None:
@@ -106,7 +108,9 @@ def test_accepts_paths_grayscale_rgba_16bit(fitted: Detector, tmp_path) -> None:
     rgb = texture_crops(1, seed=4)[0]
     gray = rgb[..., 0]
     Image.fromarray(gray).save(tmp_path / "gray.png")
-    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 255, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 255, np.uint8)])).save(
+        tmp_path / "rgba.png"
+    )
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
     Image.fromarray(rgb).save(tmp_path / "rgb.bmp")
@@ -122,7 +126,7 @@ def test_accepts_paths_grayscale_rgba_16bit(fitted: Detector, tmp_path) -> None:
 def test_corrupt_image_is_reported_with_path(fitted: Detector, tmp_path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(ImageLoadError, match="broken.png"):
+    with pytest.raises(ImageLoadError, match=r"broken\.png"):
         fitted.predict([bad])
     results = list(fitted.iter_predict([texture_crops(1)[0], bad]))
     assert isinstance(results[1][2], ImageLoadError)
@@ -155,7 +159,9 @@ def test_reductions_rank_defects_above_good(reduction: str) -> None:
     config = DetectorConfig.from_dict({**FAST_CONFIG, "scoring": {"reduction": reduction, "k": 3}})
     detector = Detector(config).fit(texture_crops(12))
     good = [p.score for p in detector.predict(texture_crops(4, seed=50))]
-    bad = [p.score for p in detector.predict([with_defect(i)[0] for i in texture_crops(4, seed=51)])]
+    bad = [
+        p.score for p in detector.predict([with_defect(i)[0] for i in texture_crops(4, seed=51)])
+    ]
     assert min(bad) > max(good)
 
 

@@ -139,9 +139,7 @@ def test_la_alpha_composited_on_black(tmp_path: Path) -> None:
 
 
 def test_rgba_alpha_composited_on_black(tmp_path: Path) -> None:
-    rgba = np.array(
-        [[[10, 200, 30, 255], [250, 250, 250, 0], [100, 50, 200, 51]]], dtype=np.uint8
-    )
+    rgba = np.array([[[10, 200, 30, 255], [250, 250, 250, 0], [100, 50, 200, 51]]], dtype=np.uint8)
     out = load_image(save(Image.fromarray(rgba, mode="RGBA"), tmp_path / "a.png"))
     assert_rgb(out, (1, 3))
     assert out[0, 0].tolist() == [10, 200, 30]  # opaque keeps its colour
@@ -383,9 +381,7 @@ def test_nan_float_tiff_error_names_file(tmp_path: Path) -> None:
     check_error(info, path, "NaN")
 
 
-@pytest.mark.parametrize(
-    "shape", [(6, 7, 5), (6, 7, 2), (5,), (2, 3, 4, 3), (2, 5, 6)]
-)
+@pytest.mark.parametrize("shape", [(6, 7, 5), (6, 7, 2), (5,), (2, 3, 4, 3), (2, 5, 6)])
 def test_wrong_array_shape(shape: tuple[int, ...]) -> None:
     with pytest.raises(ImageLoadError, match="unsupported image array shape") as info:
         load_image(np.zeros(shape, dtype=np.uint8))
@@ -526,8 +522,16 @@ def test_expand_recursive(tmp_path: Path) -> None:
     relative = [p.relative_to(tmp_path).as_posix() for p in paths]
     assert relative == sorted(relative)
     assert set(relative) == {
-        "a.JPG", "b.png", "c.bmp", "d.tiff", "e.webp", "f.jpeg", "z.tif",
-        "sub/s1.png", "sub/s2.png", "sub/deeper/d.png",
+        "a.JPG",
+        "b.png",
+        "c.bmp",
+        "d.tiff",
+        "e.webp",
+        "f.jpeg",
+        "z.tif",
+        "sub/s1.png",
+        "sub/s2.png",
+        "sub/deeper/d.png",
     }
 
 

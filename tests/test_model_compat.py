@@ -106,7 +106,8 @@ def test_load_with_device_override(saved: Path) -> None:
 def test_compatible_patch_version_loads(saved: Path, tmp_path: Path) -> None:
     major, minor = __version__.split(".")[:2]
     path = rewrite(
-        saved, tmp_path / "patch",
+        saved,
+        tmp_path / "patch",
         lambda m: m.update(defectscope_version=f"{major}.{minor}.99"),
     )
     assert Detector.load(path).info["defectscope_version"] == f"{major}.{minor}.99"
@@ -130,9 +131,7 @@ def test_missing_backbone_section(saved: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("version", ["1.0.0", "0.9.0", "0.0.1", "2.1", "garbage", ""])
-def test_incompatible_version(
-    saved: Path, tmp_path: Path, version: str, no_backbone: None
-) -> None:
+def test_incompatible_version(saved: Path, tmp_path: Path, version: str, no_backbone: None) -> None:
     path = rewrite(saved, tmp_path / "old", lambda m: m.update(defectscope_version=version))
     message = expect_refusal(path, "not compatible", __version__, "refit")
     assert f"written by defectscope {version}," in message
@@ -177,9 +176,7 @@ def test_missing_calibration(saved: Path, tmp_path: Path) -> None:
 
 
 def test_invalid_calibration(saved: Path, tmp_path: Path) -> None:
-    path = rewrite(
-        saved, tmp_path / "badcal", lambda m: m["calibration"].pop("threshold")
-    )
+    path = rewrite(saved, tmp_path / "badcal", lambda m: m["calibration"].pop("threshold"))
     expect_refusal(path, "calibration data is missing or invalid")
 
 

@@ -69,9 +69,9 @@ def test_same_size_is_not_resampled() -> None:
     image = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
     pre = Preprocessor((32, 40), MEAN, STD)
     out = pre([image])[0]
-    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - torch.tensor(
-        MEAN
-    ).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - torch.tensor(MEAN).view(3, 1, 1)
+    ) / torch.tensor(STD).view(3, 1, 1)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 

@@ -137,7 +137,9 @@ def test_map_is_upsampled_patch_distances() -> None:
     scorer = AnomalyScorer(bank, config(), (8, 8))
     maps, scores = scorer(grid(patches, 2, 2))
     expected = torch.nn.functional.interpolate(
-        torch.tensor([[[[0.0, 5.0], [10.0, 1.0]]]]), size=(8, 8), mode="bilinear",
+        torch.tensor([[[[0.0, 5.0], [10.0, 1.0]]]]),
+        size=(8, 8),
+        mode="bilinear",
         align_corners=False,
     )[0]
     torch.testing.assert_close(maps, expected, atol=1e-4, rtol=1e-5)

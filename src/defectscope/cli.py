@@ -39,7 +39,9 @@ STAGE_LABELS = {
 
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Hydra-style overrides, e.g. detector.coreset.ratio=0.05 backbone=efficientnet_lite1"),
+    typer.Argument(
+        help="Hydra-style overrides, e.g. detector.coreset.ratio=0.05 backbone=efficientnet_lite1"
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: packaged configs).")
@@ -51,8 +53,13 @@ DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N."
 def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     """A progress(stage, done, total) callback drawing one bar per stage."""
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False, disable=not console.is_terminal and "CI" in os.environ,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and "CI" in os.environ,
     ) as bars:
         tasks: dict[str, Any] = {}
 
@@ -76,12 +83,16 @@ def _compose(config: Path | None, overrides: list[str] | None, device: str | Non
 # ---------------------------------------------------------------------------------- commands
 @app.command()
 def fit(
-    data: Annotated[Path, typer.Argument(help="Dataset root, folder of good images, or one image.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset root, folder of good images, or one image.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     overrides: Overrides = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
-    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images instead of stopping.")
+    ] = False,
 ) -> None:
     """Learn what good looks like from the good training images of DATA."""
     from defectscope.data.datasets import open_dataset
@@ -98,13 +109,15 @@ def fit(
     _print_fit_summary(detector, path)
 
 
-def _print_fit_summary(detector, path: Path) -> None:  # noqa: ANN001
+def _print_fit_summary(detector, path: Path) -> None:
     info = detector.info
     timings = info["timings"]
     table = Table(title="Model", show_header=False)
     table.add_row("file", str(path))
     table.add_row("backbone", detector.features.backbone.name)
-    table.add_row("memory bank", f"{info['bank_size']:,} of {info['training']['n_patches']:,} patches")
+    table.add_row(
+        "memory bank", f"{info['bank_size']:,} of {info['training']['n_patches']:,} patches"
+    )
     table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
     table.add_row(
         "fit time",
@@ -120,9 +133,12 @@ def _print_fit_summary(detector, path: Path) -> None:  # noqa: ANN001
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model folder or file.")],
     data: Annotated[Path, typer.Argument(help="Dataset with a labelled test split.")],
-    report: Annotated[Path, typer.Option("--report", "-r", help="Report folder.")] = Path("reports"),
+    report: Annotated[Path, typer.Option("--report", "-r", help="Report folder.")] = Path(
+        "reports"
+    ),
     set_threshold: Annotated[
-        str, typer.Option(help="'none', or 'f1': store the F1-optimal image threshold in the model.")
+        str,
+        typer.Option(help="'none', or 'f1': store the F1-optimal image threshold in the model."),
     ] = "none",
     device: DeviceOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
@@ -142,7 +158,9 @@ def evaluate(
         raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
     with progress_bars() as progress:
         result = run_evaluation(
-            detector, dataset, batch_size=batch_size,
+            detector,
+            dataset,
+            batch_size=batch_size,
             progress=lambda done, total: progress("evaluate", done, total),
         )
     path = write_report(result, report)
@@ -151,7 +169,9 @@ def evaluate(
     if set_threshold == "f1":
         metrics = result.to_dict()["metrics"]
         if metrics.get("f1_threshold") is None:
-            raise DefectscopeError("no F1-optimal threshold: the test split has no defective images")
+            raise DefectscopeError(
+                "no F1-optimal threshold: the test split has no defective images"
+            )
         detector.set_thresholds(image=metrics["f1_threshold"], source="f1_validation")
         detector.save(model)
         out.print(f"Stored the F1-optimal threshold {metrics['f1_threshold']:.4f} in {model}")
@@ -172,9 +192,13 @@ def _print_metrics(result: dict) -> None:
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder or file.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "predictions"
+    ),
     threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
-    pixel_threshold: Annotated[float | None, typer.Option(help="Override the mask threshold.")] = None,
+    pixel_threshold: Annotated[
+        float | None, typer.Option(help="Override the mask threshold.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
     device: DeviceOpt = None,
     images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
@@ -241,7 +265,10 @@ def experiment(
         base = compose(config, [o for o in overrides if "," not in o.split("=", 1)[-1]])
         runs = expand_sweep(overrides, base.raw.get("sweep"))
     else:
-        if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+        if any(
+            "," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[")
+            for o in overrides
+        ):
             raise ConfigError("comma lists in overrides sweep several runs: add --multirun")
         runs = [overrides]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -251,7 +278,9 @@ def experiment(
         if not exp.data:
             raise ConfigError("no dataset: set data=PATH or use an experiment=... config")
         run_dir = out_dir / exp.name / stamp / (str(number) if len(runs) > 1 else "")
-        console.print(f"[bold]run {number + 1}/{len(runs)}[/] {' '.join(run_overrides) or '(defaults)'}")
+        console.print(
+            f"[bold]run {number + 1}/{len(runs)}[/] {' '.join(run_overrides) or '(defaults)'}"
+        )
         with progress_bars() as progress:
             results.append(run_experiment(exp, run_dir, progress))
         _print_metrics(results[-1])
@@ -262,8 +291,12 @@ def experiment(
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option(help="Use real data instead of the synthetic set.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_output"),
+    data: Annotated[
+        Path | None, typer.Option(help="Use real data instead of the synthetic set.")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "demo_output"
+    ),
     overrides: Overrides = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -314,8 +347,13 @@ def augment(
     from defectscope.data.augment import spec_from_options, write_augmented_dataset
 
     spec = spec_from_options(
-        rotate=rotate, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-        blur=blur, noise=noise,
+        rotate=rotate,
+        brightness=brightness,
+        contrast=contrast,
+        saturation=saturation,
+        hue=hue,
+        blur=blur,
+        noise=noise,
     )
     dataset = write_augmented_dataset(source, dest, spec, seed=seed, overwrite=overwrite)
     out.print(f"Augmented copy: {dest} ({len(dataset.train)} train, {len(dataset.test)} test)")

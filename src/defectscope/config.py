@@ -30,7 +30,8 @@ class BackboneConfig(_Section):
         ),
     )
     layers: list[int] | None = Field(
-        None, description="Feature layer indices (timm forward_intermediates); None = family default."
+        None,
+        description="Feature layer indices (timm forward_intermediates); None = family default.",
     )
 
 
@@ -79,7 +80,9 @@ class ScoringConfig(_Section):
     reduction: Literal["max", "topk_mean", "patchcore"] = "max"
     topk_fraction: float = Field(0.01, gt=0.0, le=1.0, description="For 'topk_mean'.")
     reweight_neighbours: int = Field(
-        3, ge=2, description="For 'patchcore' re-weighting (the nearest bank patch and its neighbours)."
+        3,
+        ge=2,
+        description="For 'patchcore' re-weighting (the nearest bank patch and its neighbours).",
     )
     smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels.")
     knn_backend: Literal["auto", "torch", "faiss"] = "auto"

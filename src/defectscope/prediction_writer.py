@@ -20,8 +20,18 @@ from defectscope.detector.prediction import Prediction
 from defectscope.errors import ImageLoadError
 
 CSV_FIELDS = [
-    "source", "output_name", "score", "normalized_score", "is_anomalous", "label", "threshold",
-    "pixel_threshold", "defect_area_fraction", "height", "width", "error",
+    "source",
+    "output_name",
+    "score",
+    "normalized_score",
+    "is_anomalous",
+    "label",
+    "threshold",
+    "pixel_threshold",
+    "defect_area_fraction",
+    "height",
+    "width",
+    "error",
 ]
 
 
@@ -77,8 +87,11 @@ class PredictionWriter:
         name = self.names[index]
         if isinstance(result, Exception):
             reason = result.reason if isinstance(result, ImageLoadError) else str(result)
-            row: dict[str, Any] = {"source": str(self.paths[index]), "output_name": name,
-                                   "error": reason}
+            row: dict[str, Any] = {
+                "source": str(self.paths[index]),
+                "output_name": name,
+                "error": reason,
+            }
         else:
             row = {**result.summary(), "output_name": name, "error": None}
             self.n_anomalous += int(result.is_anomalous)
@@ -96,7 +109,9 @@ class PredictionWriter:
             "heatmap": f"images/{name}_heatmap.png",
             "mask": f"images/{name}_mask.png",
         }
-        save_png(colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax), self.out_dir / files["heatmap"])
+        save_png(
+            colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax), self.out_dir / files["heatmap"]
+        )
         save_png(mask_to_png_array(prediction.mask), self.out_dir / files["mask"])
         if image is not None:
             files["overlay"] = f"images/{name}_overlay.png"

@@ -37,7 +37,8 @@ def run_experiment(
     detector.fit([s.path for s in dataset.train], progress=progress)
     detector.save(run_dir / "model")
     result = evaluate(
-        detector, dataset,
+        detector,
+        dataset,
         progress=(lambda d, t: progress("evaluate", d, t)) if progress else None,
     )
     write_report(result, run_dir / "report")

@@ -11,7 +11,6 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,11 +21,13 @@ from defectscope.errors import ImageLoadError
 MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
+ImageInput = str | Path | bytes | np.ndarray | Image.Image
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -89,7 +90,9 @@ def _decode(handle: io.IOBase, name: Path | None, max_pixels: int) -> np.ndarray
 def _from_pil(image: Image.Image, name: Path | None, max_pixels: int) -> np.ndarray:
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageLoadError(name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,}")
+        raise ImageLoadError(
+            name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,}"
+        )
     if width < 1 or height < 1:
         raise ImageLoadError(name, "image has no pixels")
     mode = image.mode

@@ -27,7 +27,7 @@ def coreset_size(n_total: int, config: CoresetConfig) -> int:
 
 
 def random_projection(features: torch.Tensor, dim: int | None, seed: int) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection: distances are kept approximately, selection gets cheaper."""
+    """Johnson-Lindenstrauss projection: distances roughly kept, selection cheaper."""
     if dim is None or dim >= features.shape[1]:
         return features
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -58,7 +58,9 @@ def greedy_kcenter(
         selected[i] = index
         center = features[index]
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, in one fused matrix-vector product.
-        torch.addmv(squared_norms + squared_norms[index], features, center, alpha=-2.0, out=distances)
+        torch.addmv(
+            squared_norms + squared_norms[index], features, center, alpha=-2.0, out=distances
+        )
         torch.minimum(min_dist, distances, out=min_dist)
         min_dist[index] = -1.0
         if progress is not None and i % report_every == 0:

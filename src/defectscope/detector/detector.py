@@ -11,8 +11,9 @@ import hashlib
 import logging
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,13 +80,23 @@ def iter_loaded(
         except ImageLoadError as exc:
             return LoadedImage(index, name, None, exc)
 
-    batches = [
-        list(enumerate(sources))[start : start + batch_size]
-        for start in range(0, len(sources), batch_size)
-    ]
+    pending: deque[Future[LoadedImage]] = deque()
+    remaining = iter(enumerate(sources))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = pool.map(lambda batch: [load(item) for item in batch], batches)
-        yield from pending
+
+        def fill() -> None:
+            # At most one batch decoded ahead: memory stays bounded however many images.
+            while len(pending) < 2 * batch_size:
+                item = next(remaining, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(load, item))
+
+        fill()
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            fill()
+            yield batch
 
 
 class Detector:
@@ -129,7 +140,7 @@ class Detector:
     def set_thresholds(
         self, image: float | None = None, pixel: float | None = None, source: str = "user"
     ) -> None:
-        """Replace the stored thresholds (e.g. by F1-optimal ones from a labelled validation set)."""
+        """Replace the stored thresholds (e.g. F1-optimal ones from a labelled validation set)."""
         self._require_fitted()
         self.calibration = self.calibration.with_thresholds(image, pixel, source)
 
@@ -149,7 +160,10 @@ class Detector:
         if self.config.half_precision and self.device.type == "cuda":
             backbone.half()
         self.preprocessor = Preprocessor(
-            self.config.features.input_size, backbone.mean, backbone.std, self.config.features.aspect
+            self.config.features.input_size,
+            backbone.mean,
+            backbone.std,
+            self.config.features.aspect,
         )
 
     @torch.inference_mode()
@@ -340,7 +354,9 @@ class Detector:
                 elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(good)
                 normalized = self.calibration.normalize(scores.cpu().numpy(), image_threshold)
                 for row, item in enumerate(good):
-                    original = self.preprocessor.to_original(maps[row : row + 1], item.image.shape[:2])
+                    original = self.preprocessor.to_original(
+                        maps[row : row + 1], item.image.shape[:2]
+                    )
                     anomaly_map = original[0].float().cpu().numpy()
                     score = float(scores[row])
                     results[item.index] = Prediction(
@@ -413,7 +429,9 @@ class Detector:
         try:
             config = DetectorConfig.from_dict(meta["config"])
         except (KeyError, ConfigError) as exc:
-            raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
+            raise ModelFileError(
+                f"{file}: model configuration is missing or invalid: {exc}"
+            ) from None
         if device is not None:
             config.device = device
         _check_version(file, meta.get("defectscope_version", "0"))
@@ -438,7 +456,9 @@ class Detector:
         try:
             detector.calibration = Calibration.from_dict(meta["calibration"])
         except (KeyError, TypeError) as exc:
-            raise ModelFileError(f"{file}: calibration data is missing or invalid ({exc})") from None
+            raise ModelFileError(
+                f"{file}: calibration data is missing or invalid ({exc})"
+            ) from None
         detector.info = {
             k: meta[k]
             for k in ("created_at", "defectscope_version", "training", "bank_size", "timings")

@@ -1,8 +1,9 @@
 """Nearest-neighbour search over the memory bank.
 
-`TorchKnn` is exact and chunked (a distance block of ``chunk_size`` x bank rows at a time, never
-the full query x bank matrix; small blocks stay in cache, which is faster than one big product); `FaissKnn` wraps a faiss index for large banks when faiss is
-installed. Both return Euclidean distances, nearest first.
+`TorchKnn` is exact and chunked: a distance block of ``chunk_size`` x bank rows at a time, never
+the full query x bank matrix (small blocks stay in cache, which is faster than one big product).
+`FaissKnn` wraps a faiss index for large banks when faiss is installed. Both return Euclidean
+distances, nearest first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ class KnnIndex(Protocol):
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def pairwise_sq_dist(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
+def pairwise_sq_dist(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor
+) -> torch.Tensor:
     """Squared Euclidean distances (Q, M) via one matrix product; clamped against rounding."""
     query_sq = (queries * queries).sum(dim=1, keepdim=True)
     return torch.addmm(query_sq + bank_sq, queries, bank.T, alpha=-2.0)
@@ -39,7 +42,9 @@ class TorchKnn:
             return empty, empty.long()
         dists, indices = [], []
         for start in range(0, queries.shape[0], self.chunk_size):
-            block = pairwise_sq_dist(queries[start : start + self.chunk_size], self.bank, self.bank_sq)
+            block = pairwise_sq_dist(
+                queries[start : start + self.chunk_size], self.bank, self.bank_sq
+            )
             if banned is not None:
                 block[:, banned] = float("inf")
             if k == 1:  # min is a cheaper pass than topk
@@ -68,20 +73,26 @@ class FaissKnn:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, self.index.ntotal)
-        dist, idx = self.index.search(queries.detach().to("cpu", torch.float32).contiguous().numpy(), k)
+        dist, idx = self.index.search(
+            queries.detach().to("cpu", torch.float32).contiguous().numpy(), k
+        )
         dist_t = torch.from_numpy(dist).clamp_(min=0.0).sqrt_().to(self.device)
         return dist_t, torch.from_numpy(idx).to(self.device)
 
 
 def build_index(bank: torch.Tensor, backend: str, chunk_size: int, faiss_min_bank: int) -> KnnIndex:
     if backend == "faiss" or (
-        backend == "auto" and bank.shape[0] >= faiss_min_bank and bank.device.type == "cpu"
+        backend == "auto"
+        and bank.shape[0] >= faiss_min_bank
+        and bank.device.type == "cpu"
         and faiss_available()
     ):
         if not faiss_available():
             from defectscope.errors import ConfigError
 
-            raise ConfigError("scoring.knn_backend is 'faiss' but faiss is not installed: "
-                              "pip install 'defectscope[faiss]'")
+            raise ConfigError(
+                "scoring.knn_backend is 'faiss' but faiss is not installed: "
+                "pip install 'defectscope[faiss]'"
+            )
         return FaissKnn(bank)
     return TorchKnn(bank, chunk_size)

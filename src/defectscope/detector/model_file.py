@@ -30,7 +30,9 @@ def resolve_model_path(path: str | Path) -> Path:
     if path.is_dir():
         candidate = path / MODEL_FILENAME
         if not candidate.is_file():
-            raise ModelFileError(f"{path}: no {MODEL_FILENAME} in this folder; is it a model folder?")
+            raise ModelFileError(
+                f"{path}: no {MODEL_FILENAME} in this folder; is it a model folder?"
+            )
         return candidate
     if not path.exists():
         raise ModelFileError(f"model not found: {path}")
@@ -41,7 +43,9 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def write_model_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
     """Write atomically: a crash mid-write never leaves a half file under the final name."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -50,7 +54,11 @@ def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: d
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "tensor_sha256": {k: tensor_digest(v) for k, v in tensors.items()}}
-    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "meta": json.dumps(meta),
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
     os.replace(tmp, path)

@@ -39,7 +39,9 @@ def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
-    def __init__(self, bank: torch.Tensor, config: ScoringConfig, input_size: tuple[int, int]) -> None:
+    def __init__(
+        self, bank: torch.Tensor, config: ScoringConfig, input_size: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.config = config
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -52,13 +54,19 @@ class AnomalyScorer(nn.Module):
 
     @property
     def index(self) -> KnnIndex:
-        if self._index is None or getattr(self._index, "device", self.bank.device) != self.bank.device:
+        if (
+            self._index is None
+            or getattr(self._index, "device", self.bank.device) != self.bank.device
+        ):
             self._index = build_index(
-                self.bank, self.config.knn_backend, self.config.chunk_size, self.config.faiss_min_bank
+                self.bank,
+                self.config.knn_backend,
+                self.config.chunk_size,
+                self.config.faiss_min_bank,
             )
         return self._index
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+    def _apply(self, fn, recurse=True):
         self._index = None  # the index holds device copies; rebuild after .to()/.half()
         return super()._apply(fn, recurse)
 

@@ -54,7 +54,10 @@ class PatchFeatures(nn.Module):
             feature = feature.float()
             if self.neighbourhood > 1:
                 feature = F.avg_pool2d(
-                    feature, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                    feature,
+                    self.neighbourhood,
+                    stride=1,
+                    padding=self.neighbourhood // 2,
                     count_include_pad=False,
                 )
             if feature.shape[-2:] != target:

@@ -56,8 +56,11 @@ class Preprocessor:
         box = self.content_box(image.shape[0], image.shape[1])
         if (box.height, box.width) != tuple(tensor.shape[1:]):
             tensor = F.interpolate(
-                tensor[None], size=(box.height, box.width), mode="bilinear",
-                align_corners=False, antialias=True,
+                tensor[None],
+                size=(box.height, box.width),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )[0].clamp_(0.0, 1.0)
         if self.aspect == "pad" and (box.height, box.width) != self.input_size:
             canvas = torch.zeros(3, *self.input_size)
@@ -100,4 +103,6 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessor:
-        return cls(tuple(data["input_size"]), data["mean"], data["std"], data.get("aspect", "stretch"))
+        return cls(
+            tuple(data["input_size"]), data["mean"], data["std"], data.get("aspect", "stretch")
+        )
