@@ -47,6 +47,13 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: packaged configs).")
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        help="torch (MODEL is a model folder), onnx or openvino (MODEL is an exported file, or a "
+        "folder holding model.onnx / model.xml)."
+    ),
+]
 
 
 @contextmanager
@@ -142,17 +149,19 @@ def evaluate(
     ] = "none",
     device: DeviceOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Score the test split of DATA, compute metrics and write a report."""
     from defectscope.data.datasets import open_dataset
-    from defectscope.detector.detector import Detector
     from defectscope.errors import DefectscopeError
     from defectscope.evaluation.report import write_report
     from defectscope.evaluation.runner import evaluate as run_evaluation
 
     if set_threshold not in ("none", "f1"):
         raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
-    detector = Detector.load(model, device=device)
+    if set_threshold != "none" and runtime != "torch":
+        raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
+    detector = _load_detector(model, runtime, device)
     dataset = open_dataset(data)
     if not dataset.test:
         raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
@@ -203,14 +212,14 @@ def predict(
     device: DeviceOpt = None,
     images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images and go on.")] = True,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs."""
     from defectscope.data.io import expand_image_paths
-    from defectscope.detector.detector import Detector
     from defectscope.errors import DefectscopeError
     from defectscope.prediction_writer import PredictionWriter
 
-    detector = Detector.load(model, device=device)
+    detector = _load_detector(model, runtime, device)
     paths = expand_image_paths(inputs)
     if not paths:
         raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
@@ -232,6 +241,51 @@ def predict(
     out.print(
         f"{len(paths) - failures} images scored, {flagged} anomalous, {failures} unreadable. "
         f"Results: {writer.jsonl_path}"
+    )
+
+
+def _load_detector(model: Path, runtime: str, device: str | None):
+    if runtime == "torch":
+        from defectscope.detector.detector import Detector
+
+        return Detector.load(model, device=device)
+    from defectscope.export.runtime import load_detector
+
+    return load_detector(model, runtime, device)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="File to write (default: MODEL/model.onnx or .xml)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    precision: Annotated[
+        str, typer.Option(help="fp32, or fp16 (weights and memory bank stored in fp16).")
+    ] = "fp32",
+) -> None:
+    """Export the whole detector (backbone, memory bank, thresholds) to one ONNX/OpenVINO file."""
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import ConfigError
+    from defectscope.export.onnx import export_onnx, export_openvino
+
+    if fmt not in ("onnx", "openvino"):
+        raise ConfigError(f"--format must be 'onnx' or 'openvino', not {fmt!r}")
+    detector = Detector.load(model, device="cpu")
+    if out_file is None:
+        folder = model if model.is_dir() else model.parent
+        out_file = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    writer = export_onnx if fmt == "onnx" else export_openvino
+    path = writer(detector, out_file, precision=precision)
+    size = path.stat().st_size + (
+        path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
+    )
+    height, width = detector.preprocessor.input_size
+    out.print(
+        f"Exported {fmt} ({precision}, input batch x 3 x {height} x {width}, "
+        f"{size / 1e6:.1f} MB): {path}"
     )
 
 

@@ -1,0 +1,303 @@
+"""Export a fitted `Detector` to one self-contained ONNX graph.
+
+The graph takes the *normalised* tensor that `Detector.preprocessor` produces (B, 3, H, W) and
+returns ``(maps (B, H, W), scores (B,), normalized_scores (B,))``: backbone, patch features,
+memory bank, kNN, upsampling, blur, reduction and the logistic normalisation are all inside, and
+the model's description (config, preprocessing, thresholds) rides in ``metadata_props``, so a
+runtime needs the file and nothing else. Decoding and resizing stay in Python (`Preprocessor`)
+so that there is one preprocessing path for every runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.detector.scoring import gaussian_blur
+from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
+
+ONNX_FORMAT_NAME = "defectscope-onnx"
+ONNX_FORMAT_VERSION = 1
+ONNX_FILENAME = "model.onnx"
+OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score")
+# Initializers at least this large are stored as fp16 by `precision="fp16"`; tiny ones (biases,
+# BN scales) are not worth the extra Cast node.
+FP16_MIN_ELEMENTS = 1024
+
+
+class ExportableDetector(nn.Module):
+    """The whole model work of a fitted detector as one traceable module.
+
+    Mirrors `AnomalyScorer.forward` with pure tensor ops: the kNN is one distance matrix per batch
+    (no chunk loop, no index object), the same ``addmm`` formula as `knn.pairwise_sq_dist`, then
+    min/topk, clamp and sqrt, so the numbers match the eager scorer.
+    """
+
+    def __init__(self, detector: Any) -> None:
+        super().__init__()
+        scorer = detector.scorer
+        self.features = detector.features
+        self.config = scorer.config
+        self.input_size = scorer.input_size
+        bank = scorer.bank.detach().float().cpu().contiguous()
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_t", bank.T.contiguous())
+        self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
+        self.register_buffer("blur_kernel", scorer.blur_kernel.detach().float().cpu())
+        self.k = min(int(self.config.k), bank.shape[0])
+        self.threshold = float(detector.calibration.threshold)
+        self.scale = float(detector.calibration.scale)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeddings = self.features(images).float()
+        _, d, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
+        query_sq = (queries * queries).sum(dim=1, keepdim=True)
+        sq = torch.addmm(query_sq + self.bank_sq, queries, self.bank_t, alpha=-2.0)
+        if self.k == 1:
+            values, idx = sq.min(dim=1, keepdim=True)
+        else:
+            values, idx = torch.topk(sq, self.k, dim=1, largest=False, sorted=True)
+        dist = values.clamp(min=0.0).sqrt()
+        patch_scores = dist.mean(dim=1).reshape(-1, h, w)
+        maps = F.interpolate(
+            patch_scores[:, None], size=self.input_size, mode="bilinear", align_corners=False
+        )[:, 0]
+        if self.blur_kernel.numel() > 1:
+            maps = gaussian_blur(maps, self.blur_kernel)
+        scores = self._reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
+        z = ((scores - self.threshold) / self.scale).clamp(-60.0, 60.0)
+        return maps, scores, torch.sigmoid(z)
+
+    def _reduce(
+        self,
+        maps: torch.Tensor,
+        patch_scores: torch.Tensor,
+        queries: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        method = self.config.reduction
+        flat = maps.flatten(1)
+        if method == "max":
+            return flat.amax(dim=1)
+        if method == "topk_mean":
+            k = max(1, math.ceil(self.config.topk_fraction * flat.shape[1]))
+            return flat.topk(k, dim=1).values.mean(dim=1)
+        if method == "patchcore":
+            return self._patchcore_reweight(patch_scores.flatten(1), queries, idx)
+        raise ConfigError(f"reduction {method!r} cannot be exported")
+
+    def _patchcore_reweight(
+        self, patch_scores: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        # Same as AnomalyScorer._patchcore_reweight, with gathers instead of advanced indexing
+        # by an arange (which the tracer would bake to the example batch size).
+        n = patch_scores.shape[1]
+        top = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
+        score = patch_scores.gather(1, top)[:, 0]
+        nearest = idx[:, 0].reshape(-1, n).gather(1, top)[:, 0]  # (B,)
+        support_k = min(int(self.config.reweight_neighbours), self.bank.shape[0])
+        bank_sq = self.bank_sq[0]
+        centre = self.bank.index_select(0, nearest)
+        to_bank = (
+            bank_sq[None] - 2.0 * centre @ self.bank_t + bank_sq.index_select(0, nearest)[:, None]
+        )
+        support = to_bank.topk(support_k, dim=1, largest=False).indices  # (B, S)
+        d = queries.shape[2]
+        query = queries.gather(1, top[:, :, None].expand(-1, 1, d))  # (B, 1, D)
+        neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(-1, support_k, d)
+        support_dist = (query - neighbours).norm(dim=2)
+        weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
+        return weight * score
+
+
+def export_metadata(detector: Any, precision: str) -> dict[str, str]:
+    """The ONNX ``metadata_props``: the format marker and `describe()` as JSON."""
+    meta = detector.describe()
+    meta.pop("tensor_sha256", None)
+    meta["export"] = {
+        "precision": precision,
+        "opset": OPSET,
+        "input": INPUT_NAME,
+        "input_shape": ["batch", 3, *detector.preprocessor.input_size],
+        "outputs": list(OUTPUT_NAMES),
+        "torch_version": torch.__version__,
+    }
+    return {
+        "format": ONNX_FORMAT_NAME,
+        "format_version": str(ONNX_FORMAT_VERSION),
+        "meta": json.dumps(meta),
+    }
+
+
+def _require(module: str, extra: str = "export") -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DefectscopeError(
+            f"{module} is not installed: pip install 'defectscope[{extra}]'"
+        ) from None
+
+
+def _out_path(out: str | Path, suffix: str) -> Path:
+    path = Path(out)
+    if path.is_dir() or path.suffix == "":
+        path = path / (ONNX_FILENAME if suffix == ".onnx" else "model" + suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_onnx_model(detector: Any, precision: str = "fp32") -> Any:
+    """Trace the detector into an in-memory, checked `onnx.ModelProto`."""
+    onnx = _require("onnx")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"ONNX precision must be 'fp32' or 'fp16', not {precision!r}")
+    detector._require_fitted()
+    if getattr(detector, "features", None) is None:
+        raise DefectscopeError("only a PyTorch detector (Detector.load / fit) can be exported")
+    module = ExportableDetector(detector).cpu().eval()
+    original_device = detector.device
+    detector.features.cpu()
+    height, width = detector.preprocessor.input_size
+    # Batch 2 as the example: a batch of 1 lets the tracer specialise size-1 dims.
+    example = torch.zeros(2, 3, height, width)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The tracer warns about Python ints taken from shapes; the spatial size is fixed per
+            # model, and the batch dimension is kept symbolic by dynamic_axes.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={
+                    INPUT_NAME: {0: "batch"},
+                    **{name: {0: "batch"} for name in OUTPUT_NAMES},
+                },
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        detector.features.to(original_device)
+    model = onnx.load_from_string(buffer.getvalue())
+    if precision == "fp16":
+        model = _store_fp16(model)
+    for key, value in export_metadata(detector, precision).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "defectscope"
+    onnx.checker.check_model(model)
+    return model
+
+
+def _store_fp16(model: Any) -> Any:
+    """Store large fp32 initializers as fp16 with a Cast back to fp32 in front of their users.
+
+    Computation stays fp32 on every runtime (CPU kernels for fp16 are sparse), the file halves,
+    and the numbers move by fp16 rounding of the weights and the memory bank only.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(init)
+        if array.size < FP16_MIN_ELEMENTS:
+            continue
+        name = init.name
+        half_name = name + "__fp16"
+        init.CopyFrom(numpy_helper.from_array(array.astype(np.float16), half_name))
+        casts.append(helper.make_node("Cast", [half_name], [name], to=TensorProto.FLOAT))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return model
+
+
+def export_onnx(detector: Any, out: str | Path, precision: str = "fp32") -> Path:
+    """Write the detector as one ONNX file (a folder gets ``model.onnx``); return its path."""
+    onnx = _require("onnx")
+    model = build_onnx_model(detector, precision)
+    path = _out_path(out, ".onnx")
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def export_openvino(detector: Any, out: str | Path, precision: str = "fp32") -> Path:
+    """Write an OpenVINO IR (``.xml`` + ``.bin``) converted from the ONNX graph.
+
+    The same metadata as the ONNX file is stored in the IR's runtime info.
+    """
+    ov = _require("openvino")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(
+            f"OpenVINO precision must be 'fp32' or 'fp16', not {precision!r} "
+            "(INT8 needs calibration with NNCF and is not supported yet)"
+        )
+    model = build_onnx_model(detector, "fp32")
+    path = _out_path(out, ".xml")
+    if path.suffix != ".xml":
+        raise ConfigError(f"{path}: an OpenVINO model file name must end in .xml")
+    ov_model = ov.convert_model(io.BytesIO(model.SerializeToString()))
+    for key, value in export_metadata(detector, precision).items():
+        ov_model.set_rt_info(value, ["defectscope", key])
+    ov.save_model(ov_model, str(path), compress_to_fp16=precision == "fp16")
+    return path
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """Check the format marker of an exported file and return its metadata."""
+    path = Path(path)
+    onnx = _require("onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelFileError(f"{path}: not a readable ONNX file ({exc})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    return parse_metadata(path, props)
+
+
+def parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
+    if props.get("format") != ONNX_FORMAT_NAME:
+        raise ModelFileError(
+            f"{path}: not a defectscope export (no '{ONNX_FORMAT_NAME}' marker in its metadata); "
+            "export one with `defectscope export`"
+        )
+    try:
+        version = int(props.get("format_version", "0"))
+    except ValueError:
+        raise ModelFileError(f"{path}: export format version is not a number") from None
+    if version > ONNX_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: export format version {version} is newer than this defectscope supports "
+            f"({ONNX_FORMAT_VERSION}); upgrade defectscope"
+        )
+    try:
+        meta = json.loads(props["meta"])
+    except (KeyError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: exported model metadata is missing or corrupt")
+    return meta
