@@ -244,10 +244,8 @@ def test_cli_export_then_predict_with_onnx_runtime(
     exported = tmp_path / "exported.onnx"
     assert "Exported onnx" in run_cli("export", str(model_dir), "--out", str(exported)).stdout
     out = tmp_path / "predictions"
-    run_cli(
-        "predict", str(exported), str(inputs), "--out", str(out),
-        "--runtime", "onnx", "--no-images",
-    )  # fmt: skip
+    # No --runtime: the .onnx suffix selects onnxruntime.
+    run_cli("predict", str(exported), str(inputs), "--out", str(out), "--no-images")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(images)
     # The torch side in-process on the same files (a third CLI process would only cost time).

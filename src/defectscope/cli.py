@@ -50,8 +50,9 @@ DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N."
 RuntimeOpt = Annotated[
     str,
     typer.Option(
-        help="torch (MODEL is a model folder), onnx or openvino (MODEL is an exported file, or a "
-        "folder holding model.onnx / model.xml)."
+        help="auto (from MODEL's suffix: .onnx, .xml, else torch), torch (MODEL is a model "
+        "folder), onnx or openvino (MODEL is an exported file, or a folder holding model.onnx / "
+        "model.xml)."
     ),
 ]
 
@@ -149,7 +150,7 @@ def evaluate(
     ] = "none",
     device: DeviceOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Score the test split of DATA, compute metrics and write a report."""
     from defectscope.data.datasets import open_dataset
@@ -159,7 +160,7 @@ def evaluate(
 
     if set_threshold not in ("none", "f1"):
         raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
-    if set_threshold != "none" and runtime != "torch":
+    if set_threshold != "none" and _resolve_runtime(model, runtime) != "torch":
         raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
     detector = _load_detector(model, runtime, device)
     dataset = open_dataset(data)
@@ -212,7 +213,7 @@ def predict(
     device: DeviceOpt = None,
     images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images and go on.")] = True,
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs."""
     from defectscope.data.io import expand_image_paths
@@ -244,7 +245,14 @@ def predict(
     )
 
 
+def _resolve_runtime(model: Path, runtime: str) -> str:
+    if runtime == "auto":
+        return {".onnx": "onnx", ".xml": "openvino"}.get(model.suffix.lower(), "torch")
+    return runtime
+
+
 def _load_detector(model: Path, runtime: str, device: str | None):
+    runtime = _resolve_runtime(model, runtime)
     if runtime == "torch":
         from defectscope.detector.detector import Detector
 
@@ -286,6 +294,41 @@ def export(
     out.print(
         f"Exported {fmt} ({precision}, input batch x 3 x {height} x {width}, "
         f"{size / 1e6:.1f} MB): {path}"
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
+) -> None:
+    """Serve MODEL over HTTP (REST API, /docs, /metrics); needs `pip install defectscope[serve]`.
+
+    Other settings come from DEFECTSCOPE_* environment variables (see serving/settings.py).
+    """
+    from defectscope.detector.model_file import resolve_model_path
+    from defectscope.errors import DefectscopeError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise DefectscopeError(
+            "serving needs extra packages: pip install 'defectscope[serve]'"
+        ) from None
+    resolve_model_path(model)  # a missing or wrong path fails here, not in every worker
+    # Workers are separate processes: they get the settings through the environment and build
+    # the app with the factory.
+    os.environ["DEFECTSCOPE_MODEL_PATH"] = str(model.resolve())
+    console.print(f"Serving {model} on http://{host}:{port} ({workers} worker(s))")
+    uvicorn.run(
+        "defectscope.serving.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
     )
 
 
