@@ -304,7 +304,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
 ) -> None:
-    """Serve MODEL over HTTP (REST API, /docs, /metrics); needs `pip install defectscope[serve]`.
+    """Serve MODEL over HTTP (REST API, /docs, /metrics); needs the "serve" extra.
 
     Other settings come from DEFECTSCOPE_* environment variables (see serving/settings.py).
     """

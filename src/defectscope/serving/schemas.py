@@ -1,0 +1,146 @@
+"""Response and request models of the REST API (they also document it in /docs)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Base64Image(BaseModel):
+    """JSON alternative to a multipart upload."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"image_base64": "iVBORw0KGgo..."}]})
+
+    image_base64: str = Field(..., min_length=1, description="Encoded image file, base64.")
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(..., description="Reading and decoding the upload.")
+    inference_ms: float = Field(..., description="Queueing plus the model call.")
+    model_ms: float = Field(..., description="The model's own share of its batch.")
+    total_ms: float
+
+
+class PredictionResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "score": 1.93,
+                    "normalized_score": 0.81,
+                    "is_anomalous": True,
+                    "label": "anomalous",
+                    "threshold": 1.42,
+                    "pixel_threshold": 1.71,
+                    "defect_area_fraction": 0.024,
+                    "width": 900,
+                    "height": 900,
+                    "model_version": "0.1.0",
+                    "model_fingerprint": "5f0c2d8e41a7b9c3",
+                    "timing_ms": {
+                        "decode_ms": 4.1,
+                        "inference_ms": 58.0,
+                        "model_ms": 51.2,
+                        "total_ms": 63.5,
+                    },
+                    "heatmap_png": None,
+                    "overlay_png": None,
+                    "mask_png": None,
+                }
+            ]
+        }
+    )
+
+    score: float = Field(..., description="Raw anomaly score (memory-bank distance units).")
+    normalized_score: float = Field(..., description="In (0, 1); the threshold maps to 0.5.")
+    is_anomalous: bool
+    label: str = Field(..., description="'anomalous' or 'good'.")
+    threshold: float = Field(..., description="Image threshold used for the decision.")
+    pixel_threshold: float = Field(..., description="Threshold of the defect mask.")
+    defect_area_fraction: float = Field(..., description="Share of pixels in the mask.")
+    width: int
+    height: int
+    model_version: str
+    model_fingerprint: str
+    timing_ms: Timing
+    heatmap_png: str | None = Field(None, description="Base64 PNG, when ?heatmap=true.")
+    overlay_png: str | None = Field(None, description="Base64 PNG, when ?overlay=true.")
+    mask_png: str | None = Field(None, description="Base64 PNG, when ?mask=true.")
+
+
+class ItemError(BaseModel):
+    status: int = Field(..., description="The HTTP status this error has on /v1/predict.")
+    detail: str
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "index": 1,
+                    "filename": "broken.png",
+                    "result": None,
+                    "error": {
+                        "status": 415,
+                        "detail": "not a readable image (unknown or corrupt format)",
+                    },
+                }
+            ]
+        }
+    )
+
+    index: int
+    filename: str | None = None
+    result: PredictionResult | None = None
+    error: ItemError | None = None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]
+    n_ok: int
+    n_failed: int
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "internal error", "request_id": "3f2a..."}]}
+    )
+
+    detail: Any
+    request_id: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(..., examples=["ok"])
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(..., examples=["ready"])
+    model_fingerprint: str | None = None
+    detail: str | None = None
+
+
+class PredictionLogEntry(BaseModel):
+    id: int
+    created_at: datetime
+    route: str
+    request_id: str
+    model_fingerprint: str
+    image_sha256: str
+    width: int
+    height: int
+    score: float
+    normalized_score: float
+    is_anomalous: bool
+    threshold: float
+    latency_ms: float
+
+
+class PredictionLogPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[PredictionLogEntry]
