@@ -145,6 +145,36 @@ def test_openvino_matches_torch(onnx_file: Path, fitted: Detector, images, tmp_p
         assert maps.shape == (1, 128, 128)
 
 
+def has_nncf() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not (has_openvino() and has_nncf()), reason="openvino or nncf missing")
+def test_openvino_int8_keeps_ranking_and_reports_its_score_shift(
+    fitted: Detector, images, tmp_path: Path
+) -> None:
+    from defectscope.export import OpenVinoDetector, export_openvino
+
+    with pytest.raises(ConfigError, match="calibration images"):
+        export_openvino(fitted, tmp_path / "none.xml", precision="int8")
+    path = export_openvino(
+        fitted, tmp_path / "int8.xml", precision="int8", calibration_images=texture_crops(8)
+    )
+    runtime = OpenVinoDetector.load(path)
+    check = runtime.meta["export"]["int8_check"]
+    assert check["n_images"] == 8 and check["max_rel_score_change"] >= 0.0
+    reference = fitted.predict(images)
+    got = runtime.predict(images)
+    goods = [p.score for p, r in zip(got, reference, strict=True) if not r.is_anomalous]
+    defects = [p.score for p, r in zip(got, reference, strict=True) if r.is_anomalous]
+    # Quantization may move scores, but the ranking of good versus defective must survive.
+    assert defects and goods and min(defects) > max(goods)
+
+
 def test_fp16_export_is_smaller_and_keeps_clear_decisions(
     onnx_file: Path, fitted: Detector, images, tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ STAGE_LABELS = {
     "calibration": "Calibrating thresholds",
     "predict": "Predicting",
     "evaluate": "Evaluating",
+    "study": "Drift study",
 }
 
 Overrides = Annotated[
@@ -271,8 +272,19 @@ def export(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
     precision: Annotated[
-        str, typer.Option(help="fp32, or fp16 (weights and memory bank stored in fp16).")
+        str,
+        typer.Option(
+            help="fp32; fp16 (weights and memory bank stored in fp16); int8 (OpenVINO only: "
+            "backbone quantized with NNCF on --calibration-images)."
+        ),
     ] = "fp32",
+    calibration_images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of good images for INT8 calibration (e.g. the training set)."),
+    ] = None,
+    max_calibration: Annotated[
+        int, typer.Option(help="At most this many calibration images.")
+    ] = 64,
 ) -> None:
     """Export the whole detector (backbone, memory bank, thresholds) to one ONNX/OpenVINO file."""
     from defectscope.detector.detector import Detector
@@ -285,8 +297,28 @@ def export(
     if out_file is None:
         folder = model if model.is_dir() else model.parent
         out_file = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
-    writer = export_onnx if fmt == "onnx" else export_openvino
-    path = writer(detector, out_file, precision=precision)
+    if precision == "int8" and fmt != "openvino":
+        raise ConfigError("int8 is available for --format openvino only")
+    if fmt == "onnx":
+        path = export_onnx(detector, out_file, precision=precision)
+    else:
+        images = None
+        if calibration_images is not None:
+            from defectscope.data.io import expand_image_paths
+
+            found = expand_image_paths([calibration_images])
+            images = found[:: max(1, len(found) // max_calibration)][:max_calibration]
+        path = export_openvino(detector, out_file, precision=precision, calibration_images=images)
+        if precision == "int8":
+            from defectscope.export.runtime import OpenVinoDetector
+
+            check = OpenVinoDetector.load(path).meta["export"]["int8_check"]
+            out.print(
+                f"INT8 check on {check['n_images']} calibration images: scores moved "
+                f"{100 * check['mean_rel_score_change']:.2f}% on average "
+                f"(max {100 * check['max_rel_score_change']:.2f}%), "
+                f"{check['decision_flips']} decision flips"
+            )
     size = path.stat().st_size + (
         path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
     )
@@ -454,6 +486,123 @@ def augment(
     )
     dataset = write_augmented_dataset(source, dest, spec, seed=seed, overwrite=overwrite)
     out.print(f"Augmented copy: {dest} ({len(dataset.train)} train, {len(dataset.test)} test)")
+
+
+@app.command()
+def drift(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    images: Annotated[
+        list[Path], typer.Option("--images", "-i", help="Images or folders of recent inputs.")
+    ],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the full drift report here.")
+    ] = None,
+    min_window: Annotated[int, typer.Option(help="Fewest images a window may have.")] = 10,
+    fail_on: Annotated[
+        str,
+        typer.Option(help="Exit with status 1 on this verdict or worse: never, warning, drift."),
+    ] = "never",
+    device: DeviceOpt = None,
+) -> None:
+    """Test whether recent images drifted from the model's training images."""
+    from defectscope.data.io import expand_image_paths
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import DefectscopeError
+    from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftThresholds
+
+    if fail_on not in ("never", *VERDICTS[1:]):
+        raise DefectscopeError("--fail-on must be 'never', 'warning' or 'drift'")
+    detector = Detector.load(model, device=device)
+    monitor = DriftDetector.from_detector(detector, DriftThresholds(min_window=min_window))
+    paths = expand_image_paths(images)
+    if not paths:
+        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in images))
+    with progress_bars() as progress:
+        report = monitor.check_images(detector, paths, progress=progress)
+    table = Table(title=f"Drift check: {len(paths)} images")
+    for column in ("test", "statistic", "p-value", "adjusted p", "verdict"):
+        table.add_column(column, justify="left" if column == "test" else "right")
+    for test in report.tests:
+        table.add_row(
+            test.name,
+            f"{test.statistic:.4g}",
+            "-" if test.p_value is None else f"{test.p_value:.3g}",
+            "-" if test.adjusted_p is None else f"{test.adjusted_p:.3g}",
+            test.verdict or "(info)",
+        )
+    out.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    colour = {"ok": "green", "warning": "yellow", "drift": "red"}[report.verdict]
+    out.print(f"verdict: [bold {colour}]{report.verdict}[/]")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        out.print(f"Report: {json_out}")
+    if fail_on != "never" and VERDICTS.index(report.verdict) >= VERDICTS.index(fail_on):
+        raise typer.Exit(1)
+
+
+@app.command("drift-study")
+def drift_study(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    data: Annotated[Path, typer.Argument(help="Dataset with a labelled test split.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the study.")] = Path(
+        "drift_study"
+    ),
+    shifts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shift",
+            help="Shift to study (repeatable): brightness, contrast, color, blur, rotate, "
+            "noise, shift. Default: all.",
+        ),
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option(help="Subsample the test split (stratified by label).")
+    ] = None,
+    refit: Annotated[
+        bool, typer.Option(help="Refit on shifted train images at each shift's strongest level.")
+    ] = True,
+    max_train: Annotated[int, typer.Option(help="Training images per refit.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (subsampling, permutations).")] = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Score the test split under controlled shifts; AUROC, false alarms and drift verdicts."""
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+    from defectscope.monitoring.study import run_drift_study
+
+    detector = Detector.load(model, device=device)
+    dataset = open_dataset(data)
+    with progress_bars() as progress:
+        result = run_drift_study(
+            detector,
+            dataset,
+            out_dir,
+            shifts=shifts,
+            max_images=max_images,
+            refit=refit,
+            max_train=max_train,
+            seed=seed,
+            progress=progress,
+        )
+    table = Table(title=f"Drift study ({result['seconds']:.0f} s)")
+    for column in ("shift", "strength", "AUROC", "false alarms", "verdict", "refit AUROC"):
+        table.add_column(column)
+    for row in result["rows"]:
+        verdict = (row.get("drift_all") or {}).get("verdict", "-")
+        refit_auroc = row.get("refit_image_auroc")
+        table.add_row(
+            row["shift"],
+            row["label"],
+            "-" if row["image_auroc"] is None else f"{row['image_auroc']:.3f}",
+            "-" if row["false_alarm_rate"] is None else f"{row['false_alarm_rate']:.2f}",
+            verdict,
+            "" if refit_auroc is None else f"{refit_auroc:.3f}",
+        )
+    out.print(table)
+    out.print(f"Study: {out_dir / 'study.md'}  {out_dir / 'study.html'}  {out_dir / 'study.png'}")
 
 
 @app.command()
