@@ -398,3 +398,24 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
     assert settings.prediction_log_url is None and settings.batch_max_wait_ms == 12.5
     assert ServingSettings().max_upload_bytes == 20 * 1024 * 1024
+
+
+def test_serves_an_exported_onnx_model_with_the_same_scores(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from defectscope.export import export_onnx
+
+    detector = Detector(FAST_CONFIG).fit(texture_crops(8))
+    exported = export_onnx(detector, tmp_path / "model.onnx")
+    settings = ServingSettings(model_path=exported, prediction_log_url=None)
+    image = texture_crops(1, seed=42)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    with TestClient(create_app(settings)) as client:
+        for _ in range(100):  # the model loads in the background
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        response = client.post("/v1/predict", files={"file": ("a.png", buffer.getvalue())})
+    assert response.status_code == 200, response.text
+    expected = detector.predict(image)[0].score
+    assert response.json()["score"] == pytest.approx(expected, rel=1e-4)

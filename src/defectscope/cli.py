@@ -161,9 +161,11 @@ def evaluate(
 
     if set_threshold not in ("none", "f1"):
         raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
-    if set_threshold != "none" and _resolve_runtime(model, runtime) != "torch":
+    from defectscope.runtimes import load_detector, resolve_runtime
+
+    if set_threshold != "none" and resolve_runtime(model, runtime) != "torch":
         raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
-    detector = _load_detector(model, runtime, device)
+    detector = load_detector(model, runtime, device)
     dataset = open_dataset(data)
     if not dataset.test:
         raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
@@ -220,8 +222,9 @@ def predict(
     from defectscope.data.io import expand_image_paths
     from defectscope.errors import DefectscopeError
     from defectscope.prediction_writer import PredictionWriter
+    from defectscope.runtimes import load_detector
 
-    detector = _load_detector(model, runtime, device)
+    detector = load_detector(model, runtime, device)
     paths = expand_image_paths(inputs)
     if not paths:
         raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
@@ -244,23 +247,6 @@ def predict(
         f"{len(paths) - failures} images scored, {flagged} anomalous, {failures} unreadable. "
         f"Results: {writer.jsonl_path}"
     )
-
-
-def _resolve_runtime(model: Path, runtime: str) -> str:
-    if runtime == "auto":
-        return {".onnx": "onnx", ".xml": "openvino"}.get(model.suffix.lower(), "torch")
-    return runtime
-
-
-def _load_detector(model: Path, runtime: str, device: str | None):
-    runtime = _resolve_runtime(model, runtime)
-    if runtime == "torch":
-        from defectscope.detector.detector import Detector
-
-        return Detector.load(model, device=device)
-    from defectscope.export.runtime import load_detector
-
-    return load_detector(model, runtime, device)
 
 
 @app.command()
@@ -335,6 +321,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Serve MODEL over HTTP (REST API, /docs, /metrics); needs the "serve" extra.
 
@@ -354,6 +341,7 @@ def serve(
     # Workers are separate processes: they get the settings through the environment and build
     # the app with the factory.
     os.environ["DEFECTSCOPE_MODEL_PATH"] = str(model.resolve())
+    os.environ["DEFECTSCOPE_RUNTIME"] = runtime
     console.print(f"Serving {model} on http://{host}:{port} ({workers} worker(s))")
     uvicorn.run(
         "defectscope.serving.app:app_from_env",

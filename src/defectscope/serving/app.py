@@ -63,6 +63,7 @@ from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
+from defectscope.runtimes import load_detector
 from defectscope.serving.batching import MicroBatcher
 from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository, utc_now
 from defectscope.serving.schemas import (
@@ -170,7 +171,9 @@ class ServingState:
             self.load_error = "no model configured (set DEFECTSCOPE_MODEL_PATH)"
             return
         try:
-            detector = await asyncio.to_thread(Detector.load, settings.model_path, settings.device)
+            detector = await asyncio.to_thread(
+                load_detector, settings.model_path, settings.runtime, settings.device
+            )
             fingerprint = await asyncio.to_thread(file_fingerprint, settings.model_path)
         except DefectscopeError as exc:
             self.load_error = str(exc)

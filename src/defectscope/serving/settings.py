@@ -7,7 +7,7 @@ its own app from the same environment (see ``app.app_from_env``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +24,9 @@ class ServingSettings(BaseSettings):
 
     model_path: Path | None = Field(None, description="Model folder or .safetensors file.")
     device: str | None = Field(None, description="auto, cpu, cuda; None keeps the model's.")
+    runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="auto picks from the model file: .onnx, .xml (OpenVINO), else torch."
+    )
     max_upload_bytes: int = Field(20 * MB, gt=0, description="Largest accepted image file.")
     max_pixels: int = Field(MAX_PIXELS, gt=0, description="Largest accepted image (w * h).")
     max_batch_images: int = Field(32, gt=0, description="Most files in one batch request.")
