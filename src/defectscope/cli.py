@@ -353,6 +353,127 @@ def serve(
 
 
 @app.command()
+def bento(
+    model: Annotated[Path, typer.Argument(help="Model folder or file.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    runtime: RuntimeOpt = "auto",
+) -> None:
+    """Serve MODEL with BentoML (adaptive batching); needs the "bentoml" extra.
+
+    Routes: POST /v1/predict (multipart field 'images'), /v1/model, /v1/health.
+    """
+    import importlib.util
+    import subprocess
+
+    from defectscope.detector.model_file import resolve_model_path
+    from defectscope.errors import DefectscopeError
+    from defectscope.runtimes import resolve_runtime
+
+    if importlib.util.find_spec("bentoml") is None:
+        raise DefectscopeError("BentoML serving needs: pip install 'defectscope[bentoml]'")
+    if resolve_runtime(model, runtime) == "torch":
+        resolve_model_path(model)  # fail here with a clear message, not inside a worker
+    elif not model.exists():
+        raise DefectscopeError(f"{model}: model file not found")
+    # BentoML workers are separate processes: they read the model through the environment.
+    env = {
+        **os.environ,
+        "DEFECTSCOPE_MODEL_PATH": str(model.resolve()),
+        "DEFECTSCOPE_RUNTIME": runtime,
+    }
+    command = [sys.executable, "-m", "bentoml", "serve"]
+    command += ["defectscope.serving.bento_service:DefectscopeService"]
+    command += ["--host", host, "--port", str(port)]
+    console.print(f"Serving {model} with BentoML on http://{host}:{port}")
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 130
+    if code:
+        raise typer.Exit(code)
+
+
+client_app = typer.Typer(
+    help="Call a running defectscope REST server (defectscope serve).", no_args_is_help=True
+)
+app.add_typer(client_app, name="client")
+
+
+@client_app.command("predict")
+def client_predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    url: Annotated[
+        str, typer.Option(envvar="DEFECTSCOPE_URL", help="Server URL.")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DEFECTSCOPE_API_KEY", help="X-API-Key header.")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write heatmap and overlay PNGs and results.jsonl here."),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 60.0,
+) -> None:
+    """Score images on a server; print a table and optionally save the returned PNGs."""
+    from defectscope.client import ClientError, DefectscopeClient, decode_png
+    from defectscope.data.io import expand_image_paths
+    from defectscope.errors import DefectscopeError
+    from defectscope.prediction_writer import unique_output_names
+
+    paths = expand_image_paths(inputs)
+    if not paths:
+        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
+    names = unique_output_names(paths)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"{url}: {len(paths)} images")
+    for column in ("image", "score", "normalized", "decision", "defect area"):
+        table.add_column(column, justify="left" if column in ("image", "decision") else "right")
+    rows: list[dict] = []
+    failures = 0
+    with DefectscopeClient(url, api_key=api_key, timeout=timeout) as client:
+        for path, name in zip(paths, names, strict=True):
+            try:
+                result = client.predict(
+                    path,
+                    threshold=threshold,
+                    heatmap=out_dir is not None,
+                    overlay=out_dir is not None,
+                )
+            except ClientError as exc:
+                # A bad image is that image's problem; no server, a wrong key or a server error
+                # would fail every image, so they stop the command.
+                if exc.status is None or exc.status == 401 or exc.status >= 500:
+                    raise
+                failures += 1
+                table.add_row(str(path), "-", "-", f"[red]error {exc.status}[/]", "-")
+                rows.append({"source": str(path), "error": str(exc)})
+                continue
+            if out_dir is not None:
+                for key in ("heatmap", "overlay"):
+                    (out_dir / f"{name}_{key}.png").write_bytes(decode_png(result[f"{key}_png"]))
+            summary = {k: v for k, v in result.items() if not k.endswith("_png")}
+            rows.append({"source": str(path), "output_name": name, **summary})
+            table.add_row(
+                str(path),
+                f"{result['score']:.4f}",
+                f"{result['normalized_score']:.3f}",
+                result["label"],
+                f"{100 * result['defect_area_fraction']:.2f}%",
+            )
+    out.print(table)
+    if out_dir is not None:
+        jsonl = out_dir / "results.jsonl"
+        jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        out.print(f"Heatmaps, overlays and {jsonl.name}: {out_dir}")
+    if failures:
+        console.print(f"{failures} of {len(paths)} images failed")
+        raise typer.Exit(1)
+
+
+@app.command()
 def inspect(model: Annotated[Path, typer.Argument(help="Model folder or file.")]) -> None:
     """Print a model's metadata (reads the header only; does not load the backbone)."""
     from defectscope.detector.model_file import read_header, resolve_model_path

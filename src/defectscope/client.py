@@ -1,0 +1,182 @@
+"""A small Python client for the defectscope REST API (``defectscope serve``).
+
+    from defectscope.client import DefectscopeClient
+
+    with DefectscopeClient("http://127.0.0.1:8000", api_key="...") as client:
+        result = client.predict("part.png", heatmap=True)
+        print(result["score"], result["is_anomalous"])
+
+Every failure is a `ClientError` carrying the server's message and HTTP status (or status
+``None`` when the server could not be reached), so callers handle one exception type.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from defectscope.errors import DefectscopeError
+
+ImageArg = str | Path | bytes
+
+
+class ClientError(DefectscopeError):
+    """A request failed; ``status`` is the HTTP status, or None when no answer came back."""
+
+    def __init__(self, message: str, status: int | None = None, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+def decode_png(value: str) -> bytes:
+    """A base64 PNG field of a prediction (``heatmap_png``...) -> the PNG file's bytes."""
+    return base64.b64decode(value)
+
+
+class DefectscopeClient:
+    """Synchronous client over httpx; use it as a context manager or call `close`."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> DefectscopeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -------------------------------------------------------------------------- routes
+    def predict(
+        self,
+        image: ImageArg,
+        threshold: float | None = None,
+        heatmap: bool = False,
+        overlay: bool = False,
+        mask: bool = False,
+    ) -> dict[str, Any]:
+        """Score one image (a path or the encoded file's bytes)."""
+        name, data = _read(image)
+        params = _flags(threshold, heatmap, overlay, mask)
+        return self._request("POST", "/v1/predict", params=params, files={"file": (name, data)})
+
+    def predict_batch(
+        self,
+        images: Iterable[ImageArg],
+        threshold: float | None = None,
+        heatmap: bool = False,
+        overlay: bool = False,
+        mask: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Score several images in one request; each item has ``result`` or ``error``."""
+        files = [("files", _read(image)) for image in images]
+        if not files:
+            return []
+        params = _flags(threshold, heatmap, overlay, mask)
+        body = self._request("POST", "/v1/predict/batch", params=params, files=files)
+        return body["items"]
+
+    def model_info(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/model")
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz")
+
+    def ready(self) -> bool:
+        """True when the model is loaded; False on the server's 503 (still loading, or failed)."""
+        try:
+            self._request("GET", "/readyz")
+        except ClientError as exc:
+            if exc.status == 503:
+                return False
+            raise
+        return True
+
+    def predictions(self, **filters: Any) -> dict[str, Any]:
+        """The prediction log: limit, offset, since, until (datetime or ISO text), is_anomalous."""
+        params = {
+            k: (v.isoformat() if hasattr(v, "isoformat") else v)
+            for k, v in filters.items()
+            if v is not None
+        }
+        params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in params.items()}
+        return self._request("GET", "/v1/predictions", params=params)
+
+    # ------------------------------------------------------------------------- plumbing
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ClientError(f"the server at {self.url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise ClientError(f"the server at {self.url} is unreachable ({exc})") from None
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError:
+                raise ClientError(
+                    f"{method} {path}: the server sent a non-JSON answer", response.status_code
+                ) from None
+        detail = _error_detail(response)
+        raise ClientError(
+            f"{method} {path} failed with HTTP {response.status_code}: {_describe(detail)}",
+            response.status_code,
+            detail,
+        )
+
+
+def _read(image: ImageArg) -> tuple[str, bytes]:
+    if isinstance(image, (bytes, bytearray)):
+        return "image", bytes(image)
+    path = Path(image)
+    try:
+        return path.name, path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"{path}: cannot read the image file ({exc.strerror or exc})") from None
+
+
+def _flags(threshold: float | None, heatmap: bool, overlay: bool, mask: bool) -> dict[str, str]:
+    flags = {"heatmap": heatmap, "overlay": overlay, "mask": mask}
+    params = {k: "true" for k, on in flags.items() if on}
+    if threshold is not None:
+        params["threshold"] = repr(float(threshold))
+    return params
+
+
+def _error_detail(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    return body.get("detail", body) if isinstance(body, dict) else body
+
+
+def _describe(detail: Any) -> str:
+    """The server's ``detail``: a string, or FastAPI's validation list made readable."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and "msg" in item:
+                where = ".".join(str(p) for p in item.get("loc", ()))
+                parts.append(f"{where}: {item['msg']}" if where else str(item["msg"]))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
