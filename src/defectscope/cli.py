@@ -476,12 +476,10 @@ def client_predict(
 @app.command()
 def inspect(model: Annotated[Path, typer.Argument(help="Model folder or file.")]) -> None:
     """Print a model's metadata (reads the header only; does not load the backbone)."""
-    from defectscope.detector.model_file import read_header, resolve_model_path
+    from defectscope.detector.model_file import compact_metadata, read_header, resolve_model_path
 
     meta = read_header(resolve_model_path(model))
-    meta.pop("tensor_sha256", None)
-    meta.get("calibration", {}).pop("good_scores", None)
-    meta.get("calibration", {}).pop("good_pixel_maxima", None)
+    meta = compact_metadata(meta)
     out.print_json(json.dumps(meta))
 
 

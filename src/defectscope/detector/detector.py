@@ -40,6 +40,7 @@ from defectscope.errors import (
 from defectscope.features.backbones import create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
+from defectscope.monitoring.reference import pool_embeddings, reference_summary
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,10 @@ class Detector:
             "bank_size": int(bank.shape[0]),
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
+        # Feature-distribution reference for drift monitoring (defectscope.monitoring).
+        reference = reference_summary(embeddings, seed=self.config.coreset.seed)
+        if reference is not None:
+            self.info["reference"] = reference
         return self
 
     def _embed_all(
@@ -331,6 +336,42 @@ class Detector:
         """Normalised input (B, 3, H, W) -> (anomaly maps at input size, image scores)."""
         self._require_fitted()
         return self.scorer(self.embed(batch))
+
+    @torch.inference_mode()
+    def pooled_embeddings(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        return_scores: bool = False,
+        batch_size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Per-image pooled embeddings (N, D), as stored in the drift reference at fit time.
+
+        With ``return_scores`` also the image scores (N,), from the same forward pass. An
+        unreadable image raises its ImageLoadError.
+        """
+        self._require_fitted()
+        images = list(images)
+        pooled: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        done = 0
+        for batch in iter_loaded(images, batch_size or self.config.batch_size):
+            for item in batch:
+                if item.error is not None:
+                    raise item.error
+            embeddings = self.embed(self.preprocessor([item.image for item in batch]))
+            pooled.append(pool_embeddings(embeddings))
+            if return_scores:
+                scores.append(self.scorer(embeddings)[1].float().cpu().numpy())
+            done += len(batch)
+            if progress:
+                progress("predict", done, len(images))
+        dim = self.scorer.bank.shape[1]
+        features = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
+        if not return_scores:
+            return features
+        return features, (np.concatenate(scores) if scores else np.empty(0, np.float32))
 
     def iter_predict(
         self,
@@ -461,7 +502,14 @@ class Detector:
             ) from None
         detector.info = {
             k: meta[k]
-            for k in ("created_at", "defectscope_version", "training", "bank_size", "timings")
+            for k in (
+                "created_at",
+                "defectscope_version",
+                "training",
+                "bank_size",
+                "timings",
+                "reference",
+            )
             if k in meta
         }
         return detector

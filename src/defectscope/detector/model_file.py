@@ -24,6 +24,20 @@ FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
 
 
+# Per-image calibration scores, the drift reference sample and checksums: needed to use a model,
+# noise when describing it to a person or an API client.
+BULKY_KEYS = frozenset({"good_scores", "good_pixel_maxima", "pooled_sample", "tensor_sha256"})
+
+
+def compact_metadata(value: Any) -> Any:
+    """``value`` (model metadata) without its bulky entries, at any depth."""
+    if isinstance(value, dict):
+        return {k: compact_metadata(v) for k, v in value.items() if k not in BULKY_KEYS}
+    if isinstance(value, list):
+        return [compact_metadata(v) for v in value]
+    return value
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A model directory or the file itself -> the safetensors file."""
     path = Path(path)

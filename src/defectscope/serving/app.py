@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defectscope import __version__
 from defectscope.data.io import load_image
 from defectscope.detector.detector import Detector
-from defectscope.detector.model_file import resolve_model_path
+from defectscope.detector.model_file import compact_metadata, resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
 from defectscope.runtimes import load_detector
@@ -84,7 +84,6 @@ from defectscope.visualize import colorize, mask_to_png_array, overlay
 log = logging.getLogger(__name__)
 
 # Calibration keeps every good image's score; useful in the model file, noise in an API answer.
-BULKY_KEYS = {"good_scores", "good_pixel_maxima"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -213,14 +212,6 @@ def file_fingerprint(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def strip_bulky(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: strip_bulky(v) for k, v in value.items() if k not in BULKY_KEYS}
-    if isinstance(value, list):
-        return [strip_bulky(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -533,7 +524,7 @@ async def predict_batch(
 @v1.get("/model")
 async def model_info(state: State, detector: ReadyDetector) -> dict[str, Any]:
     """The model's description (``Detector.describe``) without per-image calibration lists."""
-    described = strip_bulky(detector.describe())
+    described = compact_metadata(detector.describe())
     described["model_fingerprint"] = state.model_fingerprint
     return described
 

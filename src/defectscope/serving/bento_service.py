@@ -30,12 +30,12 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from defectscope import __version__
 from defectscope.data.io import MAX_PIXELS, load_image
+from defectscope.detector.model_file import compact_metadata
 from defectscope.errors import ImageLoadError
 from defectscope.runtimes import load_detector
 
 MAX_BATCH = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_BATCH", "16"))
 MAX_LATENCY_MS = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_LATENCY_MS", "200"))
-BULKY_KEYS = {"good_scores", "good_pixel_maxima"}
 
 
 def decode_upload(path: Path) -> np.ndarray:
@@ -61,14 +61,6 @@ class BentoPrediction(BaseModel):
     defect_area_fraction: float
     width: int
     height: int
-
-
-def strip_bulky(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: strip_bulky(v) for k, v in value.items() if k not in BULKY_KEYS}
-    if isinstance(value, list):
-        return [strip_bulky(v) for v in value]
-    return value
 
 
 @bentoml.service(name="defectscope", workers=1, traffic={"timeout": 120})
@@ -104,7 +96,7 @@ class DefectscopeService:
 
     @bentoml.api(route="/v1/model")
     def model(self) -> dict[str, Any]:
-        return strip_bulky(self.detector.describe())
+        return compact_metadata(self.detector.describe())
 
     @bentoml.api(route="/v1/health")
     def health(self) -> dict[str, Any]:

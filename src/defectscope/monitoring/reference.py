@@ -1,0 +1,134 @@
+"""Reference statistics of the good training images, stored with the model for drift checks.
+
+A drift check compares recent inputs with what the model was fitted on. Image scores of good
+images are already in the model (``calibration.good_scores``, out-of-sample by leave-one-out).
+This module adds a compact summary of the *feature* distribution: every image's patch embeddings
+are averaged over the grid (one pooled vector per image, the same for fit and for new images),
+and the model keeps their per-channel mean and variance plus a random sample of up to
+``MAX_SAMPLE`` pooled vectors, enough for a kernel two-sample test.
+
+The sample is stored as base64 float16: 256 x 152 values (EfficientNet-Lite0) take ~100 KB of
+JSON instead of ~400 KB as decimal text, and float16's 3 significant digits are far below the
+spread of pooled features. Wide backbones keep fewer rows so the sample stays under
+``MAX_SAMPLE_VALUES`` numbers (~350 KB).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from defectscope.errors import ModelFileError
+
+REFERENCE_VERSION = 1
+MAX_SAMPLE = 256
+MAX_SAMPLE_VALUES = 131_072
+# Channel variances below this are treated as this, so a constant channel cannot blow up a
+# standardised difference.
+MIN_VARIANCE = 1e-8
+
+
+def pool_embeddings(embeddings: torch.Tensor) -> np.ndarray:
+    """Patch embeddings (N, D, h, w) -> one vector per image (N, D), float32: the grid mean."""
+    if embeddings.ndim != 4:
+        raise ValueError(f"expected embeddings (N, D, h, w), got shape {tuple(embeddings.shape)}")
+    return embeddings.float().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+
+
+@dataclass
+class ReferenceStats:
+    """Per-channel moments and a sample of the pooled embeddings of the good training images."""
+
+    n_images: int
+    mean: np.ndarray  # (D,)
+    var: np.ndarray  # (D,)
+    sample: np.ndarray  # (k, D), k <= MAX_SAMPLE
+    seed: int = 0
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def standardize(self, pooled: np.ndarray) -> np.ndarray:
+        """Centre and scale pooled vectors by the reference moments (channels comparable)."""
+        pooled = np.asarray(pooled, dtype=np.float64)
+        if pooled.ndim != 2 or pooled.shape[1] != self.dim:
+            raise ValueError(
+                f"pooled embeddings have shape {pooled.shape}, the reference has {self.dim} "
+                "channels"
+            )
+        return (pooled - self.mean) / np.sqrt(np.maximum(self.var, MIN_VARIANCE))
+
+    def to_dict(self) -> dict[str, Any]:
+        sample = np.ascontiguousarray(self.sample, dtype="<f2")
+        return {
+            "version": REFERENCE_VERSION,
+            "kind": "pooled_patch_embeddings",
+            "n_images": int(self.n_images),
+            "dim": self.dim,
+            "seed": int(self.seed),
+            "mean": [float(v) for v in self.mean],
+            "var": [float(v) for v in self.var],
+            "sample_shape": list(sample.shape),
+            "sample_dtype": "float16",
+            "pooled_sample": base64.b64encode(sample.tobytes()).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReferenceStats:
+        """Parse stored statistics; malformed data raises ModelFileError."""
+        try:
+            version = int(data["version"])
+            if version > REFERENCE_VERSION:
+                raise ModelFileError(
+                    f"drift reference statistics version {version} is newer than this "
+                    f"defectscope supports ({REFERENCE_VERSION}); upgrade defectscope"
+                )
+            mean = np.asarray(data["mean"], dtype=np.float64)
+            var = np.asarray(data["var"], dtype=np.float64)
+            rows, dim = (int(v) for v in data["sample_shape"])
+            raw = base64.b64decode(data["pooled_sample"], validate=True)
+            sample = np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(rows, dim)
+            stats = cls(int(data["n_images"]), mean, var, sample, int(data.get("seed", 0)))
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"drift reference statistics are malformed ({exc})") from None
+        if mean.shape != (dim,) or var.shape != (dim,) or rows < 2:
+            raise ModelFileError("drift reference statistics are malformed (inconsistent shapes)")
+        return stats
+
+
+def compute_reference(
+    pooled: np.ndarray, max_sample: int = MAX_SAMPLE, seed: int = 0
+) -> ReferenceStats:
+    """Reference statistics from the pooled embeddings (N, D) of the good training images."""
+    pooled = np.asarray(pooled, dtype=np.float64)
+    if pooled.ndim != 2 or pooled.shape[0] < 2:
+        raise ValueError(f"need pooled embeddings of at least 2 images, got shape {pooled.shape}")
+    n, dim = pooled.shape
+    rows = min(n, max_sample, max(2, MAX_SAMPLE_VALUES // dim))
+    # A seeded random subset rather than the first rows: training lists are often sorted by
+    # time or station, and the sample must represent all of them.
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False))
+    return ReferenceStats(
+        n_images=n,
+        mean=pooled.mean(axis=0),
+        var=pooled.var(axis=0, ddof=1),
+        sample=pooled[chosen].astype(np.float32),
+        seed=seed,
+    )
+
+
+def reference_summary(embeddings: torch.Tensor, seed: int = 0) -> dict[str, Any] | None:
+    """What ``Detector.fit`` stores: the JSON-able reference of its training embeddings.
+
+    None when there are fewer than 2 images (no spread to compare against).
+    """
+    if embeddings.ndim != 4 or embeddings.shape[0] < 2:
+        return None
+    return compute_reference(pool_embeddings(embeddings), seed=seed).to_dict()
