@@ -218,6 +218,37 @@ def test_unexpected_exception_is_a_500_with_request_id(client, images, monkeypat
     assert response.headers["x-request-id"] == body["request_id"]
 
 
+def test_slow_model_gives_504_and_the_server_keeps_serving(model_dir, tmp_path, images):
+    with client_for(settings_for(model_dir, tmp_path, request_timeout_s=0.2)) as c:
+        detector = c.app.state.serving.detector
+        fast_predict = detector.predict
+
+        def slow(*args, **kwargs):
+            time.sleep(0.6)
+            return fast_predict(*args, **kwargs)
+
+        detector.predict = slow
+        try:
+            body = assert_json_error(
+                c.post("/v1/predict", files={"file": ("a.png", png(images[0]))}), 504
+            )
+            assert "did not answer within 0.2 s" in body["detail"]
+        finally:
+            detector.predict = fast_predict
+        time.sleep(0.6)  # let the abandoned batch finish
+        ok = c.post("/v1/predict", files={"file": ("a.png", png(images[0]))})
+        assert ok.status_code == 200
+
+
+def test_heatmap_colour_scale_ignores_a_zero_threshold_override(client, images):
+    params = {"threshold": 0, "heatmap": "true"}
+    response = client.post("/v1/predict", params=params, files={"file": ("a.png", png(images[0]))})
+    assert response.status_code == 200 and response.json()["is_anomalous"]
+    heatmap = Image.open(io.BytesIO(base64.b64decode(response.json()["heatmap_png"])))
+    # A degenerate 0..0 scale would paint everything one colour.
+    assert np.asarray(heatmap).reshape(-1, 3).std(axis=0).max() > 5
+
+
 def test_api_key(model_dir, tmp_path):
     with client_for(settings_for(model_dir, tmp_path, api_key="s3cret")) as c:
         assert_json_error(c.get("/v1/model"), 401)

@@ -103,7 +103,8 @@ class PredictionWriter:
     def _write_images(self, name: str, prediction: Prediction) -> dict[str, str]:
         from defectscope.visualize import colorize, mask_to_png_array, overlay, save_png
 
-        vmax = 2.0 * prediction.threshold
+        # The stored threshold, not a --threshold override: one colour scale for every run.
+        vmax = 2.0 * self.detector.threshold
         image = load_image(prediction.source) if prediction.source else None
         files = {
             "heatmap": f"images/{name}_heatmap.png",

@@ -29,7 +29,8 @@ class Calibration:
 
     def normalize(self, scores: np.ndarray | float, threshold: float | None = None) -> np.ndarray:
         t = self.threshold if threshold is None else float(threshold)
-        z = (np.asarray(scores, dtype=np.float64) - t) / self.scale
+        with np.errstate(over="ignore"):  # extreme overrides overflow to +-inf, clipped below
+            z = (np.asarray(scores, dtype=np.float64) - t) / self.scale
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
     def stats(self) -> dict[str, float]:

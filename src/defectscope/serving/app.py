@@ -87,8 +87,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class UserInputError(Exception):
-    """Bad upload: becomes an HTTP error on /v1/predict, an item error in a batch."""
+class RequestError(Exception):
+    """A request we refuse or cannot serve: an HTTP error on /v1/predict, an item error in a
+    batch."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -289,9 +290,9 @@ def image_error_status(error: ImageLoadError) -> int:
 async def read_upload(upload: StarletteUploadFile, limit: int) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise UserInputError(413, f"upload is over the limit of {limit:,} bytes")
+        raise RequestError(413, f"upload is over the limit of {limit:,} bytes")
     if not data:
-        raise UserInputError(422, "the uploaded file is empty")
+        raise RequestError(422, "the uploaded file is empty")
     return data
 
 
@@ -302,7 +303,7 @@ async def read_single_image(request: Request, limit: int) -> bytes:
         form = await request.form(max_files=1)
         upload = form.get("file")
         if not isinstance(upload, StarletteUploadFile):
-            raise UserInputError(422, "missing multipart file field 'file'")
+            raise RequestError(422, "missing multipart file field 'file'")
         return await read_upload(upload, limit)
     if content_type == "application/json":
         try:
@@ -312,15 +313,15 @@ async def read_single_image(request: Request, limit: int) -> bytes:
         try:
             data = base64.b64decode(payload.image_base64, validate=True)
         except (binascii.Error, ValueError):
-            raise UserInputError(422, "image_base64 is not valid base64") from None
+            raise RequestError(422, "image_base64 is not valid base64") from None
         if len(data) > limit:
-            raise UserInputError(413, f"image is over the limit of {limit:,} bytes")
+            raise RequestError(413, f"image is over the limit of {limit:,} bytes")
         return data
     if not content_type:
-        raise UserInputError(
+        raise RequestError(
             422, "no image: send multipart/form-data with a 'file' field or JSON image_base64"
         )
-    raise UserInputError(
+    raise RequestError(
         415, f"unsupported content type {content_type!r}: use multipart/form-data or JSON"
     )
 
@@ -331,9 +332,12 @@ def png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def render(image: np.ndarray, prediction: Prediction, flags: RenderFlags) -> dict[str, str]:
-    # Same fixed colour scale as the CLI's files: 0 .. twice the image threshold.
-    vmax = 2.0 * prediction.threshold
+def render(
+    image: np.ndarray, prediction: Prediction, flags: RenderFlags, stored_threshold: float
+) -> dict[str, str]:
+    # Same fixed colour scale as the CLI's files: 0 .. twice the model's stored threshold (not a
+    # per-request override, which may be 0 or negative and would make the scale meaningless).
+    vmax = 2.0 * stored_threshold
     out = {}
     if flags.heatmap:
         out["heatmap_png"] = png_base64(colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax))
@@ -354,13 +358,20 @@ async def score_bytes(
     try:
         image = await run_in_threadpool(load_image, data, state.settings.max_pixels)
     except ImageLoadError as exc:
-        raise UserInputError(image_error_status(exc), exc.reason) from None
+        raise RequestError(image_error_status(exc), exc.reason) from None
     t1 = time.perf_counter()
-    prediction = await state.batcher.submit(image, flags.threshold)
+    timeout = state.settings.request_timeout_s
+    try:
+        prediction = await asyncio.wait_for(state.batcher.submit(image, flags.threshold), timeout)
+    except TimeoutError:
+        raise RequestError(
+            504, f"the model did not answer within {timeout:g} s (server overloaded?); try again"
+        ) from None
     t2 = time.perf_counter()
     images = {}
     if flags.heatmap or flags.overlay or flags.mask:
-        images = await run_in_threadpool(render, image, prediction, flags)
+        stored = state.detector.threshold
+        images = await run_in_threadpool(render, image, prediction, flags, stored)
     total_ms = (time.perf_counter() - started) * 1000.0
     summary = prediction.summary()
     result = PredictionResult(
@@ -418,6 +429,7 @@ ERRORS = {
         415: "Not an image (decoded by content).",
         422: "Bad request: missing field, bad base64, bad query value, corrupt image.",
         503: "The model is not loaded yet.",
+        504: "The model did not answer within the request timeout.",
     }.items()
 }
 
@@ -478,7 +490,7 @@ async def predict(
         result, record = await score_bytes(
             state, data, flags, started, "/v1/predict", request_id(request)
         )
-    except UserInputError as exc:
+    except RequestError as exc:
         raise HTTPException(exc.status, exc.detail) from None
     background.add_task(state.record, [record])
     return result
@@ -508,7 +520,7 @@ async def predict_batch(
             result, record = await score_bytes(
                 state, data, flags, started, "/v1/predict/batch", rid
             )
-        except UserInputError as exc:
+        except RequestError as exc:
             error = ItemError(status=exc.status, detail=exc.detail)
             return BatchItem(index=index, filename=upload.filename, error=error), None
         return BatchItem(index=index, filename=upload.filename, result=result), record

@@ -34,6 +34,9 @@ class ServingSettings(BaseSettings):
     batch_max_wait_ms: float = Field(
         5.0, ge=0, description="Micro-batch: how long the first request waits for company."
     )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for the model; then 504 (the request is dropped)."
+    )
     api_key: SecretStr | None = Field(None, description="If set, required on /v1/* and /metrics.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prediction_log_url: str | None = Field(
