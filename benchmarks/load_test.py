@@ -368,6 +368,7 @@ def warm_up(url: str, images: list[tuple[str, bytes]], workers: int) -> None:
 # -------------------------------------------------------------------------------- main
 def configurations(users: int, many_users: int) -> list[ServerConfig]:
     return [
+        ServerConfig("w1_batch_greedy", 1, 8, 0.0, users),
         ServerConfig("w1_batch_on", 1, 8, 10.0, users),
         ServerConfig("w1_batch_off", 1, 1, 0.0, users),
         ServerConfig("w2_batch_on", 2, 8, 10.0, users),

@@ -51,6 +51,7 @@ class MicroBatcher:
         self.max_size = max_size
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self._on_batch = on_batch
+        self._last_batch_size = 0
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -91,7 +92,10 @@ class MicroBatcher:
 
     async def _collect(self) -> list[_Item]:
         batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self.max_wait
+        # Wait for company only under load (the last model call was shared, or others are
+        # already queued): a lone request on an idle server is answered at once.
+        under_load = self._last_batch_size > 1 or not self._queue.empty()
+        deadline = time.perf_counter() + (self.max_wait if under_load else 0.0)
         while len(batch) < self.max_size:
             # Whatever is already queued joins at once; then wait out the rest of the window.
             if not self._queue.empty():
@@ -114,6 +118,7 @@ class MicroBatcher:
             batch = [item for item in batch if not item.future.done()]
             if not batch:
                 continue
+            self._last_batch_size = len(batch)
             if self._on_batch is not None:
                 self._on_batch(len(batch))
             try:

@@ -32,7 +32,10 @@ class ServingSettings(BaseSettings):
     max_batch_images: int = Field(32, gt=0, description="Most files in one batch request.")
     batch_max_size: int = Field(8, gt=0, description="Micro-batch: most images per model call.")
     batch_max_wait_ms: float = Field(
-        5.0, ge=0, description="Micro-batch: how long the first request waits for company."
+        10.0,
+        ge=0,
+        description="Micro-batch: how long a request waits for company, only while the server "
+        "is under load (an idle server answers a lone request at once).",
     )
     request_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for the model; then 504 (the request is dropped)."
