@@ -450,3 +450,49 @@ def test_serves_an_exported_onnx_model_with_the_same_scores(tmp_path) -> None:
     assert response.status_code == 200, response.text
     expected = detector.predict(image)[0].score
     assert response.json()["score"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_two_worker_processes_report_summed_metrics(model_dir, tmp_path, images):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "DEFECTSCOPE_PREDICTION_LOG_URL": f"sqlite:///{tmp_path / 'log.db'}",
+        "DEFECTSCOPE_BATCH_MAX_WAIT_MS": "0",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    cmd = [sys.executable, "-m", "defectscope.cli", "serve", str(model_dir), "--port", str(port),
+           "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = 0
+        while ready < 8 and time.monotonic() < deadline:  # both workers must have loaded
+            try:
+                ready = ready + 1 if httpx.get(f"{url}/readyz").status_code == 200 else 0
+            except httpx.TransportError:
+                ready = 0
+            time.sleep(0.2)
+        assert ready >= 8, "server did not become ready"
+        for _ in range(6):
+            response = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", png(images[0]))})
+            assert response.status_code == 200
+        for _ in range(4):  # whichever worker answers, the counts are the sum over both
+            text = httpx.get(f"{url}/metrics").text
+            total = re.search(r"^defectscope_predictions_total (\S+)$", text, re.MULTILINE)
+            assert total and float(total.group(1)) == 6.0
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

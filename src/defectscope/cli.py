@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -342,14 +344,23 @@ def serve(
     # the app with the factory.
     os.environ["DEFECTSCOPE_MODEL_PATH"] = str(model.resolve())
     os.environ["DEFECTSCOPE_RUNTIME"] = runtime
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Without a shared folder each worker would report only its own counts on /metrics.
+        metrics_dir = tempfile.mkdtemp(prefix="defectscope-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     console.print(f"Serving {model} on http://{host}:{port} ({workers} worker(s))")
-    uvicorn.run(
-        "defectscope.serving.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-    )
+    try:
+        uvicorn.run(
+            "defectscope.serving.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

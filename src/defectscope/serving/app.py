@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import re
 import secrets
 import time
@@ -51,6 +52,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -138,9 +140,13 @@ class Metrics:
             "1 for the loaded model, labelled with its identity.",
             ["fingerprint", "backbone", "defectscope_version"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.model_ready = Gauge(
-            "defectscope_model_ready", "1 once the model is loaded.", registry=self.registry
+            "defectscope_model_ready",
+            "1 once the model is loaded (in every worker, with several).",
+            registry=self.registry,
+            multiprocess_mode="min",
         )
 
 
@@ -475,8 +481,13 @@ async def readyz(state: State) -> JSONResponse:
 
 @health.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response)
 async def metrics(state: State) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format (summed over all worker processes when there are several)."""
+    registry = state.metrics.registry
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its values to files in that folder; any worker can add them up.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @v1.post("/predict", response_model=PredictionResult, openapi_extra=SINGLE_BODY)
