@@ -91,7 +91,7 @@ class AnomalyScorer(nn.Module):
         queries, dist, idx = self.patch_distances(embeddings, banned)
         patch_scores = dist.mean(dim=1).reshape(b, h, w)
         maps = self.to_input_maps(patch_scores)
-        scores = self.reduce(maps, patch_scores, queries.reshape(b, h * w, -1), dist, idx)
+        scores = self.reduce(maps, patch_scores, queries.reshape(b, h * w, -1), idx)
         return maps, scores
 
     def to_input_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
@@ -107,9 +107,10 @@ class AnomalyScorer(nn.Module):
         maps: torch.Tensor,
         patch_scores: torch.Tensor,
         queries: torch.Tensor,
-        dist: torch.Tensor,
         idx: torch.Tensor,
     ) -> torch.Tensor:
+        """Image scores (B,) from maps (B, H, W), patch scores (B, h, w), queries (B, h*w, D)
+        and nearest bank indices (B*h*w, k). Traceable: the ONNX export calls this too."""
         method = self.config.reduction
         flat = maps.flatten(1)
         if method == "max":
@@ -124,17 +125,21 @@ class AnomalyScorer(nn.Module):
     ) -> torch.Tensor:
         # PatchCore eq. 7: damp the max patch score when its nearest bank patch sits in a dense
         # region of the bank (the patch is unusual but its neighbourhood is well represented).
-        b, n = patch_scores.shape
-        top = patch_scores.argmax(dim=1)
-        rows = torch.arange(b, device=patch_scores.device)
-        score = patch_scores[rows, top]
-        nearest = idx.reshape(b, n, -1)[rows, top, 0]
+        # Gathers rather than indexing by an arange, which a tracer would bake to one batch size.
+        n = patch_scores.shape[1]
+        top = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
+        score = patch_scores.gather(1, top)[:, 0]
+        nearest = idx[:, 0].reshape(-1, n).gather(1, top)[:, 0]  # (B,)
         support_k = min(self.config.reweight_neighbours, self.bank.shape[0])
         bank_sq = (self.bank * self.bank).sum(dim=1)
-        centre = self.bank[nearest]
-        to_bank = bank_sq[None] - 2.0 * centre @ self.bank.T + bank_sq[nearest][:, None]
-        support = to_bank.topk(support_k, dim=1, largest=False).indices
-        query = queries[rows, top]
-        support_dist = (query[:, None, :] - self.bank[support]).norm(dim=2)
+        centre = self.bank.index_select(0, nearest)
+        to_bank = (
+            bank_sq[None] - 2.0 * centre @ self.bank.T + bank_sq.index_select(0, nearest)[:, None]
+        )
+        support = to_bank.topk(support_k, dim=1, largest=False).indices  # (B, S)
+        d = queries.shape[2]
+        query = queries.gather(1, top[:, :, None].expand(-1, 1, d))  # (B, 1, D)
+        neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(-1, support_k, d)
+        support_dist = (query - neighbours).norm(dim=2)
         weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
         return weight * score

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -20,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from defectscope.detector.scoring import gaussian_blur
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 
 ONNX_FORMAT_NAME = "defectscope-onnx"
@@ -40,23 +37,20 @@ FP16_MIN_ELEMENTS = 1024
 class ExportableDetector(nn.Module):
     """The whole model work of a fitted detector as one traceable module.
 
-    Mirrors `AnomalyScorer.forward` with pure tensor ops: the kNN is one distance matrix per batch
-    (no chunk loop, no index object), the same ``addmm`` formula as `knn.pairwise_sq_dist`, then
-    min/topk, clamp and sqrt, so the numbers match the eager scorer.
+    The kNN is one distance matrix per batch (no chunk loop, no index object) with the same
+    ``addmm`` formula as `knn.pairwise_sq_dist`, then min/topk, clamp and sqrt; the maps and the
+    image score come from the detector's own `AnomalyScorer.to_input_maps` and `.reduce`, so the
+    scoring rules exist once and exported numbers match the eager scorer.
     """
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
-        scorer = detector.scorer
         self.features = detector.features
-        self.config = scorer.config
-        self.input_size = scorer.input_size
-        bank = scorer.bank.detach().float().cpu().contiguous()
-        self.register_buffer("bank", bank)
+        self.scorer = detector.scorer
+        bank = self.scorer.bank.detach().float()
         self.register_buffer("bank_t", bank.T.contiguous())
         self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
-        self.register_buffer("blur_kernel", scorer.blur_kernel.detach().float().cpu())
-        self.k = min(int(self.config.k), bank.shape[0])
+        self.k = min(int(self.scorer.config.k), bank.shape[0])
         self.threshold = float(detector.calibration.threshold)
         self.scale = float(detector.calibration.scale)
 
@@ -72,55 +66,10 @@ class ExportableDetector(nn.Module):
             values, idx = torch.topk(sq, self.k, dim=1, largest=False, sorted=True)
         dist = values.clamp(min=0.0).sqrt()
         patch_scores = dist.mean(dim=1).reshape(-1, h, w)
-        maps = F.interpolate(
-            patch_scores[:, None], size=self.input_size, mode="bilinear", align_corners=False
-        )[:, 0]
-        if self.blur_kernel.numel() > 1:
-            maps = gaussian_blur(maps, self.blur_kernel)
-        scores = self._reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
+        maps = self.scorer.to_input_maps(patch_scores)
+        scores = self.scorer.reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
         z = ((scores - self.threshold) / self.scale).clamp(-60.0, 60.0)
         return maps, scores, torch.sigmoid(z)
-
-    def _reduce(
-        self,
-        maps: torch.Tensor,
-        patch_scores: torch.Tensor,
-        queries: torch.Tensor,
-        idx: torch.Tensor,
-    ) -> torch.Tensor:
-        method = self.config.reduction
-        flat = maps.flatten(1)
-        if method == "max":
-            return flat.amax(dim=1)
-        if method == "topk_mean":
-            k = max(1, math.ceil(self.config.topk_fraction * flat.shape[1]))
-            return flat.topk(k, dim=1).values.mean(dim=1)
-        if method == "patchcore":
-            return self._patchcore_reweight(patch_scores.flatten(1), queries, idx)
-        raise ConfigError(f"reduction {method!r} cannot be exported")
-
-    def _patchcore_reweight(
-        self, patch_scores: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor
-    ) -> torch.Tensor:
-        # Same as AnomalyScorer._patchcore_reweight, with gathers instead of advanced indexing
-        # by an arange (which the tracer would bake to the example batch size).
-        n = patch_scores.shape[1]
-        top = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
-        score = patch_scores.gather(1, top)[:, 0]
-        nearest = idx[:, 0].reshape(-1, n).gather(1, top)[:, 0]  # (B,)
-        support_k = min(int(self.config.reweight_neighbours), self.bank.shape[0])
-        bank_sq = self.bank_sq[0]
-        centre = self.bank.index_select(0, nearest)
-        to_bank = (
-            bank_sq[None] - 2.0 * centre @ self.bank_t + bank_sq.index_select(0, nearest)[:, None]
-        )
-        support = to_bank.topk(support_k, dim=1, largest=False).indices  # (B, S)
-        d = queries.shape[2]
-        query = queries.gather(1, top[:, :, None].expand(-1, 1, d))  # (B, 1, D)
-        neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(-1, support_k, d)
-        support_dist = (query - neighbours).norm(dim=2)
-        weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
-        return weight * score
 
 
 def export_metadata(detector: Any, precision: str) -> dict[str, str]:
