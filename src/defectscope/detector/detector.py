@@ -467,15 +467,9 @@ class Detector:
         """Load a saved model; refuses corrupt, foreign or incompatible files with a clear error."""
         file = resolve_model_path(path)
         tensors, meta = read_model_file(file)
-        try:
-            config = DetectorConfig.from_dict(meta["config"])
-        except (KeyError, ConfigError) as exc:
-            raise ModelFileError(
-                f"{file}: model configuration is missing or invalid: {exc}"
-            ) from None
+        config = config_from_metadata(file, meta)
         if device is not None:
             config.device = device
-        _check_version(file, meta.get("defectscope_version", "0"))
         detector = cls(config)
         detector._build_features()
         backbone = detector.features.backbone
@@ -513,6 +507,15 @@ class Detector:
             if k in meta
         }
         return detector
+
+
+def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
+    """The configuration stored in a model's metadata, after checking its version."""
+    _check_version(file, meta.get("defectscope_version", "0"))
+    try:
+        return DetectorConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
 
 
 def _check_version(file: Path, saved: str) -> None:

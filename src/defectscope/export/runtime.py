@@ -16,7 +16,7 @@ import torch
 
 from defectscope.config import DetectorConfig
 from defectscope.detector.calibration import Calibration
-from defectscope.detector.detector import Detector, _check_version
+from defectscope.detector.detector import Detector, config_from_metadata
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 from defectscope.export.onnx import (
     INPUT_NAME,
@@ -87,13 +87,7 @@ class OnnxDetector(Detector):
         file = resolve_export_path(path, cls._suffixes())
         session, props = cls._open(file, threads or default_threads())
         meta = parse_metadata(file, props)
-        _check_version(file, meta.get("defectscope_version", "0"))
-        try:
-            config = DetectorConfig.from_dict(meta["config"])
-        except (KeyError, ConfigError) as exc:
-            raise ModelFileError(
-                f"{file}: model configuration is missing or invalid: {exc}"
-            ) from None
+        config = config_from_metadata(file, meta)
         detector = cls(config, meta, file)
         detector._session = session
         return detector
