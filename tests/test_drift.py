@@ -29,6 +29,7 @@ from defectscope.monitoring.drift import (
     psi,
 )
 from defectscope.monitoring.reference import (
+    DEFAULT_EFFECT_FLOOR,
     MAX_SAMPLE,
     MAX_SAMPLE_VALUES,
     ReferenceStats,
@@ -115,7 +116,8 @@ def test_detector_verdicts_on_known_distributions() -> None:
     rng = np.random.default_rng(5)
     same = monitor.check(rng.gamma(4.0, 1.0, size=30), rng.normal(size=(30, 8)))
     assert same.verdict == "ok"
-    drifted = monitor.check(rng.gamma(4.0, 1.0, size=30) + 4.0, rng.normal(size=(30, 8)) + 1.0)
+    # Shifted by 2 sd: beyond the effect floor (~1.3 for 8 Gaussian channels), not just significant.
+    drifted = monitor.check(rng.gamma(4.0, 1.0, size=30) + 4.0, rng.normal(size=(30, 8)) + 2.0)
     assert drifted.verdict == "drift"
     assert drifted.test("score_ks").verdict == "drift"
     assert drifted.test("feature_mmd").verdict == "drift"
@@ -123,6 +125,26 @@ def test_detector_verdicts_on_known_distributions() -> None:
     report = drifted.to_dict()
     json.dumps(report)
     assert set(report["tests"]) == {"score_ks", "feature_mmd", "score_psi", "alarm_rate"}
+
+
+def test_significant_but_tiny_feature_shift_does_not_vote() -> None:
+    monitor = _synthetic_monitor()
+    assert 0.9 < monitor.reference.effect_floor < 2.0
+    rng = np.random.default_rng(6)
+    # 400 images shifted by 0.4 sd: the MMD finds it (p at its minimum), the floor vetoes it.
+    report = monitor.check(rng.gamma(4.0, 1.0, size=400), rng.normal(size=(400, 8)) + 0.4)
+    mmd = report.test("feature_mmd")
+    assert mmd.adjusted_p < 0.001
+    assert mmd.verdict == "ok" and mmd.detail["below_effect_floor"]
+    assert mmd.effect["mean_abs_z"] < mmd.effect["effect_floor"]
+    assert any("below the floor" in note for note in report.notes)
+
+
+def test_reference_without_floor_uses_the_default() -> None:
+    data = compute_reference(np.random.default_rng(0).normal(size=(50, 4))).to_dict()
+    assert data["effect_floor"] > 0
+    data.pop("effect_floor")
+    assert ReferenceStats.from_dict(data).effect_floor == DEFAULT_EFFECT_FLOOR
 
 
 def test_detector_rejects_bad_windows() -> None:
@@ -187,6 +209,19 @@ def test_no_alarm_on_held_out_good_bottles(bottle) -> None:
         verdicts.append(monitor.check(scores[rows], pooled[rows]).verdict)
     # Each window warns with probability <= 1% when nothing drifted; allow one unlucky window.
     assert verdicts.count("ok") >= 11, verdicts
+
+
+@pytest.mark.needs_shared
+def test_no_feature_alarm_on_unshifted_bottle_test_images(bottle, bottle_root) -> None:
+    """The real false alarm of issue 6: test-split good bottles differ slightly from the
+    training ones (significant MMD, mean |z| ~0.4), which must not count as feature drift."""
+    detector, _, _, _ = bottle
+    good = [s.path for s in open_dataset(bottle_root).test if s.label == 0]
+    report = DriftDetector.from_detector(detector).check_images(detector, good)
+    mmd = report.test("feature_mmd")
+    assert mmd.verdict == "ok", report.to_dict()
+    assert mmd.effect["mean_abs_z"] < mmd.effect["effect_floor"]
+    assert report.verdict != "drift"
 
 
 @pytest.mark.needs_shared

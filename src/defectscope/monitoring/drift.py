@@ -10,7 +10,11 @@ Two tests decide the verdict, one per signal the model stores at fit time:
     kernel two-sample test on pooled patch embeddings (one vector per image, standardised by the
     reference's per-channel mean and variance): unbiased MMD² with a Gaussian (RBF) kernel of
     median-heuristic bandwidth (:func:`sklearn.metrics.pairwise.rbf_kernel`) and a permutation
-    p-value. Effect sizes: MMD² and the mean absolute standardised shift of channel means.
+    p-value. Effect sizes: MMD² and the mean absolute standardised shift of channel means
+    (``mean_abs_z``). The test only votes for warning/drift when ``mean_abs_z`` also reaches the
+    reference's effect-size floor (see :mod:`defectscope.monitoring.reference`): large windows
+    make tiny, harmless differences significant, and a drift alarm should mean the images
+    changed by more than good images vary among themselves.
 
 Verdict (:class:`DriftThresholds`): the p-values are Bonferroni-adjusted for the two tests;
 ``drift`` when an adjusted p-value is below 0.001, ``warning`` below 0.01, else ``ok``. So on a
@@ -284,23 +288,7 @@ class DriftDetector:
             )
         notes: list[str] = []
         n_votes = len(VOTING_TESTS)
-
-        d, p_ks = ks_test(self.good_scores, scores)
-        ks_adj = min(1.0, p_ks * n_votes)
-        median_ref = float(np.median(self.good_scores))
-        ks = DriftTest(
-            "score_ks",
-            d,
-            p_ks,
-            ks_adj,
-            _verdict(ks_adj, limits),
-            effect={
-                "ks_d": d,
-                "median_shift": float(np.median(scores)) - median_ref,
-                "median_ratio": float(np.median(scores)) / median_ref if median_ref else np.nan,
-            },
-            detail={"n_reference": int(self.good_scores.size), "n_window": n},
-        )
+        ks, psi_test, rate_test = self._score_tests(scores, n_votes)
 
         x = self.reference.standardize(self.reference.sample)
         y = self.reference.standardize(pooled)
@@ -312,23 +300,35 @@ class DriftDetector:
             y_mmd = y
         mmd2, p_mmd, gamma = mmd_test(x, y_mmd, limits.permutations, self.seed)
         mmd_adj = min(1.0, p_mmd * n_votes)
+        # Channel means of the window in reference standard deviations.
+        mean_abs_z = float(np.mean(np.abs(y.mean(axis=0))))
+        floor = float(self.reference.effect_floor)
+        mmd_verdict = _verdict(mmd_adj, limits)
+        below_floor = mean_abs_z < floor
+        if below_floor and mmd_verdict != "ok":
+            notes.append(
+                f"feature_mmd is significant (adjusted p {mmd_adj:.2g}) but its effect (mean |z| "
+                f"{mean_abs_z:.2f}) is below the floor {floor:.2f}: not counted as drift"
+            )
+            mmd_verdict = "ok"
         mmd = DriftTest(
             "feature_mmd",
             mmd2,
             p_mmd,
             mmd_adj,
-            _verdict(mmd_adj, limits),
+            mmd_verdict,
             effect={
                 "mmd2": mmd2,
-                # Channel means of the window in reference standard deviations.
-                "mean_abs_z": float(np.mean(np.abs(y.mean(axis=0)))),
+                "mean_abs_z": mean_abs_z,
                 "max_abs_z": float(np.max(np.abs(y.mean(axis=0)))),
+                "effect_floor": floor,
             },
             detail={
                 "n_reference": len(x),
                 "n_window": len(y_mmd),
                 "gamma": gamma,
                 "permutations": limits.permutations,
+                "below_effect_floor": below_floor,
             },
         )
         smallest_p = 1.0 / (1 + limits.permutations)
@@ -338,39 +338,8 @@ class DriftDetector:
                 "level; it can at most warn"
             )
 
-        value = psi(self.good_scores, scores, limits.psi_bins)
-        band = "stable" if value < 0.1 else "moderate" if value < 0.25 else "major"
-        psi_test = DriftTest(
-            "score_psi",
-            value,
-            None,
-            None,
-            None,
-            effect={"psi": value},
-            detail={
-                "bins": limits.psi_bins,
-                "band": band,
-                "expected_under_no_drift": (limits.psi_bins - 1)
-                * (1.0 / n + 1.0 / self.good_scores.size),
-            },
-        )
-        tests = [ks, mmd, psi_test]
+        tests = [t for t in (ks, mmd, psi_test, rate_test) if t is not None]
 
-        if self.threshold is not None and self.false_alarm_rate is not None:
-            flagged = int(np.sum(scores >= self.threshold))
-            rate = self.false_alarm_rate
-            p_rate = float(stats.binomtest(flagged, n, rate, alternative="greater").pvalue)
-            tests.append(
-                DriftTest(
-                    "alarm_rate",
-                    flagged / n,
-                    p_rate,
-                    None,
-                    None,
-                    effect={"alarm_rate": flagged / n, "calibrated_rate": rate},
-                    detail={"flagged": flagged, "threshold": self.threshold},
-                )
-            )
         if self.good_scores.size < 20 or self.reference.sample.shape[0] < 20:
             notes.append(
                 "the reference holds fewer than 20 images: the tests can only see large shifts"
@@ -389,6 +358,91 @@ class DriftDetector:
                 "n_training_images": int(self.reference.n_images),
                 "feature_dim": self.reference.dim,
             },
+        )
+
+    def _score_tests(
+        self, scores: np.ndarray, n_votes: int
+    ) -> tuple[DriftTest, DriftTest, DriftTest | None]:
+        """KS (voting, Bonferroni over ``n_votes``), PSI and alarm rate (reported) on scores."""
+        limits = self.thresholds
+        n = scores.size
+        d, p_ks = ks_test(self.good_scores, scores)
+        ks_adj = min(1.0, p_ks * n_votes)
+        median_ref = float(np.median(self.good_scores))
+        ks = DriftTest(
+            "score_ks",
+            d,
+            p_ks,
+            ks_adj,
+            _verdict(ks_adj, limits),
+            effect={
+                "ks_d": d,
+                "median_shift": float(np.median(scores)) - median_ref,
+                "median_ratio": float(np.median(scores)) / median_ref if median_ref else np.nan,
+            },
+            detail={"n_reference": int(self.good_scores.size), "n_window": n},
+        )
+
+        value = psi(self.good_scores, scores, limits.psi_bins)
+        band = "stable" if value < 0.1 else "moderate" if value < 0.25 else "major"
+        psi_test = DriftTest(
+            "score_psi",
+            value,
+            None,
+            None,
+            None,
+            effect={"psi": value},
+            detail={
+                "bins": limits.psi_bins,
+                "band": band,
+                "expected_under_no_drift": (limits.psi_bins - 1)
+                * (1.0 / n + 1.0 / self.good_scores.size),
+            },
+        )
+        rate_test = None
+
+        if self.threshold is not None and self.false_alarm_rate is not None:
+            flagged = int(np.sum(scores >= self.threshold))
+            rate = self.false_alarm_rate
+            p_rate = float(stats.binomtest(flagged, n, rate, alternative="greater").pvalue)
+            rate_test = DriftTest(
+                "alarm_rate",
+                flagged / n,
+                p_rate,
+                None,
+                None,
+                effect={"alarm_rate": flagged / n, "calibrated_rate": rate},
+                detail={"flagged": flagged, "threshold": self.threshold},
+            )
+        return ks, psi_test, rate_test
+
+    def check_scores(self, scores: np.ndarray) -> DriftReport:
+        """Test a window of image scores alone (no embeddings, e.g. from the prediction log).
+
+        Only ``score_ks`` votes, so it is not Bonferroni-adjusted; the feature test is absent.
+        """
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        limits = self.thresholds
+        n = scores.size
+        if n < limits.min_window:
+            raise DriftError(
+                f"drift window too small: {n} image(s), need at least {limits.min_window} for "
+                "the tests to mean anything"
+            )
+        if not np.all(np.isfinite(scores)):
+            raise DriftError("window contains non-finite scores")
+        ks, psi_test, rate_test = self._score_tests(scores, 1)
+        tests = [t for t in (ks, psi_test, rate_test) if t is not None]
+        notes = ["score tests only: the feature test needs pooled embeddings of the window"]
+        if self.good_scores.size < 20:
+            notes.append("the reference holds fewer than 20 good scores: only large shifts show")
+        return DriftReport(
+            verdict=worst([t.verdict for t in tests if t.verdict is not None]),
+            n_window=n,
+            tests=tests,
+            thresholds=limits,
+            notes=notes,
+            reference={"n_good_scores": int(self.good_scores.size)},
         )
 
     def check_images(

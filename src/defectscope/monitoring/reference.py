@@ -11,6 +11,16 @@ The sample is stored as base64 float16: 256 x 152 values (EfficientNet-Lite0) ta
 JSON instead of ~400 KB as decimal text, and float16's 3 significant digits are far below the
 spread of pooled features. Wide backbones keep fewer rows so the sample stays under
 ``MAX_SAMPLE_VALUES`` numbers (~350 KB).
+
+It also stores the *effect-size floor* of the feature test (``effect_floor``): with enough
+images the MMD test finds any difference significant, including ones too small to matter (on
+MVTec bottle the unshifted test images differ from the training images by a mean |z| of 0.38,
+at p = 1/4001). The floor is the ``EFFECT_FLOOR_QUANTILE`` quantile, over the training images,
+of one image's mean absolute standardised deviation from the training mean: a window only
+counts as feature drift when its *average* moved further than 99% of single good images lie from
+it, i.e. beyond the natural image-to-image variation. It does not shrink with the window size or
+the training set size, as a split-half null (sampling noise only) would. References written
+before it existed use ``DEFAULT_EFFECT_FLOOR``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ MAX_SAMPLE_VALUES = 131_072
 # Channel variances below this are treated as this, so a constant channel cannot blow up a
 # standardised difference.
 MIN_VARIANCE = 1e-8
+EFFECT_FLOOR_QUANTILE = 0.99
+# Fallback floor for references without one: the floor measured on MVTec bottle with the default
+# backbone (1.18) rounded; Gaussian channels give ~0.8 + 2.3 * 0.6 / sqrt(D), 0.9-1.3 for D >= 8.
+DEFAULT_EFFECT_FLOOR = 1.2
 
 
 def pool_embeddings(embeddings: torch.Tensor) -> np.ndarray:
@@ -48,6 +62,8 @@ class ReferenceStats:
     var: np.ndarray  # (D,)
     sample: np.ndarray  # (k, D), k <= MAX_SAMPLE
     seed: int = 0
+    # Minimum mean |z| of a window's channel means for the feature test to vote (see above).
+    effect_floor: float = DEFAULT_EFFECT_FLOOR
 
     @property
     def dim(self) -> int:
@@ -76,6 +92,9 @@ class ReferenceStats:
             "sample_shape": list(sample.shape),
             "sample_dtype": "float16",
             "pooled_sample": base64.b64encode(sample.tobytes()).decode("ascii"),
+            # Added without a version bump: older readers ignore unknown keys.
+            "effect_floor": float(self.effect_floor),
+            "effect_floor_quantile": EFFECT_FLOOR_QUANTILE,
         }
 
     @classmethod
@@ -93,7 +112,10 @@ class ReferenceStats:
             rows, dim = (int(v) for v in data["sample_shape"])
             raw = base64.b64decode(data["pooled_sample"], validate=True)
             sample = np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(rows, dim)
-            stats = cls(int(data["n_images"]), mean, var, sample, int(data.get("seed", 0)))
+            floor = float(data.get("effect_floor", DEFAULT_EFFECT_FLOOR))
+            if not np.isfinite(floor) or floor < 0:
+                raise ValueError(f"effect_floor {floor}")
+            stats = cls(int(data["n_images"]), mean, var, sample, int(data.get("seed", 0)), floor)
         except ModelFileError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -115,13 +137,25 @@ def compute_reference(
     # A seeded random subset rather than the first rows: training lists are often sorted by
     # time or station, and the sample must represent all of them.
     chosen = np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False))
-    return ReferenceStats(
+    stats = ReferenceStats(
         n_images=n,
         mean=pooled.mean(axis=0),
         var=pooled.var(axis=0, ddof=1),
         sample=pooled[chosen].astype(np.float32),
         seed=seed,
     )
+    stats.effect_floor = compute_effect_floor(stats, pooled)
+    return stats
+
+
+def compute_effect_floor(stats: ReferenceStats, pooled: np.ndarray) -> float:
+    """The feature test's effect-size floor from the training images' own spread.
+
+    Per image, the mean absolute standardised deviation from the training mean; the floor is
+    its ``EFFECT_FLOOR_QUANTILE`` quantile (with few images, close to the largest).
+    """
+    per_image = np.mean(np.abs(stats.standardize(pooled)), axis=1)
+    return float(np.quantile(per_image, EFFECT_FLOOR_QUANTILE))
 
 
 def reference_summary(embeddings: torch.Tensor, seed: int = 0) -> dict[str, Any] | None:

@@ -65,6 +65,7 @@ from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import compact_metadata, resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
+from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftError, MissingReferenceError
 from defectscope.runtimes import load_detector
 from defectscope.serving.batching import MicroBatcher
 from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository, utc_now
@@ -139,6 +140,19 @@ class Metrics:
             "defectscope_model_info",
             "1 for the loaded model, labelled with its identity.",
             ["fingerprint", "backbone", "defectscope_version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        # Set when /v1/drift is computed (not on a schedule): the last answer a client asked for.
+        self.drift_score_p = Gauge(
+            "defectscope_drift_score_p_value",
+            "p-value of the score KS drift test of the last /v1/drift window.",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.drift_verdict = Gauge(
+            "defectscope_drift_verdict",
+            "Verdict of the last /v1/drift window: 0 ok, 1 warning, 2 drift.",
             registry=self.registry,
             multiprocess_mode="max",
         )
@@ -584,6 +598,59 @@ def export_predictions(
         media_type="text/csv",
         headers={"Content-Disposition": 'attachment; filename="predictions.csv"'},
     )
+
+
+MAX_DRIFT_WINDOW = 5000
+
+
+@v1.get(
+    "/drift",
+    responses={
+        409: {"model": ErrorResponse, "description": "The model has no drift reference."},
+        422: {"model": ErrorResponse, "description": "Window too small or bad query value."},
+    },
+)
+def drift_check(
+    state: State,
+    detector: ReadyDetector,
+    repository: Repository,
+    since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC.")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    limit: Annotated[
+        int, Query(ge=2, le=MAX_DRIFT_WINDOW, description="Newest predictions tested.")
+    ] = 500,
+) -> dict[str, Any]:
+    """Drift verdict over the window of recent predictions of this model in the log.
+
+    Score tests only (KS, PSI, alarm rate): the log keeps scores, not embeddings, and pooling
+    them in the request path would change every predict call for a check run now and then.
+    Use ``defectscope drift MODEL --images`` for the feature test.
+    """
+    try:
+        monitor = DriftDetector.from_detector(detector)
+    except MissingReferenceError as exc:
+        raise HTTPException(409, str(exc)) from None
+    query = LogQuery(limit=limit, since=since, until=until)
+    rows = repository.recent_scores(query, state.model_fingerprint or None)
+    try:
+        report = monitor.check_scores(np.array([score for _, score in rows]))
+    except DriftError as exc:
+        raise HTTPException(422, str(exc)) from None
+    body = jsonable_encoder(report.to_dict())
+    body.update(
+        feature_test="not run: the prediction log holds scores only",
+        model_fingerprint=state.model_fingerprint,
+        window={
+            "since": since,
+            "until": until,
+            "limit": limit,
+            "first": rows[0][0].isoformat(),
+            "last": rows[-1][0].isoformat(),
+        },
+    )
+    state.metrics.drift_score_p.set(report.test("score_ks").p_value)
+    state.metrics.drift_verdict.set(VERDICTS.index(report.verdict))
+    return jsonable_encoder(body)
 
 
 # ------------------------------------------------------------------------------ factory

@@ -122,6 +122,23 @@ class PredictionLogRepository:
             rows = [record.to_dict() for record in session.scalars(statement)]
         return int(total or 0), rows
 
+    def recent_scores(
+        self, query: LogQuery, model_fingerprint: str | None = None
+    ) -> list[tuple[datetime, float]]:
+        """(time, image score) of the newest ``query.limit`` matching rows, oldest first.
+
+        Restricted to one model when given: scores of different models are not comparable.
+        """
+        statement = self._filtered(
+            query, select(PredictionRecord.created_at, PredictionRecord.score)
+        )
+        if model_fingerprint is not None:
+            statement = statement.where(PredictionRecord.model_fingerprint == model_fingerprint)
+        statement = statement.order_by(PredictionRecord.id.desc()).limit(query.limit)
+        with Session(self.engine) as session:
+            rows = [(as_utc(moment), float(score)) for moment, score in session.execute(statement)]
+        return rows[::-1]
+
     def iter_csv(self, query: LogQuery, chunk: int = 1000) -> Iterator[str]:
         """CSV text in pieces, oldest first, so an export never holds the whole table."""
         buffer = io.StringIO()
