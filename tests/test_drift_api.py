@@ -83,3 +83,23 @@ def test_model_without_reference_is_409(model_dir, tmp_path) -> None:
         wait_ready(c.get)
         response = c.get("/v1/drift")
     assert response.status_code == 409 and "refit" in response.json()["detail"]
+
+
+def test_drift_cli_reads_the_prediction_log(client, model_dir) -> None:
+    # Runs after the API test above, whose newest 16 logged predictions are darkened images.
+    import subprocess
+    import sys
+
+    url = client.app.state.serving.settings.prediction_log_url
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "defectscope.cli", "drift", str(model_dir), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    proc = cli("--log", url, "--limit", "12", "--fail-on", "drift")
+    assert proc.returncode == 1 and "verdict: drift" in proc.stdout, proc.stdout + proc.stderr
+    assert "12 logged predictions" in proc.stdout
+    bad = cli("--log", url, "--since", "yesterday")
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr and "Traceback" not in bad.stderr
+    neither = cli()
+    assert neither.returncode == 2 and "either --images or --log" in neither.stderr

@@ -610,8 +610,19 @@ def augment(
 def drift(
     model: Annotated[Path, typer.Argument(help="Model folder or file.")],
     images: Annotated[
-        list[Path], typer.Option("--images", "-i", help="Images or folders of recent inputs.")
-    ],
+        list[Path] | None,
+        typer.Option("--images", "-i", help="Images or folders of recent inputs (all tests)."),
+    ] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            help="Prediction log URL of `defectscope serve` (e.g. sqlite:///predictions.db): "
+            "tests the logged scores of this model (score tests only)."
+        ),
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="With --log: ISO 8601 start (UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="With --log: ISO 8601 end (UTC).")] = None,
+    limit: Annotated[int, typer.Option(help="With --log: newest predictions tested.")] = 500,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full drift report here.")
     ] = None,
@@ -630,14 +641,22 @@ def drift(
 
     if fail_on not in ("never", *VERDICTS[1:]):
         raise DefectscopeError("--fail-on must be 'never', 'warning' or 'drift'")
+    if (images is None) == (log is None):
+        raise DefectscopeError("give either --images or --log")
     detector = Detector.load(model, device=device)
     monitor = DriftDetector.from_detector(detector, DriftThresholds(min_window=min_window))
-    paths = expand_image_paths(images)
-    if not paths:
-        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in images))
-    with progress_bars() as progress:
-        report = monitor.check_images(detector, paths, progress=progress)
-    table = Table(title=f"Drift check: {len(paths)} images")
+    if log is not None:
+        scores = _logged_scores(model, log, since, until, limit)
+        report = monitor.check_scores(scores)
+        title = f"Drift check: {len(scores)} logged predictions"
+    else:
+        paths = expand_image_paths(images)
+        if not paths:
+            raise DefectscopeError("no images found in " + ", ".join(str(i) for i in images))
+        with progress_bars() as progress:
+            report = monitor.check_images(detector, paths, progress=progress)
+        title = f"Drift check: {len(paths)} images"
+    table = Table(title=title)
     for column in ("test", "statistic", "p-value", "adjusted p", "verdict"):
         table.add_column(column, justify="left" if column == "test" else "right")
     for test in report.tests:
@@ -659,6 +678,37 @@ def drift(
         out.print(f"Report: {json_out}")
     if fail_on != "never" and VERDICTS.index(report.verdict) >= VERDICTS.index(fail_on):
         raise typer.Exit(1)
+
+
+def _logged_scores(model: Path, url: str, since: str | None, until: str | None, limit: int):
+    """Scores this model logged while serving (rows of other models are not comparable)."""
+    from datetime import datetime
+
+    import numpy as np
+
+    from defectscope.errors import DefectscopeError
+
+    try:
+        from defectscope.serving.app import file_fingerprint
+        from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository
+    except ImportError:
+        raise DefectscopeError(
+            "--log needs the serve extra: pip install 'defectscope[serve]'"
+        ) from None
+    try:
+        bounds = [datetime.fromisoformat(v) if v else None for v in (since, until)]
+    except ValueError as exc:
+        raise DefectscopeError(f"--since/--until must be ISO 8601 times: {exc}") from None
+    try:
+        repository = PredictionLogRepository(url)
+        rows = repository.recent_scores(
+            LogQuery(limit=limit, since=bounds[0], until=bounds[1]), file_fingerprint(model)
+        )
+    except DefectscopeError:
+        raise
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or database
+        raise DefectscopeError(f"cannot read the prediction log {url}: {exc}") from None
+    return np.array([score for _, score in rows])
 
 
 @app.command("drift-study")
