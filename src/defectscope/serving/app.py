@@ -568,7 +568,7 @@ async def model_info(state: State, detector: ReadyDetector) -> dict[str, Any]:
 
 def log_query(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
     since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC.")] = None,
     until: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
     is_anomalous: bool | None = None,
