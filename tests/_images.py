@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import socket
+
 import numpy as np
+from PIL import Image
 from skimage import data as skdata
 
 FAST_CONFIG = {
@@ -37,3 +41,17 @@ def with_defect(image: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarra
     out = image.copy()
     out[mask] = (220, 30, 30)
     return out, mask
+
+
+def png(array: np.ndarray) -> bytes:
+    """``array`` encoded as PNG bytes, as a client would upload it."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now, for servers the tests start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-from _images import FAST_CONFIG, texture_crops  # noqa: E402
+from _images import FAST_CONFIG, png, texture_crops  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from defectscope.detector.detector import Detector  # noqa: E402
@@ -38,12 +35,6 @@ REQUIRED_ALERTS = {
 # A metric-like name followed by a label selector or a range: metric names in PromQL.
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{[^}]*\})?\s*(\[[^\]]*\])?")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)")
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

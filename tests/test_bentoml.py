@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,32 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip(
     "bentoml", reason="bentoml is not installed (pip install 'defectscope[bentoml]')"
 )
 httpx = pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, texture_crops, with_defect  # noqa: E402
+from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
 
 from defectscope.detector.detector import Detector  # noqa: E402
 
 START_TIMEOUT_S = 60
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,24 +22,12 @@ pytest.importorskip("sqlalchemy")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from _images import FAST_CONFIG, texture_crops, with_defect  # noqa: E402
+from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
 
 from defectscope.client import ClientError, DefectscopeClient  # noqa: E402
 from defectscope.detector.detector import Detector  # noqa: E402
 from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

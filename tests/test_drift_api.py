@@ -14,9 +14,9 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, texture_crops
+from _images import FAST_CONFIG, png, texture_crops
 from fastapi.testclient import TestClient
-from test_serving import png, settings_for, wait_ready
+from test_serving import settings_for, wait_ready
 
 from defectscope.data import augment as A
 from defectscope.detector.detector import Detector

@@ -16,7 +16,6 @@ import io
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -29,6 +28,7 @@ import pytest
 
 pytest.importorskip("sqlalchemy")
 
+from _images import free_port
 from sqlalchemy import inspect as sql_inspect
 
 from defectscope.serving.predictions_log import (
@@ -50,12 +50,6 @@ def find_pg_bin() -> Path | None:
             with contextlib.suppress(ValueError):
                 found.append((int(folder.parent.name.split(".")[0]), folder))
     return max(found)[1] if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def server_user() -> str | None:

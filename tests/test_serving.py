@@ -7,7 +7,6 @@ import base64
 import csv
 import hashlib
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from _images import FAST_CONFIG, texture_crops, with_defect  # noqa: E402
+from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from defectscope.detector.detector import Detector  # noqa: E402
@@ -35,12 +34,6 @@ from defectscope.serving.settings import ServingSettings  # noqa: E402
 
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 300 * 300
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def assert_json_error(response, status: int) -> dict:
@@ -363,9 +356,7 @@ def server(model_dir, tmp_path_factory) -> Iterator[tuple[str, object]]:
     """A real uvicorn server on a free localhost port, in a background thread."""
     settings = settings_for(model_dir, tmp_path_factory.mktemp("srv"), batch_max_wait_ms=50)
     app = create_app(settings)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -461,9 +452,7 @@ def test_two_worker_processes_report_summed_metrics(model_dir, tmp_path, images)
 
     import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "DEFECTSCOPE_PREDICTION_LOG_URL": f"sqlite:///{tmp_path / 'log.db'}",
