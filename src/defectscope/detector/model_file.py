@@ -99,21 +99,32 @@ def read_header(path: Path) -> dict[str, Any]:
         raise ModelFileError(
             f"{path}: a safetensors file, but not a defectscope model (no '{FORMAT_NAME}' marker)"
         )
+    return parse_versioned_meta(path, metadata, FORMAT_VERSION, "model")
+
+
+def parse_versioned_meta(
+    path: Path, fields: dict[str, Any], supported: int, kind: str
+) -> dict[str, Any]:
+    """Check ``fields['format_version']`` and decode ``fields['meta']`` (JSON object).
+
+    Shared by saved models (``kind='model'``) and exported ones (``kind='export'``), whose
+    containers differ but carry the same two string fields after their format marker.
+    """
     try:
-        version = int(metadata.get("format_version", "0"))
+        version = int(fields.get("format_version", "0"))
     except (TypeError, ValueError):
-        raise ModelFileError(f"{path}: model format version is not a number") from None
-    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: {kind} format version is not a number") from None
+    if version > supported:
         raise ModelFileError(
-            f"{path}: model format version {version} is newer than this defectscope supports "
-            f"({FORMAT_VERSION}); upgrade defectscope"
+            f"{path}: {kind} format version {version} is newer than this defectscope supports "
+            f"({supported}); upgrade defectscope"
         )
     try:
-        meta = json.loads(metadata["meta"])
+        meta = json.loads(fields["meta"])
     except (KeyError, TypeError, json.JSONDecodeError):
         meta = None
     if not isinstance(meta, dict):
-        raise ModelFileError(f"{path}: model metadata is missing or corrupt")
+        raise ModelFileError(f"{path}: {kind} metadata is missing or corrupt")
     return meta
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectscope.detector.model_file import parse_versioned_meta
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 
 ONNX_FORMAT_NAME = "defectscope-onnx"
@@ -288,19 +289,4 @@ def parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
             f"{path}: not a defectscope export (no '{ONNX_FORMAT_NAME}' marker in its metadata); "
             "export one with `defectscope export`"
         )
-    try:
-        version = int(props.get("format_version", "0"))
-    except ValueError:
-        raise ModelFileError(f"{path}: export format version is not a number") from None
-    if version > ONNX_FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: export format version {version} is newer than this defectscope supports "
-            f"({ONNX_FORMAT_VERSION}); upgrade defectscope"
-        )
-    try:
-        meta = json.loads(props["meta"])
-    except (KeyError, json.JSONDecodeError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise ModelFileError(f"{path}: exported model metadata is missing or corrupt")
-    return meta
+    return parse_versioned_meta(path, props, ONNX_FORMAT_VERSION, "export")
