@@ -31,6 +31,8 @@ def main() -> None:
                 *args.overrides,
                 f"detector.coreset.method={method}",
                 f"detector.coreset.ratio={ratio}",
+                # The ratio itself, not the default bank-size cap (10 000 rows).
+                "detector.coreset.max_size=null",
             ]
             result = run_benchmark(args.data, overrides, latency_images=16)
             rows.append(

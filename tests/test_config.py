@@ -292,6 +292,7 @@ def test_to_dict_is_plain_json_types() -> None:
         "coreset",
         "scoring",
         "calibration",
+        "fit",
         "device",
         "batch_size",
         "half_precision",

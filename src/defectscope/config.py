@@ -72,6 +72,12 @@ class CoresetConfig(_Section):
         128, ge=4, description="Random projection used only for selection; None = no projection."
     )
     shard_size: int = Field(16384, ge=256, description="Patches per shard for 'sharded'.")
+    max_size: int | None = Field(
+        10_000,
+        ge=1,
+        description="Upper bound on the bank size whatever ratio gives (bounds the coreset time "
+        "and the predict latency of large training sets); None = no bound. Not for 'none'.",
+    )
     seed: int = 0
 
 
@@ -85,11 +91,31 @@ class ScoringConfig(_Section):
         description="For 'patchcore' re-weighting (the nearest bank patch and its neighbours).",
     )
     smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels.")
-    knn_backend: Literal["auto", "torch", "faiss"] = "auto"
+    knn_backend: Literal["auto", "torch", "faiss", "faiss_ivf", "faiss_hnsw", "faiss_ivfpq"] = (
+        Field(
+            "auto",
+            description="'torch'/'faiss' exact search; 'faiss_ivf', 'faiss_hnsw', 'faiss_ivfpq' "
+            "approximate (built from the bank at load time; leave-one-out calibration stays "
+            "exact); 'auto' = torch, or exact faiss from faiss_min_bank rows.",
+        )
+    )
     faiss_min_bank: int = Field(
         200_000, ge=1, description="'auto' uses faiss (when installed) from this bank size."
     )
     chunk_size: int = Field(1024, ge=64, description="Query patches per distance block.")
+    ivf_nlist: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists for 'faiss_ivf'/'faiss_ivfpq'; None = about 4 * sqrt(bank rows).",
+    )
+    ivf_nprobe: int = Field(8, ge=1, description="IVF lists visited per query.")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree for 'faiss_hnsw'.")
+    hnsw_ef_construction: int = Field(80, ge=8, description="HNSW build-time beam width.")
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search beam width (recall vs time).")
+    pq_m: int = Field(
+        8, ge=1, description="'faiss_ivfpq' sub-quantizers; must divide the feature size."
+    )
+    pq_bits: int = Field(8, ge=4, le=12, description="'faiss_ivfpq' bits per sub-quantizer code.")
 
 
 class CalibrationConfig(_Section):
@@ -103,6 +129,37 @@ class CalibrationConfig(_Section):
     false_alarm_rate: float = Field(
         0.01, gt=0.0, lt=0.5, description="Target share of good images flagged at the threshold."
     )
+    max_images: int = Field(
+        1000,
+        ge=2,
+        description="Calibrate on a seeded sample of at most this many of the (held-out) "
+        "training images: bounds calibration time and the embeddings kept for it.",
+    )
+
+
+class FitConfig(_Section):
+    chunk_images: int = Field(
+        256,
+        ge=1,
+        description="Images embedded per chunk (shard): a chunk's embeddings are the largest "
+        "array alive during fit. A set of at most this many images is fitted in one pass.",
+    )
+    oversample: float = Field(
+        2.0,
+        ge=1.0,
+        le=16.0,
+        description="Each chunk keeps this many times its share of the bank as coreset "
+        "candidates for the final selection over all chunks.",
+    )
+    ram_budget_mb: int = Field(
+        1024,
+        ge=0,
+        description="Candidates and calibration embeddings kept during fit beyond this many MiB "
+        "go to a memory-mapped temporary file (deleted after fit).",
+    )
+    spill_dir: str | None = Field(
+        None, description="Folder for those temporary files; None = the system temp folder."
+    )
 
 
 class DetectorConfig(_Section):
@@ -111,6 +168,7 @@ class DetectorConfig(_Section):
     coreset: CoresetConfig = Field(default_factory=CoresetConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     batch_size: int = Field(16, ge=1, le=1024)
     half_precision: bool = Field(False, description="fp16 backbone on CUDA.")

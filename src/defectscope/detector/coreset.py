@@ -23,6 +23,8 @@ def coreset_size(n_total: int, config: CoresetConfig) -> int:
     if config.method == "none":
         return n_total
     target = config.size if config.size is not None else math.ceil(config.ratio * n_total)
+    if config.max_size is not None:
+        target = min(target, config.max_size)
     return max(1, min(n_total, target))
 
 
@@ -111,11 +113,18 @@ def sharded_kcenter(
 
 
 def select_coreset(
-    features: torch.Tensor, config: CoresetConfig, progress: ProgressFn | None = None
+    features: torch.Tensor,
+    config: CoresetConfig,
+    progress: ProgressFn | None = None,
+    n_select: int | None = None,
 ) -> torch.Tensor:
-    """Indices into ``features`` (N, D) that form the memory bank, sorted ascending."""
+    """Indices into ``features`` (N, D) that form the memory bank, sorted ascending.
+
+    ``n_select`` overrides the size the config gives for N rows: a staged fit selects from
+    candidates already thinned per chunk, with the size planned from all patches.
+    """
     n = features.shape[0]
-    n_select = coreset_size(n, config)
+    n_select = coreset_size(n, config) if n_select is None else max(1, n_select)
     if n_select >= n:
         return torch.arange(n, device=features.device)
     if config.method == "random":

@@ -7,15 +7,12 @@ through this class, so preprocessing and scoring exist exactly once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +22,19 @@ import torch
 from defectscope import __version__
 from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput, load_image
-from defectscope.detector.calibration import Calibration, calibrate
-from defectscope.detector.coreset import select_coreset
+from defectscope.detector.calibration import Calibration
+from defectscope.detector.fitting import (
+    FitPlan,
+    FitShard,
+    ShardStore,
+    extract_shard,
+    fit_from_shards,
+)
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.errors import (
     ConfigError,
-    DefectscopeError,
     ImageLoadError,
     ModelFileError,
     NotFittedError,
@@ -40,7 +42,7 @@ from defectscope.errors import (
 from defectscope.features.backbones import create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
-from defectscope.monitoring.reference import pool_embeddings, reference_summary
+from defectscope.monitoring.reference import pool_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -184,151 +186,54 @@ class Detector:
         on_error: str = "raise",
         progress: ProgressFn | None = None,
     ) -> Detector:
-        """Learn the memory bank and thresholds from good images (paths, arrays, PIL, bytes)."""
+        """Learn the memory bank and thresholds from good images (paths, arrays, PIL, bytes).
+
+        Staged (see `defectscope.detector.fitting`): plan, embed chunk by chunk, then one bank
+        from all chunks; a distributed engine runs the same stages.
+        """
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
-        images = list(images)
-        if not images:
-            raise DefectscopeError("fit needs at least one good image")
+        if not isinstance(images, Sequence):
+            images = list(images)
+        # A lazy Sequence (e.g. decoded on access) is only materialised one chunk at a time.
+        plan = FitPlan.create(len(images), self.config)
         self._build_features()
-        timings: dict[str, float] = {}
         start = time.perf_counter()
-
-        embeddings, owners, names, skipped, digest = self._embed_all(images, on_error, progress)
-        n_images = len(names)
-        if n_images == 0:
-            raise DefectscopeError("no readable training image: every image failed to load")
-        cal_cfg = self.config.calibration
-        if cal_cfg.method == "leave_one_out" and n_images < 2:
-            raise DefectscopeError("leave-one-out calibration needs at least 2 good images")
-        timings["features_s"] = time.perf_counter() - start
-
-        in_bank = torch.ones(n_images, dtype=torch.bool)
-        if cal_cfg.method == "holdout":
-            in_bank = self._holdout_split(n_images)
-        bank_rows = torch.nonzero(in_bank[owners], as_tuple=True)[0]
-
-        t0 = time.perf_counter()
-        bank_features = embeddings.flatten(2).permute(0, 2, 1).reshape(-1, embeddings.shape[1])
-        candidates = bank_features[bank_rows.to(bank_features.device)]
-        report = (lambda d, t: progress("coreset", d, t)) if progress else None
-        chosen = select_coreset(candidates, self.config.coreset, report)
-        bank = candidates[chosen].contiguous()
-        bank_owner = owners[bank_rows][chosen.cpu()]
-        timings["coreset_s"] = time.perf_counter() - t0
-
-        self.scorer = AnomalyScorer(bank, self.config.scoring, self.config.features.input_size)
-        self.scorer.to(self.device)
-
-        t0 = time.perf_counter()
-        good_scores, good_maxima = self._calibration_scores(
-            embeddings, in_bank, bank_owner, progress
-        )
-        self.calibration = calibrate(
-            good_scores, good_maxima, cal_cfg.false_alarm_rate, cal_cfg.method
-        )
-        timings["calibration_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - start
-
-        self.info = {
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "defectscope_version": __version__,
-            "training": {
-                "n_images": n_images,
-                "n_in_bank": int(in_bank.sum()),
-                "n_patches": int(bank_rows.numel()),
-                "fingerprint": digest,
-                "skipped": skipped,
-                "examples": [n for n in names[:5] if n],
-            },
-            "bank_size": int(bank.shape[0]),
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-        }
-        # Feature-distribution reference for drift monitoring (defectscope.monitoring).
-        reference = reference_summary(embeddings, seed=self.config.coreset.seed)
-        if reference is not None:
-            self.info["reference"] = reference
+        with ShardStore.from_config(self.config.fit) as store:
+            shards = [
+                store.keep(
+                    self.extract_shard(
+                        [images[i] for i in range(offset, stop)],
+                        plan,
+                        offset,
+                        on_error=on_error,
+                        progress=progress,
+                    )
+                )
+                for offset, stop in plan.chunks()
+            ]
+            self.fit_from_shards(shards, plan, progress=progress)
+        self.info["timings"]["total_s"] = round(time.perf_counter() - start, 4)
         return self
 
-    def _embed_all(
-        self, images: Sequence[ImageInput], on_error: str, progress: ProgressFn | None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[str | None], list[dict], str]:
-        chunks: list[torch.Tensor] = []
-        names: list[str | None] = []
-        skipped: list[dict] = []
-        hashes: list[str] = []
-        done = 0
-        for batch in iter_loaded(images, self.config.batch_size):
-            good = []
-            for item in batch:
-                if item.error is not None:
-                    if on_error == "raise":
-                        raise item.error
-                    warnings.warn(f"skipping unreadable image: {item.error}", stacklevel=3)
-                    skipped.append({"source": item.source, "error": item.error.reason})
-                else:
-                    good.append(item)
-            if good:
-                tensor = self.preprocessor([item.image for item in good])
-                chunks.append(self.embed(tensor))
-                names.extend(item.source for item in good)
-                hashes.extend(hashlib.sha256(item.image.tobytes()).hexdigest() for item in good)
-            done += len(batch)
-            if progress:
-                progress("features", done, len(images))
-        if not chunks:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), [], skipped, ""
-        embeddings = torch.cat(chunks)
-        n, _, h, w = embeddings.shape
-        owners = torch.arange(n).repeat_interleave(h * w)
-        # Order-independent: the same set of images gives the same fingerprint.
-        digest = hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()[:32]
-        return embeddings, owners, names, skipped, digest
-
-    def _holdout_split(self, n_images: int) -> torch.Tensor:
-        n_holdout = max(1, round(self.config.calibration.holdout_fraction * n_images))
-        if n_holdout >= n_images:
-            raise DefectscopeError(
-                f"holdout calibration needs more images: {n_images} given, {n_holdout} held out"
-            )
-        generator = torch.Generator().manual_seed(self.config.coreset.seed)
-        in_bank = torch.ones(n_images, dtype=torch.bool)
-        in_bank[torch.randperm(n_images, generator=generator)[:n_holdout]] = False
-        return in_bank
-
-    @torch.inference_mode()
-    def _calibration_scores(
+    def extract_shard(
         self,
-        embeddings: torch.Tensor,
-        in_bank: torch.Tensor,
-        bank_owner: torch.Tensor,
-        progress: ProgressFn | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        method = self.config.calibration.method
-        if method == "holdout":
-            targets = torch.nonzero(~in_bank, as_tuple=True)[0].tolist()
-        else:
-            targets = list(range(embeddings.shape[0]))
-        owner_on_device = bank_owner.to(self.device)
-        scores, maxima = [], []
-        step = self.config.batch_size
-        for start in range(0, len(targets), step):
-            chunk = targets[start : start + step]
-            if method == "leave_one_out":
-                # Each image is scored against the bank without its own patches: an
-                # out-of-sample score for every training image from a single bank.
-                for index in chunk:
-                    banned = owner_on_device == index
-                    maps, image_scores = self.scorer(embeddings[index : index + 1], banned=banned)
-                    scores.append(image_scores.cpu())
-                    maxima.append(maps.flatten(1).amax(1).cpu())
-            else:
-                maps, image_scores = self.scorer(embeddings[chunk])
-                scores.append(image_scores.cpu())
-                maxima.append(maps.flatten(1).amax(1).cpu())
-            if progress:
-                progress("calibration", min(start + step, len(targets)), len(targets))
-        return torch.cat(scores).numpy(), torch.cat(maxima).numpy()
+        images: Sequence[ImageInput],
+        plan: FitPlan,
+        offset: int,
+        on_error: str = "raise",
+        progress: ProgressFn | None = None,
+    ) -> FitShard:
+        """Embed the plan's images ``offset ..`` (a chunk) into coreset candidates and the rest
+        of what `fit_from_shards` needs; runs anywhere the same config and backbone exist."""
+        return extract_shard(self, images, plan, offset, on_error, progress)
+
+    def fit_from_shards(
+        self, shards: Sequence[FitShard], plan: FitPlan, progress: ProgressFn | None = None
+    ) -> Detector:
+        """Finish a fit from the shards of every chunk of ``plan``: final coreset, scorer,
+        calibration, drift reference. Same shards and plan, same model."""
+        return fit_from_shards(self, shards, plan, progress)
 
     # ---------------------------------------------------------------- predict
     @torch.inference_mode()
@@ -457,8 +362,9 @@ class Detector:
             **{k: v for k, v in self.info.items() if k != "defectscope_version"},
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model (a folder, or a .safetensors file name) and return the file path."""
+    def save(self, path: str | Path) -> Path | str:
+        """Write the model (a folder or a .safetensors file name, local or an s3:// / gs:// URI)
+        and return the file path (the object's URI when remote)."""
         self._require_fitted()
         return write_model_file(path, {"memory_bank": self.scorer.bank}, self.describe())
 

@@ -2,16 +2,21 @@
 
 `TorchKnn` is exact and chunked: a distance block of ``chunk_size`` x bank rows at a time, never
 the full query x bank matrix (small blocks stay in cache, which is faster than one big product).
-`FaissKnn` wraps a faiss index for large banks when faiss is installed. Both return Euclidean
-distances, nearest first.
+`FaissKnn` wraps a faiss index for large banks when faiss is installed: exact (flat), or
+approximate (IVF, HNSW, IVF-PQ: `approximate_faiss_index`), built from the bank when a model is
+fitted or loaded, never stored. All return Euclidean distances, nearest first.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Protocol
+import math
+from typing import Any, Protocol
 
 import torch
+
+from defectscope.config import ScoringConfig
+from defectscope.errors import ConfigError
 
 
 class KnnIndex(Protocol):
@@ -62,25 +67,98 @@ def faiss_available() -> bool:
 
 
 class FaissKnn:
-    """Exact (flat) faiss index on CPU; the bank is copied once at construction."""
+    """A faiss index on CPU (exact flat by default); the bank is copied in once.
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    IVF and HNSW store the bank rows, so the distances they return are exact (only the
+    neighbour may be missed); IVF-PQ returns distances between compressed codes, themselves
+    approximate. Approximate indices may find fewer than k rows for a query
+    (IVF lists all empty near it); those queries fall back to exact search, so callers always
+    get k valid bank indices.
+    """
+
+    def __init__(self, bank: torch.Tensor, index: Any = None) -> None:
         import faiss
 
         self.device = bank.device
-        self.index = faiss.IndexFlatL2(bank.shape[1])
-        self.index.add(bank.detach().to("cpu", torch.float32).contiguous().numpy())
+        data = bank.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.index = index if index is not None else faiss.IndexFlatL2(bank.shape[1])
+        if not self.index.is_trained:
+            self.index.train(data)
+        self.index.add(data)
+        self.exact = index is None
+        self._bank = bank if index is not None else None
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, self.index.ntotal)
         dist, idx = self.index.search(
             queries.detach().to("cpu", torch.float32).contiguous().numpy(), k
         )
-        dist_t = torch.from_numpy(dist).clamp_(min=0.0).sqrt_().to(self.device)
-        return dist_t, torch.from_numpy(idx).to(self.device)
+        dist_t = torch.from_numpy(dist).clamp_(min=0.0).sqrt_()
+        idx_t = torch.from_numpy(idx)
+        missing = (idx_t < 0).any(dim=1)
+        if missing.any() and self._bank is not None:
+            exact_dist, exact_idx = TorchKnn(self._bank.detach().cpu().float()).search(
+                queries.detach().cpu().float()[missing], k
+            )
+            dist_t[missing], idx_t[missing] = exact_dist, exact_idx
+        return dist_t.to(self.device), idx_t.to(self.device)
 
 
-def build_index(bank: torch.Tensor, backend: str, chunk_size: int, faiss_min_bank: int) -> KnnIndex:
+APPROXIMATE_BACKENDS = ("faiss_ivf", "faiss_hnsw", "faiss_ivfpq")
+
+
+def ivf_lists(n_bank: int, requested: int | None) -> int:
+    """IVF list count: as asked, else ~4 sqrt(n); never more than n / 39, faiss's minimum
+    training points per list (fewer lists train badly rather than fail)."""
+    nlist = requested if requested is not None else round(4 * math.sqrt(n_bank))
+    return max(1, min(nlist, n_bank // 39 or 1))
+
+
+def approximate_faiss_index(bank: torch.Tensor, backend: str, config: ScoringConfig) -> Any:
+    """An untrained faiss index of kind ``backend`` for ``bank`` (M, D); ConfigError if the
+    parameters cannot work for this bank."""
+    import faiss
+
+    n, dim = bank.shape
+    index: Any
+    if backend == "faiss_hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = max(config.hnsw_ef_search, config.k)
+        return index
+    nlist = ivf_lists(n, config.ivf_nlist)
+    quantizer = faiss.IndexFlatL2(dim)
+    if backend == "faiss_ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist)
+    else:
+        if dim % config.pq_m:
+            raise ConfigError(
+                f"scoring.pq_m={config.pq_m} must divide the feature size {dim} for faiss_ivfpq"
+            )
+        if n < 2**config.pq_bits:
+            raise ConfigError(
+                f"faiss_ivfpq with pq_bits={config.pq_bits} needs a bank of at least "
+                f"{2**config.pq_bits} rows to train its codebooks; this bank has {n}"
+            )
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_m, config.pq_bits)
+    index.nprobe = min(config.ivf_nprobe, nlist)
+    return index
+
+
+def build_index(
+    bank: torch.Tensor,
+    backend: str,
+    chunk_size: int,
+    faiss_min_bank: int,
+    config: ScoringConfig | None = None,
+) -> KnnIndex:
+    if backend in APPROXIMATE_BACKENDS:
+        if not faiss_available():
+            raise ConfigError(
+                f"scoring.knn_backend is {backend!r} but faiss is not installed: "
+                "pip install 'defectscope[faiss]'"
+            )
+        return FaissKnn(bank, approximate_faiss_index(bank, backend, config or ScoringConfig()))
     if backend == "faiss" or (
         backend == "auto"
         and bank.shape[0] >= faiss_min_bank
@@ -88,8 +166,6 @@ def build_index(bank: torch.Tensor, backend: str, chunk_size: int, faiss_min_ban
         and faiss_available()
     ):
         if not faiss_available():
-            from defectscope.errors import ConfigError
-
             raise ConfigError(
                 "scoring.knn_backend is 'faiss' but faiss is not installed: "
                 "pip install 'defectscope[faiss]'"

@@ -39,6 +39,10 @@ def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
+    # Registered buffers (they follow .to(device)); declared so type checkers see tensors.
+    bank: torch.Tensor
+    blur_kernel: torch.Tensor
+
     def __init__(
         self, bank: torch.Tensor, config: ScoringConfig, input_size: tuple[int, int]
     ) -> None:
@@ -63,6 +67,7 @@ class AnomalyScorer(nn.Module):
                 self.config.knn_backend,
                 self.config.chunk_size,
                 self.config.faiss_min_bank,
+                self.config,
             )
         return self._index
 

@@ -41,8 +41,14 @@ class ExportableDetector(nn.Module):
     The kNN is one distance matrix per batch (no chunk loop, no index object) with the same
     ``addmm`` formula as `knn.pairwise_sq_dist`, then min/topk, clamp and sqrt; the maps and the
     image score come from the detector's own `AnomalyScorer.to_input_maps` and `.reduce`, so the
-    scoring rules exist once and exported numbers match the eager scorer.
+    scoring rules exist once and exported numbers match the eager scorer. A model fitted with an
+    approximate ``scoring.knn_backend`` (faiss IVF/HNSW/PQ) exports with this exact search: its
+    exported scores are the exact ones, at most as high as the approximate eager scores.
     """
+
+    # Registered buffers, declared so type checkers see tensors.
+    bank_t: torch.Tensor
+    bank_sq: torch.Tensor
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
@@ -134,7 +140,7 @@ def build_onnx_model(detector: Any, precision: str = "fp32") -> Any:
             torch.onnx.export(
                 module,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # a file object works; torch annotates paths only
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
                 dynamic_axes={

@@ -1,0 +1,543 @@
+"""Staged fit: a plan, shards of embedded images, then one bank from all shards.
+
+``Detector.fit`` is ``FitPlan.create`` -> ``Detector.extract_shard`` per chunk ->
+``Detector.fit_from_shards``. A distributed engine runs the very same three steps, with the
+shards extracted elsewhere, so local and distributed fits give the same bank for the same plan.
+
+Stages:
+
+1. `FitPlan` is decided once, from the image count and the config, before any shard runs:
+   which images are held out of the bank (holdout calibration), which images are the
+   calibration sample (at most ``calibration.max_images``, seeded), and the chunks.
+2. `extract_shard` embeds one chunk, keeps ``fit.oversample`` times the chunk's share of the
+   final bank as coreset candidates (greedy k-center inside the chunk, the first level of a
+   two-level coreset), the pooled embeddings for the drift reference and the full embeddings of
+   the chunk's calibration-sample images. A plan of one chunk keeps every patch, so a small
+   training set gives exactly the single-level coreset of before.
+3. `fit_from_shards` merges the candidates in global image order, selects the final coreset
+   over their union (at most ``coreset.max_size`` rows), builds the scorer, calibrates on the
+   calibration sample (leave-one-out bans each image's own bank rows, by global image id) and
+   stores the drift reference.
+
+Memory bound. While a chunk is embedded, its patch embeddings plus their coreset projection are
+alive: about ``chunk_images * h * w * (D + projection_dim) * 4`` bytes (256 images of 32x32
+patches of 152 channels: ~290 MiB). Kept between chunks, per image: the pooled embedding
+(``D * 4`` bytes), name and hash (~200 bytes), its candidates (``oversample * bank / n_images``
+rows of ``D * 4`` bytes: at most ``2 * max_size * D * 4`` bytes in total, 20 MiB by default);
+and per calibration-sample image its embeddings (``h * w * D * 4`` bytes, 608 KiB; at most
+``max_images`` of them). `ShardStore` moves candidates and calibration embeddings beyond
+``fit.ram_budget_mb`` into memory-mapped temporary files, which are mapped only while a slice is
+copied out (so they do not count in the resident set) and are deleted when the fit ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from defectscope import __version__
+from defectscope.config import CoresetConfig, DetectorConfig, FitConfig
+from defectscope.data.io import ImageInput
+from defectscope.detector.calibration import calibrate
+from defectscope.detector.coreset import coreset_size, select_coreset
+from defectscope.detector.scoring import AnomalyScorer
+from defectscope.errors import DefectscopeError
+from defectscope.monitoring.reference import compute_reference, pool_embeddings
+
+if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ------------------------------------------------------------------------------------ plan
+@dataclass
+class FitPlan:
+    """Decisions taken once for the whole training set; indices are positions in the input list.
+
+    ``holdout``: images kept out of the bank (holdout calibration), ascending.
+    ``calibration``: images whose out-of-sample scores set the thresholds, ascending.
+    """
+
+    n_images: int
+    chunk_images: int
+    method: str
+    holdout: list[int]
+    calibration: list[int]
+    seed: int = 0
+    _holdout_set: frozenset[int] = field(init=False, repr=False, compare=False)
+    _calibration_set: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._holdout_set = frozenset(self.holdout)
+        self._calibration_set = frozenset(self.calibration)
+
+    @classmethod
+    def create(cls, n_images: int, config: DetectorConfig) -> FitPlan:
+        """The plan for ``n_images`` training images under ``config`` (deterministic)."""
+        if n_images < 1:
+            raise DefectscopeError("fit needs at least one good image")
+        cal = config.calibration
+        if cal.method == "leave_one_out" and n_images < 2:
+            raise DefectscopeError("leave-one-out calibration needs at least 2 good images")
+        holdout: list[int] = []
+        if cal.method == "holdout":
+            n_holdout = max(1, round(cal.holdout_fraction * n_images))
+            if n_holdout >= n_images:
+                raise DefectscopeError(
+                    f"holdout calibration needs more images: {n_images} given, {n_holdout} held out"
+                )
+            # The same split as the one-pass fit of before: seeded by coreset.seed.
+            generator = torch.Generator().manual_seed(config.coreset.seed)
+            holdout = sorted(torch.randperm(n_images, generator=generator)[:n_holdout].tolist())
+        pool = holdout if cal.method == "holdout" else list(range(n_images))
+        if len(pool) > cal.max_images:
+            generator = torch.Generator().manual_seed(config.coreset.seed + 1)
+            picks = torch.randperm(len(pool), generator=generator)[: cal.max_images]
+            pool = sorted(pool[i] for i in picks.tolist())
+        return cls(
+            n_images=n_images,
+            chunk_images=config.fit.chunk_images,
+            method=cal.method,
+            holdout=holdout,
+            calibration=pool,
+            seed=config.coreset.seed,
+        )
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(offset, stop) image ranges, in order, covering all images."""
+        return [
+            (offset, min(offset + self.chunk_images, self.n_images))
+            for offset in range(0, self.n_images, self.chunk_images)
+        ]
+
+    @property
+    def single_chunk(self) -> bool:
+        return self.n_images <= self.chunk_images
+
+    @property
+    def n_bank_images(self) -> int:
+        return self.n_images - len(self.holdout)
+
+    def in_bank(self, index: int) -> bool:
+        return index not in self._holdout_set
+
+    def in_calibration(self, index: int) -> bool:
+        return index in self._calibration_set
+
+
+def bank_target(n_patches: int, config: CoresetConfig) -> int:
+    """Final bank size for ``n_patches`` bank-eligible patches (ratio or size, then max_size)."""
+    return coreset_size(n_patches, config) if n_patches > 0 else 0
+
+
+# ---------------------------------------------------------------------------------- shards
+class SpilledArray:
+    """A float32 array in a file, read back a slice at a time through a short-lived memmap."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+
+    @classmethod
+    def write(cls, tensor: torch.Tensor, path: Path) -> SpilledArray:
+        array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=array.shape or (0,))
+        if array.size:
+            mapped[:] = array
+        mapped.flush()
+        del mapped  # unmapped: the data now lives in the page cache / on disk, not in our RSS
+        return cls(path, array.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        stop = self.shape[0] if stop is None else min(stop, self.shape[0])
+        if stop <= start or math.prod(self.shape) == 0:
+            return torch.empty((0, *self.shape[1:]), dtype=torch.float32)
+        mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
+        rows = np.array(mapped[start:stop])  # a copy, so the mapping can go now
+        del mapped
+        return torch.from_numpy(rows)
+
+
+ArrayLike = torch.Tensor | SpilledArray
+
+
+def read_rows(array: ArrayLike, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    if isinstance(array, SpilledArray):
+        return array.read(start, stop)
+    return array[start:stop]
+
+
+@dataclass
+class FitShard:
+    """What one chunk of images contributes to a fit (plain tensors and lists: picklable).
+
+    ``candidates`` (M, D) float32 are the chunk's coreset candidates, in image order;
+    ``candidate_owners`` (M,) int64 their global image indices. ``image_ids``, ``names`` and
+    ``hashes`` describe the readable images of the chunk (``skipped`` the unreadable ones);
+    ``pooled`` (n, D) their grid-mean embeddings (drift reference); ``calibration_embeddings``
+    (C, D, h, w) the embeddings of the chunk's calibration-sample images ``calibration_ids``.
+    ``n_patches`` counts the bank-eligible patches before the chunk's coreset. After
+    `ShardStore.keep` the two big arrays may be `SpilledArray`s, valid on this machine only.
+    """
+
+    offset: int
+    stop: int
+    image_ids: list[int]
+    names: list[str | None]
+    hashes: list[str]
+    skipped: list[dict]
+    grid: tuple[int, int]
+    n_patches: int
+    candidates: ArrayLike
+    candidate_owners: torch.Tensor
+    pooled: np.ndarray
+    calibration_ids: list[int]
+    calibration_embeddings: ArrayLike
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays that `ShardStore` may move to disk (0 once moved)."""
+        return sum(
+            a.numel() * a.element_size()
+            for a in (self.candidates, self.calibration_embeddings)
+            if isinstance(a, torch.Tensor)
+        )
+
+
+class ShardStore:
+    """Keeps shards for `fit_from_shards`, spilling big arrays past a RAM budget to disk.
+
+    Use as a context manager: the temporary folder and its files go when the block ends, so
+    the shards it kept must not be used after it.
+    """
+
+    def __init__(self, budget_bytes: int, directory: str | Path | None = None) -> None:
+        self.budget_bytes = int(budget_bytes)
+        self.parent = directory
+        self.directory: Path | None = None
+        self.ram_bytes = 0
+        self.spilled_bytes = 0
+        self._files = 0
+
+    @classmethod
+    def from_config(cls, config: FitConfig) -> ShardStore:
+        return cls(config.ram_budget_mb * 1024 * 1024, config.spill_dir)
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def _spill(self, tensor: torch.Tensor) -> SpilledArray:
+        if self.directory is None:
+            if self.parent is not None:
+                Path(self.parent).mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="defectscope-fit-", dir=self.parent))
+        self._files += 1
+        spilled = SpilledArray.write(tensor, self.directory / f"array-{self._files}.f32")
+        self.spilled_bytes += tensor.numel() * 4
+        return spilled
+
+    def keep(self, shard: FitShard) -> FitShard:
+        """The shard, with its candidates and calibration embeddings on disk if over budget."""
+        size = shard.nbytes()
+        if self.ram_bytes + size <= self.budget_bytes:
+            self.ram_bytes += size
+            return shard
+        if isinstance(shard.candidates, torch.Tensor):
+            shard.candidates = self._spill(shard.candidates)
+        if isinstance(shard.calibration_embeddings, torch.Tensor):
+            shard.calibration_embeddings = self._spill(shard.calibration_embeddings)
+        return shard
+
+
+# ----------------------------------------------------------------------------- extraction
+def extract_shard(
+    detector: Detector,
+    images: Sequence[ImageInput],
+    plan: FitPlan,
+    offset: int,
+    on_error: str = "raise",
+    progress: ProgressFn | None = None,
+) -> FitShard:
+    """Embed images ``offset .. offset + len(images)`` of the plan into a `FitShard`."""
+    from defectscope.detector.detector import iter_loaded  # detector.py imports this module
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    images = list(images)
+    stop = offset + len(images)
+    if offset < 0 or stop > plan.n_images or not images:
+        raise DefectscopeError(
+            f"shard [{offset}, {stop}) is empty or outside the plan's {plan.n_images} images"
+        )
+    detector._build_features()
+    preprocessor, features = detector.preprocessor, detector.features
+    assert preprocessor is not None and features is not None  # built just above
+    config = detector.config
+    start = time.perf_counter()
+    ids: list[int] = []
+    names: list[str | None] = []
+    hashes: list[str] = []
+    skipped: list[dict] = []
+    pooled: list[np.ndarray] = []
+    bank_parts: list[torch.Tensor] = []
+    owner_parts: list[torch.Tensor] = []
+    calibration_ids: list[int] = []
+    calibration_parts: list[torch.Tensor] = []
+    grid = (0, 0)
+    done = 0
+    for batch in iter_loaded(images, config.batch_size):
+        good: list[np.ndarray] = []
+        good_items = []
+        for item in batch:
+            if item.image is not None:
+                good.append(item.image)
+                good_items.append(item)
+                continue
+            assert item.error is not None  # a LoadedImage holds an image or its error
+            if on_error == "raise":
+                raise item.error
+            warnings.warn(f"skipping unreadable image: {item.error}", stacklevel=3)
+            skipped.append({"source": item.source, "error": item.error.reason})
+        if good:
+            embeddings = detector.embed(preprocessor(good))
+            grid = (int(embeddings.shape[2]), int(embeddings.shape[3]))
+            batch_ids = [offset + item.index for item in good_items]
+            ids.extend(batch_ids)
+            names.extend(item.source for item in good_items)
+            hashes.extend(hashlib.sha256(image.tobytes()).hexdigest() for image in good)
+            pooled.append(pool_embeddings(embeddings))
+            rows = [r for r, i in enumerate(batch_ids) if plan.in_calibration(i)]
+            if rows:
+                calibration_ids.extend(batch_ids[r] for r in rows)
+                calibration_parts.append(embeddings[rows].cpu())
+            rows = [r for r, i in enumerate(batch_ids) if plan.in_bank(i)]
+            if rows:
+                patches = embeddings[rows].flatten(2).permute(0, 2, 1)
+                bank_parts.append(patches.reshape(-1, embeddings.shape[1]).cpu())
+                owners = torch.tensor([batch_ids[r] for r in rows], dtype=torch.long)
+                owner_parts.append(owners.repeat_interleave(grid[0] * grid[1]))
+        done += len(batch)
+        if progress:
+            progress("features", offset + done, plan.n_images)
+    dim = features.dim
+    candidates = torch.cat(bank_parts) if bank_parts else torch.empty(0, dim)
+    owners = torch.cat(owner_parts) if owner_parts else torch.empty(0, dtype=torch.long)
+    del bank_parts
+    timings = {"features_s": time.perf_counter() - start}
+
+    t0 = time.perf_counter()
+    n_patches = int(candidates.shape[0])
+    quota = shard_quota(n_patches, grid, plan, config)
+    if quota < n_patches:
+        # First level of the two-level coreset; a seed per chunk, whichever worker runs it.
+        shard_config = config.coreset.model_copy(update={"seed": config.coreset.seed + offset})
+        chosen = select_coreset(candidates.to(detector.device), shard_config, n_select=quota)
+        chosen = chosen.cpu()
+        candidates, owners = candidates[chosen].contiguous(), owners[chosen]
+    timings["coreset_s"] = time.perf_counter() - t0
+
+    calibration = torch.cat(calibration_parts) if calibration_parts else torch.empty(0, dim, *grid)
+    return FitShard(
+        offset=offset,
+        stop=stop,
+        image_ids=ids,
+        names=names,
+        hashes=hashes,
+        skipped=skipped,
+        grid=grid,
+        n_patches=n_patches,
+        candidates=candidates,
+        candidate_owners=owners,
+        pooled=np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32),
+        calibration_ids=calibration_ids,
+        calibration_embeddings=calibration,
+        timings=timings,
+    )
+
+
+def shard_quota(
+    n_patches: int, grid: tuple[int, int], plan: FitPlan, config: DetectorConfig
+) -> int:
+    """Candidates a chunk keeps: ``oversample`` x its share of the planned final bank.
+
+    One chunk keeps everything (the final selection is then the single-level coreset), as does
+    coreset method 'none'.
+    """
+    if plan.single_chunk or config.coreset.method == "none" or n_patches == 0:
+        return n_patches
+    planned_patches = plan.n_bank_images * grid[0] * grid[1]
+    target = bank_target(planned_patches, config.coreset)
+    share = target * n_patches / max(1, planned_patches)
+    return min(n_patches, max(1, math.ceil(config.fit.oversample * share)))
+
+
+# --------------------------------------------------------------------------------- merging
+def fit_from_shards(
+    detector: Detector,
+    shards: Sequence[FitShard],
+    plan: FitPlan,
+    progress: ProgressFn | None = None,
+) -> Detector:
+    """Final coreset, scorer, calibration and drift reference from the shards of ``plan``."""
+    start = time.perf_counter()
+    shards = sorted(shards, key=lambda s: s.offset)
+    check_coverage(shards, plan)
+    detector._build_features()
+    config = detector.config
+    ids = [i for s in shards for i in s.image_ids]
+    n_images = len(ids)
+    if n_images == 0:
+        raise DefectscopeError("no readable training image: every image failed to load")
+    if plan.method == "leave_one_out" and n_images < 2:
+        raise DefectscopeError("leave-one-out calibration needs at least 2 good images")
+    n_in_bank = sum(1 for i in ids if plan.in_bank(i))
+    if n_in_bank == 0:
+        raise DefectscopeError("no readable training image is left for the memory bank")
+    timings = {
+        "features_s": sum(s.timings.get("features_s", 0.0) for s in shards),
+        "shard_coreset_s": sum(s.timings.get("coreset_s", 0.0) for s in shards),
+    }
+
+    t0 = time.perf_counter()
+    candidates = torch.cat([read_rows(s.candidates) for s in shards]).to(detector.device)
+    owners = torch.cat([s.candidate_owners for s in shards])
+    n_patches = sum(s.n_patches for s in shards)
+    report = (lambda d, t: progress("coreset", d, t)) if progress else None
+    target = bank_target(n_patches, config.coreset)
+    chosen = select_coreset(candidates, config.coreset, report, n_select=target)
+    bank = candidates[chosen].contiguous()
+    bank_owner = owners[chosen.cpu()]
+    n_candidates = int(candidates.shape[0])
+    del candidates
+    timings["final_coreset_s"] = time.perf_counter() - t0
+    timings["coreset_s"] = timings["shard_coreset_s"] + timings["final_coreset_s"]
+
+    detector.scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
+    detector.scorer.to(detector.device)
+
+    t0 = time.perf_counter()
+    good_scores, good_maxima = calibration_scores(detector, shards, bank_owner, plan, progress)
+    detector.calibration = calibrate(
+        good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
+    )
+    timings["calibration_s"] = time.perf_counter() - t0
+
+    hashes = [h for s in shards for h in s.hashes]
+    names = [n for s in shards for n in s.names]
+    info: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "defectscope_version": __version__,
+        "training": {
+            "n_images": n_images,
+            "n_in_bank": n_in_bank,
+            "n_patches": n_patches,
+            # Order-independent: the same set of images gives the same fingerprint.
+            "fingerprint": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()[:32],
+            "skipped": [entry for s in shards for entry in s.skipped],
+            "examples": [n for n in names[:5] if n],
+            "n_chunks": len(shards),
+            "n_candidates": n_candidates,
+            "n_calibration": int(good_scores.shape[0]),
+        },
+        "bank_size": int(bank.shape[0]),
+    }
+    t0 = time.perf_counter()
+    pooled = np.concatenate([s.pooled for s in shards])
+    reference = None
+    if pooled.shape[0] >= 2:
+        # Feature-distribution reference for drift monitoring (defectscope.monitoring).
+        reference = compute_reference(pooled, seed=config.coreset.seed).to_dict()
+    timings["reference_s"] = time.perf_counter() - t0
+    timings["total_s"] = timings["features_s"] + timings["shard_coreset_s"]
+    timings["total_s"] += time.perf_counter() - start
+    info["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    if reference is not None:
+        info["reference"] = reference
+    detector.info = info
+    return detector
+
+
+def check_coverage(shards: Sequence[FitShard], plan: FitPlan) -> None:
+    """Shards (sorted by offset) must tile the plan's images exactly once."""
+    position = 0
+    for shard in shards:
+        if shard.offset != position or shard.stop <= shard.offset:
+            raise DefectscopeError(
+                f"shards do not tile the plan: expected one starting at image {position}, got "
+                f"[{shard.offset}, {shard.stop})"
+            )
+        position = shard.stop
+    if position != plan.n_images:
+        raise DefectscopeError(
+            f"shards cover images [0, {position}) but the plan has {plan.n_images} images"
+        )
+
+
+def iter_calibration_batches(
+    shards: Sequence[FitShard], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(global ids, embeddings) of the calibration sample in batches, one shard at a time."""
+    for shard in shards:
+        for start in range(0, len(shard.calibration_ids), batch_size):
+            ids = shard.calibration_ids[start : start + batch_size]
+            yield ids, read_rows(shard.calibration_embeddings, start, start + len(ids))
+
+
+@torch.inference_mode()
+def calibration_scores(
+    detector: Detector,
+    shards: Sequence[FitShard],
+    bank_owner: torch.Tensor,
+    plan: FitPlan,
+    progress: ProgressFn | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    total = sum(len(s.calibration_ids) for s in shards)
+    if total == 0:
+        raise DefectscopeError("no readable calibration image: every one failed to load")
+    scorer = detector.scorer
+    assert scorer is not None  # fit_from_shards builds it before calibrating
+    owner_on_device = bank_owner.to(detector.device)
+    scores, maxima = [], []
+    done = 0
+    for ids, embeddings in iter_calibration_batches(shards, detector.config.batch_size):
+        embeddings = embeddings.to(detector.device)
+        if plan.method == "leave_one_out":
+            # Each image is scored against the bank without its own patches: an out-of-sample
+            # score for every training image from a single bank. Always exact search.
+            for row, index in enumerate(ids):
+                banned = owner_on_device == index
+                maps, image_scores = scorer(embeddings[row : row + 1], banned=banned)
+                scores.append(image_scores.cpu())
+                maxima.append(maps.flatten(1).amax(1).cpu())
+        else:
+            maps, image_scores = scorer(embeddings)
+            scores.append(image_scores.cpu())
+            maxima.append(maps.flatten(1).amax(1).cpu())
+        done += len(ids)
+        if progress:
+            progress("calibration", done, total)
+    return torch.cat(scores).numpy(), torch.cat(maxima).numpy()
