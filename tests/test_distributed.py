@@ -1,0 +1,317 @@
+"""The Ray engine on a real local Ray cluster: distributed fit, Ray Data prediction, Ray Serve.
+
+One cluster per module (``ray.init`` with 2 CPUs: the driver plus one worker process per actor);
+CLI runs are separate processes that join it by its GCS address, as they would a remote cluster.
+
+Tolerances: a distributed fit runs the same stages on the same plan as the local fit, so bank
+rows may differ only by float rounding (torch thread counts differ: 1 per actor vs the driver's):
+at most ``BANK_ATOL`` absolute on L2-normalised features, thresholds and scores within
+``REL_TOL`` relative; decisions and metadata identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect
+
+from defectscope.detector.detector import Detector
+from defectscope.errors import ImageLoadError
+from defectscope.monitoring.reference import ReferenceStats
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
+
+BANK_ATOL = 1e-4
+REL_TOL = 1e-5
+# Three chunks of 4 images: the plan really is split over the two workers.
+CONFIG = {**FAST_CONFIG, "fit": {"chunk_images": 4}}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A local Ray cluster for this module; yields its GCS address for CLI processes."""
+    if ray.is_initialized():
+        ray.shutdown()
+    started = time.perf_counter()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    print(f"\nRay cluster started in {time.perf_counter() - started:.1f} s")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, list[Path]]:
+    """Training images (one unreadable) and test images (one defective, one unreadable)."""
+    root = tmp_path_factory.mktemp("ray-images")
+    crops = texture_crops(16, seed=5)
+    train, test = root / "train", root / "test"
+    train.mkdir()
+    test.mkdir()
+    train_paths = []
+    for index, crop in enumerate(crops[:12]):
+        path = train / f"{index:02d}.png"
+        path.write_bytes(png(crop))
+        train_paths.append(path)
+    broken = train / "05_broken.png"
+    broken.write_bytes(b"not an image")
+    train_paths.insert(6, broken)
+    for index, crop in enumerate(crops[12:15]):
+        (test / f"good_{index}.png").write_bytes(png(crop))
+    (test / "defect.png").write_bytes(png(with_defect(crops[15])[0]))
+    (test / "corrupt.png").write_bytes(b"\x89PNG truncated")
+    return {"train": train_paths, "test": sorted(test.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def local_model(images, tmp_path_factory) -> tuple[Detector, Path]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unreadable training image
+        detector = Detector(CONFIG).fit(images["train"], on_error="skip")
+    path = tmp_path_factory.mktemp("ray-model") / "model"
+    detector.save(path)
+    return detector, path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "defectscope.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+# ------------------------------------------------------------------------------------ fit
+def test_ray_fit_matches_local_fit(cluster, images, local_model) -> None:
+    from defectscope.distributed.fit import fit_with_ray
+
+    local, _ = local_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        distributed = fit_with_ray(CONFIG, images["train"], workers=2, on_error="skip")
+
+    assert distributed.info["training"]["engine"] == {"name": "ray", "workers": 2}
+    assert distributed.info["training"]["n_chunks"] == 4
+    assert distributed.memory_bank.shape == local.memory_bank.shape
+    difference = (distributed.memory_bank - local.memory_bank).abs().max().item()
+    assert difference <= BANK_ATOL, difference
+    assert relative(distributed.threshold, local.threshold) <= REL_TOL
+    assert relative(distributed.pixel_threshold, local.pixel_threshold) <= REL_TOL
+    for key in ("n_images", "n_patches", "n_candidates", "fingerprint", "examples", "skipped"):
+        assert distributed.info["training"][key] == local.info["training"][key], key
+    # The unreadable image is named by its path on the driver, as in a local fit.
+    assert distributed.info["training"]["skipped"][0]["source"].endswith("05_broken.png")
+    # Drift reference: same statistics (its sample is stored in float16).
+    ours = ReferenceStats.from_dict(distributed.info["reference"])
+    theirs = ReferenceStats.from_dict(local.info["reference"])
+    assert ours.n_images == theirs.n_images and ours.sample.shape == theirs.sample.shape
+    np.testing.assert_allclose(ours.mean, theirs.mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.var, theirs.var, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(ours.sample, theirs.sample, rtol=2e-3, atol=1e-4)
+
+    readable = [p for p in images["test"] if p.name != "corrupt.png"]
+    for ours, theirs in zip(distributed.predict(readable), local.predict(readable), strict=True):
+        assert relative(ours.score, theirs.score) <= REL_TOL
+        assert ours.is_anomalous == theirs.is_anomalous
+    assert local.predict(images["test"][1])[0].is_anomalous  # defect.png: a real detector
+
+
+def test_ray_fit_stops_on_an_unreadable_image_by_default(cluster, images) -> None:
+    from defectscope.distributed.fit import fit_with_ray
+
+    subset = images["train"][4:8]  # holds 05_broken.png
+    config = {**CONFIG, "fit": {"chunk_images": 2}}
+    with pytest.raises(ImageLoadError, match=r"05_broken\.png"):
+        fit_with_ray(config, subset, workers=1)
+    # Workers that open the paths themselves (a shared disk) report it the same way.
+    with pytest.raises(ImageLoadError, match=r"05_broken\.png: not a readable image"):
+        fit_with_ray(config, subset, workers=1, data_access="shared")
+
+
+# -------------------------------------------------------------------------------- predict
+def test_ray_predict_cli_writes_what_local_predict_writes(
+    cluster, images, local_model, tmp_path
+) -> None:
+    _, model = local_model
+    test_dir = str(images["test"][0].parent)
+    local = run_cli("predict", str(model), test_dir, "--out", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr
+    distributed = run_cli(
+        "predict",
+        str(model),
+        test_dir,
+        "--out",
+        str(tmp_path / "ray"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        cluster,
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+    )
+    assert distributed.returncode == 0, distributed.stderr
+    summary = distributed.stdout.split(". Results:")[0]
+    assert summary == local.stdout.split(". Results:")[0]
+    assert summary.endswith("1 unreadable")
+
+    def rows(folder: str) -> list[dict]:
+        lines = (tmp_path / folder / "results.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    ours, theirs = rows("ray"), rows("local")
+    assert [r["output_name"] for r in ours] == [r["output_name"] for r in theirs]
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.keys() == reference.keys()
+        assert mine["source"] == reference["source"]
+        assert mine["error"] == reference["error"]
+        if reference["error"] is None:
+            assert relative(mine["score"], reference["score"]) <= REL_TOL
+            assert mine["is_anomalous"] == reference["is_anomalous"]
+            assert mine["files"] == reference["files"]
+            for file in mine["files"].values():
+                assert (tmp_path / "ray" / file).is_file()
+    assert [r["error"] is not None for r in ours] == [True, False, False, False, False]
+    header = (tmp_path / "ray" / "results.csv").read_text().splitlines()[0]
+    assert header == (tmp_path / "local" / "results.csv").read_text().splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------- serve
+def test_ray_serve_cli_answers_like_the_local_api(cluster, images, local_model, tmp_path) -> None:
+    """`serve --engine ray` joins the cluster, deploys a replica, answers, and Ctrl+C stops it."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from defectscope.serving.app import create_app
+    from defectscope.serving.settings import ServingSettings
+
+    detector, model = local_model
+    image = images["test"][1].read_bytes()  # defect.png
+    settings = ServingSettings(model_path=model, prediction_log_url=None)
+    with TestClient(create_app(settings, detector=detector)) as local_api:
+        expected = local_api.post("/v1/predict", files={"file": ("x.png", image)}).json()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = ["serve", str(model), "--engine", "ray", "--replicas", "1", "--port", str(port)]
+    command += ["--ray-address", cluster]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "defectscope.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "DEFECTSCOPE_PREDICTION_LOG_URL": "none"},
+        cwd=tmp_path,
+    )
+    started = time.perf_counter()
+    try:
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.perf_counter() - started < 180, "Ray Serve did not come up in 180 s"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        print(f"\nRay Serve up with 1 replica in {time.perf_counter() - started:.1f} s")
+        response = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", image)}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert relative(body["score"], expected["score"]) <= REL_TOL
+        assert body["is_anomalous"] is expected["is_anomalous"] is True
+        junk = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", b"junk")}, timeout=60)
+        assert junk.status_code == 415
+        assert "not a readable image" in junk.json()["detail"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        stopping = time.perf_counter()
+        # Serve's graceful shutdown drains the proxy and the replica; on a loaded 2-core machine
+        # (the whole suite under coverage) it has taken over a minute.
+        try:
+            output, _ = server.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output, _ = server.communicate()
+        print(f"Ray Serve stopped {time.perf_counter() - stopping:.1f} s after Ctrl+C")
+    assert server.returncode == 0, output
+    # Ctrl+C shut Serve down in the cluster, not just the command.
+    from ray import serve
+
+    assert not serve.status().applications
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unreachable_address_is_one_line_and_exit_2(images, tmp_path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    proc = run_cli(
+        "fit",
+        str(images["train"][0].parent),
+        "--out",
+        str(tmp_path / "m"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+    )
+    assert proc.returncode == 2, proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"cannot reach the Ray cluster at {address}" in message
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_engine_is_refused(tmp_path) -> None:
+    proc = run_cli("predict", str(tmp_path), str(tmp_path), "--engine", "spark")
+    assert proc.returncode == 2
+    assert "--engine must be one of local, ray" in proc.stderr
+
+
+def test_ray_client_address_is_probed_before_connecting() -> None:
+    from defectscope.distributed.cluster import RayUnavailableError, probe_address
+
+    address = f"ray://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    expected = f"cannot reach the Ray cluster at {re.escape(address)}"
+    with pytest.raises(RayUnavailableError, match=expected):
+        probe_address(address)
+    assert time.perf_counter() - started < 5  # not Ray's minute of retries
+
+
+def test_missing_ray_names_the_extra(monkeypatch) -> None:
+    from defectscope.distributed.cluster import RayUnavailableError, require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(RayUnavailableError, match=r"pip install 'defectscope\[ray\]'"):
+        require_ray()
+
+
+def test_bank_tolerance_is_meaningful(local_model) -> None:
+    """BANK_ATOL is far below the distance between distinct bank rows: a wrong row would fail."""
+    bank = local_model[0].memory_bank[:300]
+    distances = torch.cdist(bank, bank) + torch.eye(bank.shape[0]) * 1e9
+    assert distances.min().item() > 100 * BANK_ATOL
