@@ -21,16 +21,21 @@ import httpx
 
 from defectscope.errors import DefectscopeError
 
-ImageArg = str | Path | bytes
+# A path, the encoded file's bytes, or (file name, bytes) to keep the name in batch answers.
+ImageArg = str | Path | bytes | tuple[str, bytes]
 
 
 class ClientError(DefectscopeError):
-    """A request failed; ``status`` is the HTTP status, or None when no answer came back."""
+    """A request failed; ``status`` is the HTTP status, or None when no answer came back
+    (``timed_out`` then tells a slow server from an unreachable one)."""
 
-    def __init__(self, message: str, status: int | None = None, detail: Any = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, detail: Any = None, timed_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail
+        self.timed_out = timed_out
 
 
 def decode_png(value: str) -> bytes:
@@ -49,6 +54,7 @@ class DefectscopeClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
@@ -96,6 +102,31 @@ class DefectscopeClient:
     def model_info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/model")
 
+    def set_thresholds(
+        self, image: float | None = None, pixel: float | None = None
+    ) -> dict[str, Any]:
+        """Store new thresholds in the served model (saved to its file); returns /v1/model."""
+        body = {"image": image, "pixel": pixel}
+        return self._request("PUT", "/v1/model/thresholds", json=body)
+
+    def model_report(self) -> dict[str, Any] | None:
+        """The model's evaluation report (``{"source", "report"}``), or None when it has none."""
+        try:
+            return self._request("GET", "/v1/model/report")
+        except ClientError as exc:
+            if exc.status == 404 and "no evaluation report" in str(exc.detail):
+                return None
+            raise
+
+    def drift(self, **window: Any) -> dict[str, Any]:
+        """Score drift over logged predictions: since, until (datetime or ISO text), limit."""
+        return self._request("GET", "/v1/drift", params=_query(window))
+
+    def drift_images(self, images: Iterable[ImageArg]) -> dict[str, Any]:
+        """Drift of a window of images, with the feature test (MMD); they are not logged."""
+        files = [("files", _read(image)) for image in images]
+        return self._request("POST", "/v1/drift/images", files=files)
+
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")
 
@@ -111,20 +142,28 @@ class DefectscopeClient:
 
     def predictions(self, **filters: Any) -> dict[str, Any]:
         """The prediction log: limit, offset, since, until (datetime or ISO text), is_anomalous."""
-        params = {
-            k: (v.isoformat() if hasattr(v, "isoformat") else v)
-            for k, v in filters.items()
-            if v is not None
-        }
-        params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in params.items()}
-        return self._request("GET", "/v1/predictions", params=params)
+        return self._request("GET", "/v1/predictions", params=_query(filters))
+
+    def all_predictions(self, max_rows: int = 10_000, **filters: Any) -> list[dict[str, Any]]:
+        """Up to ``max_rows`` log entries, newest first, fetched page by page."""
+        rows: list[dict[str, Any]] = []
+        while len(rows) < max_rows:
+            limit = min(1000, max_rows - len(rows))
+            page = self.predictions(**filters, limit=limit, offset=len(rows))
+            rows.extend(page["items"])
+            if len(page["items"]) < limit or len(rows) >= page["total"]:
+                break
+        return rows
 
     # ------------------------------------------------------------------------- plumbing
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
-            raise ClientError(f"the server at {self.url} did not answer in time") from None
+            raise ClientError(
+                f"the server at {self.url} did not answer within {self.timeout:g} s",
+                timed_out=True,
+            ) from None
         except httpx.TransportError as exc:
             raise ClientError(f"the server at {self.url} is unreachable ({exc})") from None
         if response.is_success:
@@ -145,11 +184,24 @@ class DefectscopeClient:
 def _read(image: ImageArg) -> tuple[str, bytes]:
     if isinstance(image, (bytes, bytearray)):
         return "image", bytes(image)
+    if isinstance(image, tuple):
+        name, data = image
+        return name, bytes(data)
     path = Path(image)
     try:
         return path.name, path.read_bytes()
     except OSError as exc:
         raise ClientError(f"{path}: cannot read the image file ({exc.strerror or exc})") from None
+
+
+def _query(values: dict[str, Any]) -> dict[str, Any]:
+    """Query parameters: None dropped, datetimes as ISO text, booleans as true/false."""
+    params = {
+        k: (v.isoformat() if hasattr(v, "isoformat") else v)
+        for k, v in values.items()
+        if v is not None
+    }
+    return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in params.items()}
 
 
 def _flags(threshold: float | None, heatmap: bool, overlay: bool, mask: bool) -> dict[str, str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from defectscope import storage
 from defectscope.errors import ModelFileError
 
 FORMAT_NAME = "defectscope-model"
@@ -39,7 +42,13 @@ def compact_metadata(value: Any) -> Any:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A model directory or the file itself -> the safetensors file."""
+    """A model directory or the file itself (local, or an s3:// / gs:// URI, fetched into the
+    cache) -> the local safetensors file."""
+    if storage.is_remote(path):
+        uri = str(storage.location(path))
+        if Path(uri).suffix == "":
+            uri = f"{uri.rstrip('/')}/{MODEL_FILENAME}"  # only the bank, not exported files
+        path = storage.localize(uri)
     path = Path(path)
     if path.is_dir():
         candidate = path / MODEL_FILENAME
@@ -59,8 +68,20 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def write_model_file(
     path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> Path:
-    """Write atomically: a crash mid-write never leaves a half file under the final name."""
+) -> Path | str:
+    """Write atomically: a crash mid-write never leaves a half file under the final name.
+
+    A remote ``path`` (s3://, gs://: a model folder or a .safetensors key) is written locally,
+    then uploaded as one object; its URI is returned.
+    """
+    if storage.is_remote(path):
+        uri = str(storage.location(path))
+        if not uri.endswith(".safetensors"):
+            uri = f"{uri.rstrip('/')}/{MODEL_FILENAME}"
+        storage.check_destination(uri)
+        with tempfile.TemporaryDirectory(prefix="defectscope-model-") as staging:
+            local = write_model_file(Path(staging), tensors, meta)
+            return storage.upload_file(local, uri)
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
@@ -73,9 +94,13 @@ def write_model_file(
         "format_version": str(FORMAT_VERSION),
         "meta": json.dumps(meta),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
-    os.replace(tmp, path)
+    # A per-process, per-thread name: workers saving at the same instant never share a temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write failed
     return path
 
 

@@ -14,10 +14,12 @@ import binascii
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -62,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defectscope import __version__
 from defectscope.data.io import load_image
 from defectscope.detector.detector import Detector
-from defectscope.detector.model_file import compact_metadata, resolve_model_path
+from defectscope.detector.model_file import compact_metadata, read_header, resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
 from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftError, MissingReferenceError
@@ -79,6 +81,7 @@ from defectscope.serving.schemas import (
     PredictionLogPage,
     PredictionResult,
     ReadyResponse,
+    ThresholdUpdate,
     Timing,
 )
 from defectscope.serving.settings import ServingSettings
@@ -175,6 +178,10 @@ class ServingState:
     repository: PredictionLogRepository | None = None
     batcher: MicroBatcher | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # PUT /v1/model/thresholds: one writer at a time; other workers follow the file's mtime.
+    threshold_lock: threading.Lock = field(default_factory=threading.Lock)
+    model_mtime_ns: int | None = None
+    model_checked_at: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -191,6 +198,8 @@ class ServingState:
             self.load_error = "no model configured (set DEFECTSCOPE_MODEL_PATH)"
             return
         try:
+            # Before loading: a threshold saved meanwhile by another worker is then picked up.
+            self.model_mtime_ns = resolve_model_path(settings.model_path).stat().st_mtime_ns
             detector = await asyncio.to_thread(
                 load_detector, settings.model_path, settings.runtime, settings.device
             )
@@ -216,6 +225,58 @@ class ServingState:
             self.model_fingerprint, detector.config.backbone.name, self.model_version
         ).set(1)
         self.metrics.model_ready.set(1)
+
+    def follow_model_file(self) -> None:
+        """Adopt thresholds that another worker saved to the model file since we loaded it.
+
+        Each ``--workers`` process holds its own detector; a cheap stat (at most once a second)
+        and a header read keep them in agreement without reloading the memory bank.
+        """
+        now = time.monotonic()
+        path = self.settings.model_path
+        if path is None or not self.ready or now - self.model_checked_at < 1.0:
+            return
+        self.model_checked_at = now
+        if getattr(self.detector, "runtime", "torch") != "torch":
+            return
+        try:
+            file = resolve_model_path(path)
+            mtime = file.stat().st_mtime_ns
+            if self.model_mtime_ns is None or mtime == self.model_mtime_ns:
+                self.model_mtime_ns = mtime
+                return
+            stored = read_header(file)["calibration"]
+            self.detector.set_thresholds(
+                stored["threshold"], stored["pixel_threshold"], stored["threshold_source"]
+            )
+            self.use_detector(self.detector, file_fingerprint(file))
+            self.model_mtime_ns = mtime
+        except (DefectscopeError, OSError, KeyError, TypeError) as exc:
+            log.warning("could not re-read thresholds from the model file: %s", exc)
+
+    def save_thresholds(self, update: ThresholdUpdate) -> None:
+        """Apply new thresholds and persist them to the served model file, or change nothing."""
+        detector, path = self.detector, self.settings.model_path
+        runtime = getattr(detector, "runtime", "torch")
+        if runtime != "torch":
+            raise RequestError(
+                409,
+                f"this server runs an exported {runtime} model, whose thresholds are fixed in the "
+                "exported file: set them on the PyTorch model and export it again",
+            )
+        if path is None:
+            raise RequestError(409, "this server has no model file to save thresholds to")
+        with self.threshold_lock:
+            previous = detector.calibration
+            detector.set_thresholds(update.image, update.pixel, source="ui")
+            try:
+                file = detector.save(path)
+            except Exception as exc:  # OSError, SafetensorError...: any failure to write
+                detector.calibration = previous
+                log.warning("thresholds not saved to %s: %s", path, exc)
+                raise RequestError(409, f"cannot save the model file {path}: {exc}") from None
+            self.model_mtime_ns = file.stat().st_mtime_ns
+            self.use_detector(detector, file_fingerprint(file))
 
     def record(self, records: list[dict]) -> None:
         """Background task: a logging failure is a warning, never a failed request."""
@@ -247,6 +308,7 @@ def get_settings(state: Annotated[ServingState, Depends(get_state)]) -> ServingS
 def get_detector(state: Annotated[ServingState, Depends(get_state)]) -> Detector:
     if not state.ready:
         raise HTTPException(503, state.load_error or "the model is still loading")
+    state.follow_model_file()
     return state.detector
 
 
@@ -566,6 +628,61 @@ async def model_info(state: State, detector: ReadyDetector) -> dict[str, Any]:
     return described
 
 
+@v1.put(
+    "/model/thresholds",
+    responses={
+        400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+        409: {"model": ErrorResponse, "description": "The thresholds cannot be saved."},
+    },
+)
+async def update_thresholds(
+    state: State, _: ReadyDetector, update: ThresholdUpdate
+) -> dict[str, Any]:
+    """Set the stored thresholds and save them to the served model file (atomic replace).
+
+    Other worker processes pick the new thresholds up from the file within about a second.
+    """
+    if update.image is None and update.pixel is None:
+        raise HTTPException(422, "give at least one of 'image' and 'pixel'")
+    try:
+        await run_in_threadpool(state.save_thresholds, update)
+    except RequestError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    return await model_info(state, state.detector)
+
+
+def report_folder(settings: ServingSettings) -> Path | None:
+    """``--report DIR``, else ``report/`` beside the model file, if it holds metrics.json."""
+    folder = settings.report_dir
+    if folder is None and settings.model_path is not None:
+        model = Path(settings.model_path)
+        folder = (model if model.is_dir() else model.parent) / "report"
+    if folder is None or not (folder / "metrics.json").is_file():
+        return None
+    return folder
+
+
+@v1.get(
+    "/model/report",
+    responses={404: {"model": ErrorResponse, "description": "No evaluation report."}},
+)
+def model_report(state: State) -> dict[str, Any]:
+    """The model's evaluation report (``defectscope evaluate --report``'s metrics.json)."""
+    folder = report_folder(state.settings)
+    if folder is None:
+        raise HTTPException(
+            404,
+            "no evaluation report for this model: write one with `defectscope evaluate MODEL "
+            "DATA --report MODEL/report`, or start the server with --report DIR",
+        )
+    try:
+        report = json.loads((folder / "metrics.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        detail = f"the evaluation report in {folder} is unreadable: {exc}"
+        raise HTTPException(404, detail) from None
+    return {"source": str(folder), "report": report}
+
+
 def log_query(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
@@ -653,6 +770,54 @@ def drift_check(
     return jsonable_encoder(body)
 
 
+@v1.post(
+    "/drift/images",
+    responses={
+        409: {"model": ErrorResponse, "description": "No drift reference, or no embeddings."},
+        422: {"model": ErrorResponse, "description": "Window too small or an unreadable image."},
+    },
+)
+async def drift_images(
+    state: State,
+    detector: ReadyDetector,
+    files: Annotated[list[UploadFile], File(description="The window: images, 'files' repeated.")],
+) -> dict[str, Any]:
+    """Drift verdict over a window of uploaded images: score tests and the feature test (MMD).
+
+    The images are embedded and scored in one pass, as ``defectscope drift MODEL --images`` does;
+    they are not logged as predictions.
+    """
+    settings = state.settings
+    if len(files) > settings.max_batch_images:
+        raise HTTPException(
+            413, f"{len(files)} images sent; at most {settings.max_batch_images} per request"
+        )
+    try:
+        monitor = DriftDetector.from_detector(detector)
+    except MissingReferenceError as exc:
+        raise HTTPException(409, str(exc)) from None
+    images = []
+    for upload in files:
+        try:
+            data = await read_upload(upload, settings.max_upload_bytes)
+            images.append(await run_in_threadpool(load_image, data, settings.max_pixels))
+        except RequestError as exc:
+            raise HTTPException(exc.status, f"{upload.filename}: {exc.detail}") from None
+        except ImageLoadError as exc:
+            raise HTTPException(
+                image_error_status(exc), f"{upload.filename}: {exc.reason}"
+            ) from None
+    try:
+        report = await run_in_threadpool(monitor.check_images, detector, images)
+    except DriftError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except DefectscopeError as exc:  # an exported runtime has no embeddings
+        raise HTTPException(409, f"the feature test needs the PyTorch model: {exc}") from None
+    body = report.to_dict()
+    body.update(model_fingerprint=state.model_fingerprint, window={"images": len(images)})
+    return jsonable_encoder(body)
+
+
 # ------------------------------------------------------------------------------ factory
 def create_app(
     settings: ServingSettings | None = None, *, detector: Detector | None = None
@@ -708,7 +873,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT"],
             allow_headers=["*"],
         )
 

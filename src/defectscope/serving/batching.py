@@ -84,13 +84,14 @@ class MicroBatcher:
 
     async def submit(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
         """Queue one decoded RGB image and wait for its prediction."""
-        if not self.running:
+        if not self.running or self._queue is None:
             raise RuntimeError("the micro-batcher is not running")
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(image, threshold, future))
         return await future
 
     async def _collect(self) -> list[_Item]:
+        assert self._queue is not None, "start() creates the queue before the loop runs"
         batch = [await self._queue.get()]
         # Wait for company only under load (the last model call was shared, or others are
         # already queued): a lone request on an idle server is answered at once.
@@ -145,4 +146,4 @@ class MicroBatcher:
                 raise RuntimeError("predict returned a different number of results than images")
             for position, prediction in zip(positions, predictions, strict=True):
                 results[position] = prediction
-        return results
+        return [result for result in results if result is not None]  # every position is set

@@ -104,6 +104,17 @@ class BatchResponse(BaseModel):
     n_failed: int
 
 
+class ThresholdUpdate(BaseModel):
+    """New thresholds for the served model; a field left out (or null) keeps the stored one."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"image": 1.35, "pixel": None}]}
+    )
+
+    image: float | None = Field(None, gt=0, allow_inf_nan=False, description="Image threshold.")
+    pixel: float | None = Field(None, gt=0, allow_inf_nan=False, description="Mask threshold.")
+
+
 class ErrorResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"detail": "internal error", "request_id": "3f2a..."}]}

@@ -47,6 +47,12 @@ class ServingSettings(BaseSettings):
         description="SQLAlchemy URL of the prediction log; None (or 'none') disables it.",
     )
 
+    report_dir: Path | None = Field(
+        None,
+        description="Evaluation report folder (with metrics.json) shown by /v1/model/report; "
+        "None looks for report/metrics.json next to the model file.",
+    )
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

@@ -1,0 +1,1 @@
+"""Page scripts of the web UI, run by Streamlit (``st.navigation`` in ``ui/app.py``)."""
