@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from defectscope import storage
 from defectscope.detector.detector import Detector
+from defectscope.detector.model_file import resolve_model_path
 from defectscope.errors import ConfigError
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
@@ -22,8 +24,25 @@ def resolve_runtime(path: str | Path, runtime: str = "auto") -> str:
     return runtime
 
 
+def localize_model(path: str | Path, runtime: str = "auto") -> Path:
+    """A local path for a model: ``path`` itself, or a remote one (s3://, gs://) fetched into the
+    cache, only the files ``runtime`` reads (the bank; an .onnx; an OpenVINO .xml with its .bin;
+    for an exported-model folder, the folder)."""
+    if not storage.is_remote(path):
+        return Path(path)
+    uri = str(storage.location(path))
+    if resolve_runtime(uri, runtime) == "torch":
+        return resolve_model_path(uri)
+    suffix = Path(uri).suffix.lower()
+    if suffix == ".xml":
+        storage.localize(uri[: -len(suffix)] + ".bin")  # lands in the same cached folder
+    return storage.localize(uri)
+
+
 def load_detector(path: str | Path, runtime: str = "auto", device: str | None = None) -> Detector:
+    """Load ``path`` (local, or an s3:// / gs:// URI, fetched into the local cache first)."""
     runtime = resolve_runtime(path, runtime)
+    path = localize_model(path, runtime)
     if runtime == "torch":
         return Detector.load(path, device=device)
     # Imported only here: the torch runtime must not need the export extra.
