@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -57,6 +58,36 @@ RuntimeOpt = Annotated[
         "folder), onnx or openvino (MODEL is an exported file, or a folder holding model.onnx / "
         "model.xml)."
     ),
+]
+EngineOpt = Annotated[
+    str, typer.Option(help='local (this process) or ray (a Ray cluster; the "ray" extra).')
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        help="With --engine ray: unset starts a local cluster; 'auto' joins the one started here "
+        "by 'ray start --head'; host:6379 or ray://host:10001 a remote one.",
+    ),
+]
+RayWorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", help="With --engine ray: Ray workers (default: one per CPU)."),
+]
+MlflowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--mlflow",
+        help='Track the run in MLflow (the "tracking" extra): $MLFLOW_TRACKING_URI, else '
+        "sqlite:///mlflow.db in the current folder.",
+    ),
+]
+MlflowUriOpt = Annotated[
+    str | None, typer.Option("--mlflow-uri", help="MLflow tracking URI (implies --mlflow).")
+]
+MlflowExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--mlflow-experiment", help="MLflow experiment name [default: defectscope]."),
 ]
 
 
@@ -104,23 +135,56 @@ def fit(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable images instead of stopping.")
     ] = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: RayWorkersOpt = None,
+    mlflow: MlflowOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExperimentOpt = None,
 ) -> None:
-    """Learn what good looks like from the good training images of DATA."""
+    """Learn what good looks like from the good training images of DATA.
+
+    DATA and --out may be s3:// or gs:// URIs (the "cloud" extra).
+    """
+    from defectscope import storage
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
+    from defectscope.distributed.cluster import check_engine
+    from defectscope.tracking import log_fit, open_tracker
 
+    check_engine(engine, ray_address)
     experiment = _compose(config, overrides, device)
-    dataset = open_dataset(data)
+    storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
+    tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
+    started = time.time()
+    data = storage.location(data)
+    dataset = open_dataset(storage.localize(data))
     paths = [sample.path for sample in dataset.train]
     console.print(f"Fitting on {len(paths)} good images from {data} ({dataset.layout} layout)")
     detector = Detector(experiment.detector)
     with progress_bars() as progress:
-        detector.fit(paths, on_error="skip" if skip_bad else "raise", progress=progress)
+        on_error = "skip" if skip_bad else "raise"
+        if engine == "ray":
+            from defectscope.distributed.fit import fit_on_cluster
+
+            detector = fit_on_cluster(
+                experiment.detector,
+                paths,
+                address=ray_address,
+                workers=workers,
+                on_error=on_error,
+                progress=progress,
+            )
+        else:
+            detector.fit(paths, on_error=on_error, progress=progress)
     path = detector.save(out_dir)
     _print_fit_summary(detector, path)
+    tags = {"defectscope.command": "fit", "defectscope.dataset": str(data)}
+    with tracker.run(Path(str(out_dir)).name, tags, started=started) as run:
+        log_fit(run, detector, storage.location(out_dir), config=experiment.raw)
 
 
-def _print_fit_summary(detector, path: Path) -> None:
+def _print_fit_summary(detector, path: Path | str) -> None:
     info = detector.info
     timings = info["timings"]
     table = Table(title="Model", show_header=False)
@@ -154,12 +218,20 @@ def evaluate(
     device: DeviceOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
     runtime: RuntimeOpt = "auto",
+    mlflow: MlflowOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExperimentOpt = None,
 ) -> None:
-    """Score the test split of DATA, compute metrics and write a report."""
+    """Score the test split of DATA, compute metrics and write a report.
+
+    MODEL, DATA and --report may be s3:// or gs:// URIs (the "cloud" extra).
+    """
+    from defectscope import storage
     from defectscope.data.datasets import open_dataset
     from defectscope.errors import DefectscopeError
     from defectscope.evaluation.report import write_report
     from defectscope.evaluation.runner import evaluate as run_evaluation
+    from defectscope.tracking import log_evaluation, open_tracker
 
     if set_threshold not in ("none", "f1"):
         raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
@@ -167,8 +239,12 @@ def evaluate(
 
     if set_threshold != "none" and resolve_runtime(model, runtime) != "torch":
         raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
+    storage.check_destination(report)
+    tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
+    started = time.time()
     detector = load_detector(model, runtime, device)
-    dataset = open_dataset(data)
+    data = storage.location(data)
+    dataset = open_dataset(storage.localize(data))
     if not dataset.test:
         raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
     with progress_bars() as progress:
@@ -178,7 +254,15 @@ def evaluate(
             batch_size=batch_size,
             progress=lambda done, total: progress("evaluate", done, total),
         )
-    path = write_report(result, report)
+    with storage.staged_output(report) as local_report:
+        path = write_report(result, local_report)
+        tags = {"defectscope.command": "evaluate", "defectscope.dataset": str(data)}
+        tags["defectscope.model"] = str(model)
+        with tracker.run(f"evaluate {model.name}", tags, started=started) as run:
+            settings = {"runtime": runtime, "batch_size": batch_size}
+            log_evaluation(run, result.to_dict(), local_report, detector, {"evaluate": settings})
+    if storage.is_remote(report):
+        path = f"{storage.location(report)}/{Path(path).relative_to(local_report).as_posix()}"
     _print_metrics(result.to_dict())
     out.print(f"Report: {path}")
     if set_threshold == "f1":
@@ -219,23 +303,52 @@ def predict(
     images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images and go on.")] = True,
     runtime: RuntimeOpt = "auto",
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: RayWorkersOpt = None,
 ) -> None:
-    """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs."""
+    """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs.
+
+    MODEL, the inputs (files, folders or globs) and --out may be s3:// or gs:// URIs.
+    """
+    from contextlib import ExitStack
+
+    from defectscope import storage
     from defectscope.data.io import expand_image_paths
+    from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
     from defectscope.prediction_writer import PredictionWriter
     from defectscope.runtimes import load_detector
 
+    check_engine(engine, ray_address)
+    storage.check_destination(out_dir)
     detector = load_detector(model, runtime, device)
-    paths = expand_image_paths(inputs)
+    paths = expand_image_paths([p for src in inputs for p in storage.localize_matches(src)])
     if not paths:
         raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
-    writer = PredictionWriter(out_dir, paths, detector, write_images=images)
+    stack = ExitStack()
+    local_out = stack.enter_context(storage.staged_output(out_dir))
+    writer = PredictionWriter(local_out, paths, detector, write_images=images)
     failures = 0
-    with writer, progress_bars() as progress:
-        iterator = detector.iter_predict(
-            paths, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
-        )
+    with stack, writer, progress_bars() as progress:
+        if engine == "ray":
+            from defectscope.distributed.predict import predict_on_cluster
+
+            iterator = predict_on_cluster(
+                model,
+                paths,
+                address=ray_address,
+                workers=workers,
+                batch_size=batch_size,
+                runtime=runtime,
+                device=device,
+                threshold=threshold,
+                pixel_threshold=pixel_threshold,
+            )
+        else:
+            iterator = detector.iter_predict(
+                paths, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+            )
         for done, (index, _, result) in enumerate(iterator, start=1):
             if isinstance(result, Exception):
                 if not skip_bad:
@@ -245,9 +358,12 @@ def predict(
             writer.write(index, result)
             progress("predict", done, len(paths))
     flagged = writer.n_anomalous
+    results = writer.jsonl_path
+    if storage.is_remote(out_dir):
+        results = f"{storage.location(out_dir)}/{results.relative_to(local_out).as_posix()}"
     out.print(
         f"{len(paths) - failures} images scored, {flagged} anomalous, {failures} unreadable. "
-        f"Results: {writer.jsonl_path}"
+        f"Results: {results}"
     )
 
 
@@ -310,6 +426,7 @@ def export(
     size = path.stat().st_size + (
         path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
     )
+    assert detector.preprocessor is not None  # Detector.load sets it
     height, width = detector.preprocessor.input_size
     out.print(
         f"Exported {fmt} ({precision}, input batch x 3 x {height} x {width}, "
@@ -324,14 +441,26 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
     runtime: RuntimeOpt = "auto",
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Evaluation report folder for /v1/model/report [default: MODEL/report]."),
+    ] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: Annotated[
+        int, typer.Option(help="With --engine ray: Ray Serve replicas (each loads the model).")
+    ] = 1,
 ) -> None:
     """Serve MODEL over HTTP (REST API, /docs, /metrics); needs the "serve" extra.
 
     Other settings come from DEFECTSCOPE_* environment variables (see serving/settings.py).
     """
     from defectscope.detector.model_file import resolve_model_path
+    from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
+    from defectscope.runtimes import localize_model
 
+    check_engine(engine, ray_address)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -339,11 +468,33 @@ def serve(
         raise DefectscopeError(
             "serving needs extra packages: pip install 'defectscope[serve]'"
         ) from None
+    # A remote model is fetched once here into the local cache; the workers load that copy.
+    model = localize_model(model, runtime)
     resolve_model_path(model)  # a missing or wrong path fails here, not in every worker
     # Workers are separate processes: they get the settings through the environment and build
     # the app with the factory.
     os.environ["DEFECTSCOPE_MODEL_PATH"] = str(model.resolve())
     os.environ["DEFECTSCOPE_RUNTIME"] = runtime
+    if report is not None:
+        if not (report / "metrics.json").is_file():
+            raise DefectscopeError(f"{report}: no metrics.json (write it with evaluate --report)")
+        os.environ["DEFECTSCOPE_REPORT_DIR"] = str(report.resolve())
+    if engine == "ray":
+        from defectscope.distributed.serve import serve_on_cluster
+
+        # Replicas on other nodes load this same path: it must be on a disk they all share.
+        serve_on_cluster(
+            model,
+            address=ray_address,
+            replicas=replicas,
+            runtime=runtime,
+            host=host,
+            port=port,
+            on_ready=lambda url: console.print(
+                f"Serving {model} on {url} ({replicas} Ray Serve replica(s)); Ctrl+C stops it"
+            ),
+        )
+        return
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Without a shared folder each worker would report only its own counts on /metrics.
@@ -361,6 +512,59 @@ def serve(
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command()
+def ui(
+    api: Annotated[str, typer.Option(help="URL of the REST API (defectscope serve).")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="API key, if the server wants one.", envvar="DEFECTSCOPE_API_KEY"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8501,
+    samples: Annotated[
+        Path | None, typer.Option(help="Folder of sample images to pick from (e.g. a dataset).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an API answer.")] = 60.0,
+) -> None:
+    """Web UI over the REST API (Streamlit): inspect, threshold, history, drift, model."""
+    import importlib.util
+    import subprocess
+
+    from defectscope.errors import DefectscopeError
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise DefectscopeError("the web UI needs: pip install 'defectscope[ui]'")
+    if not api.startswith(("http://", "https://")):
+        raise DefectscopeError(f"--api must be an http:// or https:// URL, not {api!r}")
+    if samples is not None and not samples.is_dir():
+        raise DefectscopeError(f"--samples {samples}: not a folder")
+    if timeout <= 0:
+        raise DefectscopeError("--timeout must be positive")
+    # The page scripts read these: Streamlit re-runs them in its own process.
+    env = {**os.environ, "DEFECTSCOPE_API_URL": api, "DEFECTSCOPE_UI_TIMEOUT": str(timeout)}
+    if api_key:
+        env["DEFECTSCOPE_API_KEY"] = api_key
+    if samples is not None:
+        env["DEFECTSCOPE_UI_SAMPLES"] = str(samples.resolve())
+    script = Path(__file__).parent / "ui" / "app.py"
+    command = [sys.executable, "-m", "streamlit", "run", str(script)]
+    command += ["--server.address", host, "--server.port", str(port), "--server.headless", "true"]
+    command += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    console.print(f"defectscope UI on http://{host}:{port} (API {api})")
+    sys.stdout.flush()
+    if os.name == "posix":
+        # Become the Streamlit process: a supervisor's SIGTERM then stops the UI itself, not a
+        # launcher that would leave it running.
+        os.execve(sys.executable, command, env)
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -501,11 +705,18 @@ def experiment(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep comma lists.")] = False,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("outputs"),
     device: DeviceOpt = None,
+    mlflow: MlflowOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExperimentOpt = None,
 ) -> None:
-    """Fit and evaluate from a composed config; with --multirun, sweep every combination."""
+    """Fit and evaluate from a composed config; with --multirun, sweep every combination.
+
+    With --mlflow, each run is an MLflow run; a sweep's runs nest under one parent run.
+    """
     from defectscope.errors import ConfigError
     from defectscope.experiment import compose, expand_sweep
     from defectscope.runs import run_experiment, write_sweep_summary
+    from defectscope.tracking import open_tracker, sweep_run
 
     overrides = overrides or []
     if multirun:
@@ -518,22 +729,28 @@ def experiment(
         ):
             raise ConfigError("comma lists in overrides sweep several runs: add --multirun")
         runs = [overrides]
+    tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     results = []
-    for number, run_overrides in enumerate(runs):
-        exp = _compose(config, run_overrides, device)
-        if not exp.data:
-            raise ConfigError("no dataset: set data=PATH or use an experiment=... config")
-        run_dir = out_dir / exp.name / stamp / (str(number) if len(runs) > 1 else "")
-        console.print(
-            f"[bold]run {number + 1}/{len(runs)}[/] {' '.join(run_overrides) or '(defaults)'}"
-        )
-        with progress_bars() as progress:
-            results.append(run_experiment(exp, run_dir, progress))
-        _print_metrics(results[-1])
-    if len(runs) > 1:
-        summary = write_sweep_summary(results, out_dir / exp.name / stamp)
-        out.print(f"Sweep summary: {summary}")
+    tags = {"defectscope.command": "experiment"}
+    with sweep_run(tracker, len(runs), f"sweep {stamp}", tags) as parent:
+        for number, run_overrides in enumerate(runs):
+            exp = _compose(config, run_overrides, device)
+            if not exp.data:
+                raise ConfigError("no dataset: set data=PATH or use an experiment=... config")
+            run_dir = out_dir / exp.name / stamp / (str(number) if len(runs) > 1 else "")
+            console.print(
+                f"[bold]run {number + 1}/{len(runs)}[/] {' '.join(run_overrides) or '(defaults)'}"
+            )
+            name = f"{exp.name} {number}" if len(runs) > 1 else exp.name
+            with progress_bars() as progress, tracker.run(name, tags, parent) as run:
+                results.append(run_experiment(exp, run_dir, progress, run))
+            _print_metrics(results[-1])
+        if len(runs) > 1:
+            summary = write_sweep_summary(results, out_dir / exp.name / stamp)
+            out.print(f"Sweep summary: {summary}")
+            for file_name in ("summary.md", "summary.csv", "summary.json"):
+                parent.log_artifacts(summary.parent / file_name, "summary")
 
 
 @app.command()
@@ -650,6 +867,7 @@ def drift(
         report = monitor.check_scores(scores)
         title = f"Drift check: {len(scores)} logged predictions"
     else:
+        assert images is not None  # exactly one of --images / --log, checked above
         paths = expand_image_paths(images)
         if not paths:
             raise DefectscopeError("no images found in " + ", ".join(str(i) for i in images))
@@ -790,7 +1008,8 @@ def main() -> None:
     except DefectscopeError as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Escaped: messages name extras like 'defectscope[cloud]', which rich reads as markup.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")

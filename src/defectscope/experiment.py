@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -71,7 +71,7 @@ def compose(config: str | Path | None = None, overrides: list[str] | None = None
         detector=detector,
         data=raw.get("data"),
         name=str(raw.get("name") or "default"),
-        raw=raw,
+        raw=cast(dict[str, Any], raw),  # YAML mappings: string keys
         overrides=overrides,
     )
 
@@ -93,6 +93,7 @@ def expand_sweep(overrides: list[str], sweep: dict[str, list] | None = None) -> 
         if override.is_sweep_override():
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
+            assert override.input_line is not None  # parsed from a string: always set
             axes.append([override.input_line])
     for key, values in (sweep or {}).items():
         if key in swept_keys:

@@ -42,7 +42,8 @@ def unique_output_names(paths: list[Path]) -> list[str]:
         common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path()
     except ValueError:  # different drives
         common = Path()
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for path in resolved:
         try:
             relative = path.relative_to(common)

@@ -11,14 +11,21 @@ from typing import Any
 import yaml
 
 from defectscope.experiment import Experiment
+from defectscope.tracking import NullRun, log_evaluation, log_fit
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
 def run_experiment(
-    experiment: Experiment, run_dir: Path, progress: Callable[[str, int, int], None] | None = None
+    experiment: Experiment,
+    run_dir: Path,
+    progress: Callable[[str, int, int], None] | None = None,
+    tracking: NullRun | None = None,
 ) -> dict[str, Any]:
-    """Fit on the train split, evaluate on the test split; write model, report and config."""
+    """Fit on the train split, evaluate on the test split; write model, report and config.
+
+    ``tracking`` (a run of `defectscope.tracking`) records the config, fit and evaluation.
+    """
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
     from defectscope.errors import DefectscopeError
@@ -30,12 +37,19 @@ def run_experiment(
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump({**experiment.raw, "overrides": experiment.overrides}, sort_keys=False)
     )
+    if not experiment.data:
+        raise DefectscopeError("no dataset: set data=PATH or use an experiment=... config")
     dataset = open_dataset(experiment.data)
     if not dataset.test:
         raise DefectscopeError(f"{experiment.data}: no labelled test images to evaluate on")
     detector = Detector(experiment.detector)
     detector.fit([s.path for s in dataset.train], progress=progress)
     detector.save(run_dir / "model")
+    tracking = tracking or NullRun()
+    overrides = " ".join(experiment.overrides) or "(defaults)"
+    tracking.set_tags({"defectscope.dataset": experiment.data, "defectscope.overrides": overrides})
+    log_fit(tracking, detector, run_dir / "model", config=experiment.raw)
+    tracking.log_artifacts(run_dir / "config.yaml")
     result = evaluate(
         detector,
         dataset,
@@ -43,6 +57,7 @@ def run_experiment(
     )
     write_report(result, run_dir / "report")
     summary = result.to_dict()
+    log_evaluation(tracking, summary, run_dir / "report")
     summary["overrides"] = experiment.overrides
     summary["fit_timings"] = detector.info["timings"]
     summary["run_dir"] = str(run_dir)

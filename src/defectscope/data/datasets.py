@@ -223,9 +223,9 @@ def _defect_samples(
     # Earlier mask folders win; within one folder "<stem>_mask" wins over a bare "<stem>".
     for mask_dir in reversed(mask_dirs):
         if _is_dir(mask_dir):
-            for mask in sorted(list_images(mask_dir), key=lambda p: p.stem.endswith("_mask")):
-                stem = mask.stem.removesuffix("_mask")
-                masks[stem] = mask
+            for mask_path in sorted(list_images(mask_dir), key=lambda p: p.stem.endswith("_mask")):
+                stem = mask_path.stem.removesuffix("_mask")
+                masks[stem] = mask_path
     samples = []
     for image in list_images(folder):
         mask = masks.get(image.stem)
@@ -365,8 +365,9 @@ def load_mask(sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarra
 
 def _read_mask(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image: Image.Image = opened
             mode = image.mode
             if mode == "P":
                 # Palette index 0 need not be black: judge the colours, not the indices.

@@ -11,6 +11,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,7 +59,7 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     raise ImageLoadError(None, f"unsupported image input of type {type(source).__name__}")
 
 
-def _decode(handle: io.IOBase, name: Path | None, max_pixels: int) -> np.ndarray:
+def _decode(handle: IO[bytes], name: Path | None, max_pixels: int) -> np.ndarray:
     # Our limit is checked on the header, before any pixel is decoded. PIL's own guard (an
     # error above twice its MAX_IMAGE_PIXELS) can only be relaxed globally, so it is raised
     # only when a caller explicitly allows more than PIL does.

@@ -236,9 +236,9 @@ def make_synthetic_dataset(
     plan += [("test/good", i, None) for i in range(n_test_good)]
     counters = dict.fromkeys(defect_types, 0)
     for i in range(n_test_defect):
-        defect = defect_types[i % len(defect_types)]
-        plan.append((f"test/{defect}", counters[defect], defect))
-        counters[defect] += 1
+        defect_type = defect_types[i % len(defect_types)]
+        plan.append((f"test/{defect_type}", counters[defect_type], defect_type))
+        counters[defect_type] += 1
 
     images: dict[str, dict[str, object]] = {}
     for folder, index, defect in plan:

@@ -184,6 +184,7 @@ def _record(sample: Any, prediction: Any, predicted: np.ndarray, truth: np.ndarr
 
 
 def _load_mask(sample: Any, shape: tuple[int, int]) -> np.ndarray:
+    load_mask: Callable[..., np.ndarray] | None
     try:
         from defectscope.data.datasets import load_mask
     except ImportError:  # the datasets module is optional for duck-typed datasets

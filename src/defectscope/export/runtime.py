@@ -125,6 +125,7 @@ class OnnxDetector(Detector):
 
     def describe(self) -> dict[str, Any]:
         self._require_fitted()
+        assert self.calibration is not None  # _require_fitted checked it
         return {**self.meta, "calibration": self.calibration.to_dict(), "runtime": self.runtime}
 
     def fit(self, *args: Any, **kwargs: Any) -> Detector:
@@ -138,6 +139,7 @@ class OnnxDetector(Detector):
 
     # ------------------------------------------------------------------ predict
     def _check_batch(self, batch: torch.Tensor) -> np.ndarray:
+        assert self.preprocessor is not None  # set by load(), before any batch
         expected = (3, *self.preprocessor.input_size)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ConfigError(

@@ -16,6 +16,7 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -102,6 +103,10 @@ def state_dict_fingerprint(module: nn.Module) -> str:
 class FeatureBackbone(nn.Module):
     """A frozen timm model cut after its last requested layer, returning NCHW feature maps."""
 
+    # A timm model: feature_info, forward_intermediates, prune_intermediate_layers are timm API
+    # that nn.Module's types do not know.
+    model: Any
+
     def __init__(self, model: nn.Module, name: str, layers: Sequence[int], weights: str) -> None:
         super().__init__()
         self.model = model
@@ -114,7 +119,7 @@ class FeatureBackbone(nn.Module):
             and hasattr(model, "num_prefix_tokens")
             and not hasattr(model, "conv_stem")
         )
-        info = model.feature_info
+        info = self.model.feature_info
         depth = len(info)
         requested = [int(i) for i in layers]
         if not requested or any(not -depth <= i < depth for i in requested):
@@ -132,15 +137,16 @@ class FeatureBackbone(nn.Module):
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
         # A ViT built without dynamic_img_size takes only the size its position embedding has.
         self.fixed_input_size: tuple[int, int] | None = None
-        patch_embed = getattr(model, "patch_embed", None)
+        patch_embed: Any = getattr(model, "patch_embed", None)
         if (
             self.is_vit
             and getattr(patch_embed, "strict_img_size", False)
             and not getattr(model, "dynamic_img_size", False)
         ):
-            self.fixed_input_size = tuple(int(s) for s in patch_embed.img_size)
+            height, width = patch_embed.img_size
+            self.fixed_input_size = (int(height), int(width))
         # Cut everything after the deepest requested layer: less compute, nothing changes.
-        model.prune_intermediate_layers(self.layers, prune_head=True)
+        self.model.prune_intermediate_layers(self.layers, prune_head=True)
         self.eval().requires_grad_(False)
         self.fingerprint = state_dict_fingerprint(self)
         if not self.is_vit:
@@ -203,7 +209,7 @@ class FeatureBackbone(nn.Module):
 def default_layers(model: nn.Module) -> list[int]:
     """Layers per family: the stride-8 and stride-16 stages of a CNN (PatchCore's layer2+layer3);
     for ViTs a middle, a three-quarter and the last block."""
-    info = model.feature_info
+    info: Any = model.feature_info  # timm's FeatureInfo
     reductions = [int(f["reduction"]) for f in info]
     if len(set(reductions)) > 1:
         wanted = [i for i, r in enumerate(reductions) if r in (8, 16)]
@@ -349,6 +355,7 @@ def _packaged_weights_path(packaged: PackagedWeights, name: str) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: Any  # a checkpoint may nest the weights under "model", "state_dict", ...
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

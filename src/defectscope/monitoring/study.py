@@ -370,7 +370,8 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
             y = [np.nan if r[key] is None else r[key] for r in rows]
             axis.plot(x, y, color="0.5", zorder=1)
             colours = [
-                VERDICT_COLOURS.get((r.get("drift_all") or {}).get("verdict"), "0.5") for r in rows
+                VERDICT_COLOURS.get((r.get("drift_all") or {}).get("verdict", ""), "0.5")
+                for r in rows
             ]
             axis.scatter(x, y, c=colours, s=40, zorder=2, edgecolors="black", linewidths=0.5)
             axis.set_xticks(x)
