@@ -157,10 +157,10 @@ def fit(
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     started = time.time()
-    data = storage.location(data)
-    dataset = open_dataset(storage.localize(data))
+    data_uri = storage.location(data)
+    dataset = open_dataset(storage.localize(data_uri))
     paths = [sample.path for sample in dataset.train]
-    console.print(f"Fitting on {len(paths)} good images from {data} ({dataset.layout} layout)")
+    console.print(f"Fitting on {len(paths)} good images from {data_uri} ({dataset.layout} layout)")
     detector = Detector(experiment.detector)
     with progress_bars() as progress:
         on_error = "skip" if skip_bad else "raise"
@@ -179,7 +179,7 @@ def fit(
             detector.fit(paths, on_error=on_error, progress=progress)
     path = detector.save(out_dir)
     _print_fit_summary(detector, path)
-    tags = {"defectscope.command": "fit", "defectscope.dataset": str(data)}
+    tags = {"defectscope.command": "fit", "defectscope.dataset": str(data_uri)}
     with tracker.run(Path(str(out_dir)).name, tags, started=started) as run:
         log_fit(run, detector, storage.location(out_dir), config=experiment.raw)
 
@@ -243,10 +243,10 @@ def evaluate(
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     started = time.time()
     detector = load_detector(model, runtime, device)
-    data = storage.location(data)
-    dataset = open_dataset(storage.localize(data))
+    data_uri = storage.location(data)
+    dataset = open_dataset(storage.localize(data_uri))
     if not dataset.test:
-        raise DefectscopeError(f"{data}: no labelled test images to evaluate on")
+        raise DefectscopeError(f"{data_uri}: no labelled test images to evaluate on")
     with progress_bars() as progress:
         result = run_evaluation(
             detector,
@@ -256,15 +256,17 @@ def evaluate(
         )
     with storage.staged_output(report) as local_report:
         path = write_report(result, local_report)
-        tags = {"defectscope.command": "evaluate", "defectscope.dataset": str(data)}
+        tags = {"defectscope.command": "evaluate", "defectscope.dataset": str(data_uri)}
         tags["defectscope.model"] = str(model)
         with tracker.run(f"evaluate {model.name}", tags, started=started) as run:
             settings = {"runtime": runtime, "batch_size": batch_size}
             log_evaluation(run, result.to_dict(), local_report, detector, {"evaluate": settings})
+    report_location: Path | str = path
     if storage.is_remote(report):
-        path = f"{storage.location(report)}/{Path(path).relative_to(local_report).as_posix()}"
+        relative = Path(path).relative_to(local_report).as_posix()
+        report_location = f"{storage.location(report)}/{relative}"
     _print_metrics(result.to_dict())
-    out.print(f"Report: {path}")
+    out.print(f"Report: {report_location}")
     if set_threshold == "f1":
         metrics = result.to_dict()["metrics"]
         if metrics.get("f1_threshold") is None:
@@ -358,9 +360,10 @@ def predict(
             writer.write(index, result)
             progress("predict", done, len(paths))
     flagged = writer.n_anomalous
-    results = writer.jsonl_path
+    results: Path | str = writer.jsonl_path
     if storage.is_remote(out_dir):
-        results = f"{storage.location(out_dir)}/{results.relative_to(local_out).as_posix()}"
+        relative = writer.jsonl_path.relative_to(local_out).as_posix()
+        results = f"{storage.location(out_dir)}/{relative}"
     out.print(
         f"{len(paths) - failures} images scored, {flagged} anomalous, {failures} unreadable. "
         f"Results: {results}"

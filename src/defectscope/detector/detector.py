@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from defectscope.monitoring.reference import pool_embeddings
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 ProgressFn = Callable[[str, int, int], None]
 """progress(stage, done, total): stages are 'features', 'coreset', 'calibration', 'predict'."""
 
@@ -56,6 +58,13 @@ class LoadedImage:
     source: str | None
     image: np.ndarray | None
     error: ImageLoadError | None
+
+
+class FeatureParts(NamedTuple):
+    """The feature extractor and its preprocessing (see `Detector._build_features`)."""
+
+    features: PatchFeatures
+    preprocessor: Preprocessor
 
 
 def describe_source(source: ImageInput) -> str | None:
@@ -125,36 +134,57 @@ class Detector:
         if not self.is_fitted:
             raise NotFittedError("the detector is not fitted: call fit() or Detector.load() first")
 
+    def _fitted(self, part: _T | None) -> _T:
+        """``part`` (one of the attributes below) of a fitted detector; NotFittedError before
+        fit() or load(). Exported runtimes are fitted without a scorer or features."""
+        self._require_fitted()
+        if part is None:
+            raise NotFittedError("the detector is not fitted: call fit() or Detector.load() first")
+        return part
+
+    @property
+    def _fitted_features(self) -> PatchFeatures:
+        return self._fitted(self.features)
+
+    @property
+    def _fitted_preprocessor(self) -> Preprocessor:
+        return self._fitted(self.preprocessor)
+
+    @property
+    def _fitted_scorer(self) -> AnomalyScorer:
+        return self._fitted(self.scorer)
+
+    @property
+    def _fitted_calibration(self) -> Calibration:
+        return self._fitted(self.calibration)
+
     @property
     def threshold(self) -> float:
-        self._require_fitted()
-        return self.calibration.threshold
+        return self._fitted_calibration.threshold
 
     @property
     def pixel_threshold(self) -> float:
-        self._require_fitted()
-        return self.calibration.pixel_threshold
+        return self._fitted_calibration.pixel_threshold
 
     @property
     def memory_bank(self) -> torch.Tensor:
-        self._require_fitted()
-        return self.scorer.bank
+        return self._fitted_scorer.bank
 
     def set_thresholds(
         self, image: float | None = None, pixel: float | None = None, source: str = "user"
     ) -> None:
         """Replace the stored thresholds (e.g. F1-optimal ones from a labelled validation set)."""
-        self._require_fitted()
-        self.calibration = self.calibration.with_thresholds(image, pixel, source)
+        self.calibration = self._fitted_calibration.with_thresholds(image, pixel, source)
 
-    def _build_features(self) -> None:
-        if self.features is not None:
-            return
+    def _build_features(self) -> FeatureParts:
+        """The feature extractor and preprocessor, built from the config on first use."""
+        if self.features is not None and self.preprocessor is not None:
+            return FeatureParts(self.features, self.preprocessor)
         backbone = create_backbone(self.config.backbone)
         check = getattr(backbone, "check_input_size", None)
         if check is not None:
             check(tuple(self.config.features.input_size))
-        self.features = PatchFeatures(
+        self.features = features = PatchFeatures(
             backbone,
             self.config.features.neighbourhood,
             self.config.features.embedding_dim,
@@ -162,21 +192,22 @@ class Detector:
         ).to(self.device)
         if self.config.half_precision and self.device.type == "cuda":
             backbone.half()
-        self.preprocessor = Preprocessor(
+        self.preprocessor = preprocessor = Preprocessor(
             self.config.features.input_size,
             backbone.mean,
             backbone.std,
             self.config.features.aspect,
         )
+        return FeatureParts(features, preprocessor)
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
-        self._build_features()
+        features = self._build_features().features
         batch = batch.to(self.device, non_blocking=True)
         if self.config.half_precision and self.device.type == "cuda":
             batch = batch.half()
-        return self.features(batch).float()
+        return features(batch).float()
 
     # -------------------------------------------------------------------- fit
     def fit(
@@ -239,8 +270,8 @@ class Detector:
     @torch.inference_mode()
     def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised input (B, 3, H, W) -> (anomaly maps at input size, image scores)."""
-        self._require_fitted()
-        return self.scorer(self.embed(batch))
+        scorer = self._fitted_scorer
+        return scorer(self.embed(batch))
 
     @torch.inference_mode()
     def pooled_embeddings(
@@ -265,14 +296,16 @@ class Detector:
             for item in batch:
                 if item.error is not None:
                     raise item.error
-            embeddings = self.embed(self.preprocessor([item.image for item in batch]))
+            # No error left: every LoadedImage of the batch holds its image.
+            arrays = [item.image for item in batch if item.image is not None]
+            embeddings = self.embed(self._fitted_preprocessor(arrays))
             pooled.append(pool_embeddings(embeddings))
             if return_scores:
-                scores.append(self.scorer(embeddings)[1].float().cpu().numpy())
+                scores.append(self._fitted_scorer(embeddings)[1].float().cpu().numpy())
             done += len(batch)
             if progress:
                 progress("predict", done, len(images))
-        dim = self.scorer.bank.shape[1]
+        dim = self._fitted_scorer.bank.shape[1]
         features = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
         if not return_scores:
             return features
@@ -287,22 +320,21 @@ class Detector:
         batch_size: int | None = None,
     ) -> Iterator[tuple[int, str | None, Prediction | ImageLoadError]]:
         """Yield (index, source, Prediction or the ImageLoadError) in input order."""
-        self._require_fitted()
+        calibration, preprocessor = self._fitted_calibration, self._fitted_preprocessor
         image_threshold = self.threshold if threshold is None else float(threshold)
         mask_threshold = self.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
         for batch in iter_loaded(list(images), batch_size or self.config.batch_size):
-            good = [item for item in batch if item.error is None]
+            # A LoadedImage holds an image or its error.
+            good = [(item, item.image) for item in batch if item.image is not None]
             results: dict[int, Prediction] = {}
             if good:
                 t0 = time.perf_counter()
-                tensor = self.preprocessor([item.image for item in good])
+                tensor = preprocessor([image for _, image in good])
                 maps, scores = self.score_batch(tensor)
                 elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(good)
-                normalized = self.calibration.normalize(scores.cpu().numpy(), image_threshold)
-                for row, item in enumerate(good):
-                    original = self.preprocessor.to_original(
-                        maps[row : row + 1], item.image.shape[:2]
-                    )
+                normalized = calibration.normalize(scores.cpu().numpy(), image_threshold)
+                for row, (item, image) in enumerate(good):
+                    original = preprocessor.to_original(maps[row : row + 1], image.shape[:2])
                     anomaly_map = original[0].float().cpu().numpy()
                     score = float(scores[row])
                     results[item.index] = Prediction(
@@ -317,7 +349,8 @@ class Detector:
                         timings={"model_ms": elapsed_ms},
                     )
             for item in batch:
-                yield item.index, item.source, results.get(item.index, item.error)
+                outcome = item.error if item.error is not None else results[item.index]
+                yield item.index, item.source, outcome
 
     def predict(
         self,
@@ -328,11 +361,15 @@ class Detector:
         batch_size: int | None = None,
     ) -> list[Prediction]:
         """Predictions for images, in order; an unreadable image raises ImageLoadError."""
+        sources: Sequence[ImageInput]
         if isinstance(images, (str, Path, bytes, np.ndarray)) or not isinstance(images, Sequence):
-            images = [images]
+            sources = [images]
+        else:
+            # bytes was excluded above; mypy keeps it (bytearray/memoryview promote to bytes).
+            sources = cast("Sequence[ImageInput]", images)
         out = []
         for _, _, result in self.iter_predict(
-            images, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+            sources, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
         ):
             if isinstance(result, Exception):
                 raise result
@@ -342,8 +379,9 @@ class Detector:
     # ------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:
         """Everything a person or an adapter needs to know about this model (JSON-able)."""
-        self._require_fitted()
-        backbone = self.features.backbone
+        scorer, calibration = self._fitted_scorer, self._fitted_calibration
+        features, preprocessor = self._fitted_features, self._fitted_preprocessor
+        backbone = features.backbone
         return {
             "defectscope_version": self.info.get("defectscope_version", __version__),
             "config": self.config.to_dict(),
@@ -355,18 +393,18 @@ class Detector:
                 "weights": backbone.weights,
                 "fingerprint": backbone.fingerprint,
             },
-            "preprocessing": self.preprocessor.to_dict(),
-            "feature_dim": int(self.scorer.bank.shape[1]),
-            "grid_size": list(self.features.grid_size(self.preprocessor.input_size)),
-            "calibration": self.calibration.to_dict(),
+            "preprocessing": preprocessor.to_dict(),
+            "feature_dim": int(scorer.bank.shape[1]),
+            "grid_size": list(features.grid_size(preprocessor.input_size)),
+            "calibration": calibration.to_dict(),
             **{k: v for k, v in self.info.items() if k != "defectscope_version"},
         }
 
     def save(self, path: str | Path) -> Path | str:
         """Write the model (a folder or a .safetensors file name, local or an s3:// / gs:// URI)
         and return the file path (the object's URI when remote)."""
-        self._require_fitted()
-        return write_model_file(path, {"memory_bank": self.scorer.bank}, self.describe())
+        bank = self._fitted_scorer.bank
+        return write_model_file(path, {"memory_bank": bank}, self.describe())
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Detector:
@@ -377,8 +415,8 @@ class Detector:
         if device is not None:
             config.device = device
         detector = cls(config)
-        detector._build_features()
-        backbone = detector.features.backbone
+        features = detector._build_features().features
+        backbone = features.backbone
         saved = meta.get("backbone", {})
         if saved.get("fingerprint") != backbone.fingerprint:
             raise ModelFileError(
@@ -387,13 +425,13 @@ class Detector:
                 "not match. Install the same weights or refit."
             )
         bank = tensors.get("memory_bank")
-        if bank is None or bank.ndim != 2 or bank.shape[1] != detector.features.dim:
+        if bank is None or bank.ndim != 2 or bank.shape[1] != features.dim:
             raise ModelFileError(
                 f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
-                f"match the feature size {detector.features.dim} of this configuration"
+                f"match the feature size {features.dim} of this configuration"
             )
-        detector.scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
-        detector.scorer.to(detector.device)
+        detector.scorer = scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
+        scorer.to(detector.device)
         try:
             detector.calibration = Calibration.from_dict(meta["calibration"])
         except (KeyError, TypeError) as exc:

@@ -26,7 +26,7 @@ def build_app() -> Any:
     from defectscope.serving.settings import ServingSettings
 
     set_threads_from_reservation()
-    settings = ServingSettings()  # type: ignore[call-arg]  # fields come from DEFECTSCOPE_*
+    settings = ServingSettings()  # fields come from DEFECTSCOPE_*
     if settings.model_path is None:
         raise DefectscopeError("no model configured (set DEFECTSCOPE_MODEL_PATH)")
     detector = load_detector(settings.model_path, settings.runtime, settings.device)

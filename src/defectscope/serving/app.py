@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -187,10 +187,24 @@ class ServingState:
     def ready(self) -> bool:
         return self.detector is not None and self.detector.is_fitted
 
-    def predict(self, images: list[np.ndarray], threshold: float | None) -> list[Prediction]:
+    def ready_detector(self) -> Detector:
+        """The served detector; HTTP 503 (with the load error, if any) until it is ready."""
+        detector = self.detector
+        if detector is None or not detector.is_fitted:
+            raise HTTPException(503, self.load_error or "the model is still loading")
+        return detector
+
+    def require_batcher(self) -> MicroBatcher:
+        """The micro-batcher, which `create_app` sets up."""
+        if self.batcher is None:
+            raise RuntimeError("no micro-batcher: build the app with create_app()")
+        return self.batcher
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None) -> list[Prediction]:
         # Runs in the batcher's worker thread; looked up per call so a reload or test double
         # takes effect at once.
-        return self.detector.predict(images, threshold=threshold, batch_size=len(images))
+        detector = self.ready_detector()
+        return detector.predict(images, threshold=threshold, batch_size=len(images))
 
     async def load_model(self) -> None:
         settings = self.settings
@@ -237,7 +251,8 @@ class ServingState:
         if path is None or not self.ready or now - self.model_checked_at < 1.0:
             return
         self.model_checked_at = now
-        if getattr(self.detector, "runtime", "torch") != "torch":
+        detector = self.ready_detector()
+        if getattr(detector, "runtime", "torch") != "torch":
             return
         try:
             file = resolve_model_path(path)
@@ -246,17 +261,17 @@ class ServingState:
                 self.model_mtime_ns = mtime
                 return
             stored = read_header(file)["calibration"]
-            self.detector.set_thresholds(
+            detector.set_thresholds(
                 stored["threshold"], stored["pixel_threshold"], stored["threshold_source"]
             )
-            self.use_detector(self.detector, file_fingerprint(file))
+            self.use_detector(detector, file_fingerprint(file))
             self.model_mtime_ns = mtime
         except (DefectscopeError, OSError, KeyError, TypeError) as exc:
             log.warning("could not re-read thresholds from the model file: %s", exc)
 
     def save_thresholds(self, update: ThresholdUpdate) -> None:
         """Apply new thresholds and persist them to the served model file, or change nothing."""
-        detector, path = self.detector, self.settings.model_path
+        detector, path = self.ready_detector(), self.settings.model_path
         runtime = getattr(detector, "runtime", "torch")
         if runtime != "torch":
             raise RequestError(
@@ -270,11 +285,13 @@ class ServingState:
             previous = detector.calibration
             detector.set_thresholds(update.image, update.pixel, source="ui")
             try:
-                file = detector.save(path)
+                saved = detector.save(path)
             except Exception as exc:  # OSError, SafetensorError...: any failure to write
                 detector.calibration = previous
                 log.warning("thresholds not saved to %s: %s", path, exc)
                 raise RequestError(409, f"cannot save the model file {path}: {exc}") from None
+            # The local file (for a remote model, its cached copy), as in follow_model_file.
+            file = resolve_model_path(saved)
             self.model_mtime_ns = file.stat().st_mtime_ns
             self.use_detector(detector, file_fingerprint(file))
 
@@ -306,10 +323,9 @@ def get_settings(state: Annotated[ServingState, Depends(get_state)]) -> ServingS
 
 
 def get_detector(state: Annotated[ServingState, Depends(get_state)]) -> Detector:
-    if not state.ready:
-        raise HTTPException(503, state.load_error or "the model is still loading")
-    state.follow_model_file()
-    return state.detector
+    detector = state.ready_detector()  # HTTP 503 until the model is loaded
+    state.follow_model_file()  # may update this detector's thresholds
+    return detector
 
 
 def get_log_repository(
@@ -444,7 +460,8 @@ async def score_bytes(
     t1 = time.perf_counter()
     timeout = state.settings.request_timeout_s
     try:
-        prediction = await asyncio.wait_for(state.batcher.submit(image, flags.threshold), timeout)
+        batcher = state.require_batcher()
+        prediction = await asyncio.wait_for(batcher.submit(image, flags.threshold), timeout)
     except TimeoutError:
         raise RequestError(
             504, f"the model did not answer within {timeout:g} s (server overloaded?); try again"
@@ -452,7 +469,7 @@ async def score_bytes(
     t2 = time.perf_counter()
     images = {}
     if flags.heatmap or flags.overlay or flags.mask:
-        stored = state.detector.threshold
+        stored = state.ready_detector().threshold
         images = await run_in_threadpool(render, image, prediction, flags, stored)
     total_ms = (time.perf_counter() - started) * 1000.0
     summary = prediction.summary()
@@ -503,7 +520,7 @@ def request_id(request: Request) -> str:
 
 
 # --------------------------------------------------------------------------------- routes
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         401: "Missing or wrong API key.",
@@ -648,7 +665,7 @@ async def update_thresholds(
         await run_in_threadpool(state.save_thresholds, update)
     except RequestError as exc:
         raise HTTPException(exc.status, exc.detail) from None
-    return await model_info(state, state.detector)
+    return await model_info(state, state.ready_detector())
 
 
 def report_folder(settings: ServingSettings) -> Path | None:
@@ -765,7 +782,9 @@ def drift_check(
             "last": rows[-1][0].isoformat(),
         },
     )
-    state.metrics.drift_score_p.set(report.test("score_ks").p_value)
+    p_value = report.test("score_ks").p_value
+    if p_value is not None:  # always set for the KS test; only reported tests may lack one
+        state.metrics.drift_score_p.set(p_value)
     state.metrics.drift_verdict.set(VERDICTS.index(report.verdict))
     return jsonable_encoder(body)
 
@@ -825,7 +844,7 @@ def create_app(
     """Build the app. ``detector`` skips loading ``settings.model_path`` (tests, embedding)."""
     settings = settings or ServingSettings()
     state = ServingState(settings=settings, metrics=Metrics())
-    state.batcher = MicroBatcher(
+    state.batcher = batcher = MicroBatcher(
         state.predict,
         max_size=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
@@ -836,7 +855,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.batcher.start()
+        await batcher.start()
         if settings.prediction_log_url:
             try:
                 state.repository = await asyncio.to_thread(
@@ -856,7 +875,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await state.batcher.stop()
+            await batcher.stop()
             if state.repository is not None:
                 state.repository.close()
 

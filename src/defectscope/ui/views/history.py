@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import altair as alt
 import streamlit as st
@@ -72,7 +73,8 @@ threshold_line = (
 st.altair_chart(points + threshold_line, width="stretch")
 
 st.subheader("Anomaly rate")
-per = st.radio("Per", ["hour", "day"], horizontal=True)
+periods: list[Literal["hour", "day"]] = ["hour", "day"]
+per = st.radio("Per", periods, horizontal=True)
 rates = analysis.anomaly_rate(frame, per)
 bars = (
     alt.Chart(rates)

@@ -32,15 +32,17 @@ else:
 
 if st.button(f"Score {len(chosen)} image(s)", type="primary", disabled=not chosen):
     progress = st.progress(0.0, text="Scoring…")
+
+    def show_progress(done: int, total: int) -> None:
+        progress.progress(done / total, f"{done}/{total}")
+
     try:
-        results = score_images(
-            client, chosen, lambda done, total: progress.progress(done / total, f"{done}/{total}")
-        )
+        new_results = score_images(client, chosen, show_progress)
     except ClientError as exc:
         progress.empty()
         stop_with(exc, settings, "scoring")
     progress.empty()
-    st.session_state["results"] = results
+    st.session_state["results"] = new_results
     # A new slider per result set: an old position may lie outside the new range.
     st.session_state["results_id"] = uuid.uuid4().hex
 
@@ -93,7 +95,8 @@ if st.button(f"Save threshold {threshold:.4f} to the model", disabled=threshold 
 
 # ----------------------------------------------------------------------------- results
 filters = st.columns(2)
-decision = filters[0].selectbox("Show", ["all", "anomalous", "good"])
+decisions: list[analysis.DecisionFilter] = ["all", "anomalous", "good"]
+decision = filters[0].selectbox("Show", decisions)
 sort = filters[1].selectbox("Sort by", analysis.SORT_KEYS)
 shown = [
     r
