@@ -22,3 +22,16 @@ def bottle_root() -> Path:
     if not (BOTTLE_ROOT / "train" / "good").is_dir():
         pytest.skip(BOTTLE_SKIP_REASON)
     return BOTTLE_ROOT
+
+
+@pytest.fixture(scope="session")
+def texture_model_dir(tmp_path_factory) -> Path:
+    """A quick model (FAST_CONFIG, 16 texture crops), fitted once and shared read-only by the
+    API tests that only need some fitted model on disk."""
+    from _images import FAST_CONFIG, texture_crops
+
+    from defectscope.detector.detector import Detector
+
+    out = tmp_path_factory.mktemp("texture-model")
+    Detector(FAST_CONFIG).fit(texture_crops(16, seed=0)).save(out)
+    return out

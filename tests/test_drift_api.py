@@ -14,7 +14,7 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, png, texture_crops
+from _images import png, texture_crops
 from fastapi.testclient import TestClient
 from test_serving import settings_for, wait_ready
 
@@ -24,11 +24,8 @@ from defectscope.serving.app import create_app
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    detector = Detector(FAST_CONFIG).fit(texture_crops(16, seed=0))
-    out = tmp_path_factory.mktemp("model")
-    detector.save(out)
-    return out
+def model_dir(texture_model_dir) -> Path:
+    return texture_model_dir
 
 
 @pytest.fixture(scope="module")

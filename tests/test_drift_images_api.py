@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, png, texture_crops
+from _images import png, texture_crops
 from fastapi.testclient import TestClient
 from test_serving import assert_json_error, settings_for, wait_ready
 
@@ -23,10 +23,8 @@ from defectscope.serving.app import create_app
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    Detector(FAST_CONFIG).fit(texture_crops(16, seed=0)).save(out)
-    return out
+def model_dir(texture_model_dir) -> Path:
+    return texture_model_dir
 
 
 @pytest.fixture(scope="module")
