@@ -65,6 +65,15 @@ def test_bad_windows_are_clear_4xx(client) -> None:
     assert "11.png" in assert_json_error(upload(client, images), 415)["detail"]
     assert_json_error(upload(client, texture_crops(17)), 413)
     assert_json_error(client.post("/v1/drift/images"), 422)
+    # A multipart body that cannot be parsed (schemathesis found it): a documented JSON 400.
+    broken = client.post(
+        "/v1/drift/images",
+        content=b"--b\r\n[{}, {'x': None}]--b--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert "multipart" in assert_json_error(broken, 400)["detail"].lower()
+    documented = client.get("/openapi.json").json()["paths"]["/v1/drift/images"]["post"]
+    assert "400" in documented["responses"]
 
 
 def test_model_without_reference_is_409(model_dir, tmp_path) -> None:

@@ -532,6 +532,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+# FastAPI answers 400 itself when a multipart body cannot be parsed (routes with File()).
+UNPARSABLE_MULTIPART: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The multipart body cannot be parsed."}
+}
+
 SINGLE_BODY = {
     "requestBody": {
         "required": True,
@@ -600,7 +605,7 @@ async def predict(
     return result
 
 
-@v1.post("/predict/batch", response_model=BatchResponse)
+@v1.post("/predict/batch", response_model=BatchResponse, responses=UNPARSABLE_MULTIPART)
 async def predict_batch(
     request: Request,
     background: BackgroundTasks,
@@ -792,6 +797,7 @@ def drift_check(
 @v1.post(
     "/drift/images",
     responses={
+        **UNPARSABLE_MULTIPART,
         409: {"model": ErrorResponse, "description": "No drift reference, or no embeddings."},
         422: {"model": ErrorResponse, "description": "Window too small or an unreadable image."},
     },
