@@ -9,6 +9,7 @@ metrics and the prediction log are the app's own, per replica.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,21 @@ def shutdown() -> None:
     serve.shutdown()
 
 
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM end the blocking wait (and so shut Serve down).
+
+    A process started with SIGINT ignored (a background job of a non-interactive shell, or a
+    parent that ignores it) inherits that, and Python then never raises KeyboardInterrupt;
+    containers and process managers stop services with SIGTERM. Both must stop Serve.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve_on_cluster(
     model: str | Path,
     *,
@@ -130,10 +146,11 @@ def serve_on_cluster(
     on_ready: Callable[[str], None] | None = None,
     **options: Any,
 ) -> None:
-    """Deploy on the cluster at ``address`` (None: a local one) and block until Ctrl+C, then
-    shut Serve down."""
+    """Deploy on the cluster at ``address`` (None: a local one) and block until Ctrl+C or
+    SIGTERM, then shut Serve down."""
     from defectscope.distributed.cluster import ray_cluster
 
+    stop_on_signals()
     with ray_cluster(address):
         # Ctrl+C may come while replicas still start: stop Serve then too, not only once up.
         try:
