@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +23,8 @@ from defectscope.serving.app import create_app
 
 
 @pytest.fixture(scope="module")
-def model_dir(texture_model_dir) -> Path:
-    return texture_model_dir
-
-
-@pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory) -> Iterator[TestClient]:
-    settings = settings_for(model_dir, tmp_path_factory.mktemp("log"), max_batch_images=16)
+def client(texture_model_dir, tmp_path_factory) -> Iterator[TestClient]:
+    settings = settings_for(texture_model_dir, tmp_path_factory.mktemp("log"), max_batch_images=16)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         wait_ready(c.get)
         yield c
@@ -72,17 +66,17 @@ def test_drift_verdicts_errors_and_gauges(client) -> None:
     assert client.get("/v1/drift", params={"limit": 1}).status_code == 422
 
 
-def test_model_without_reference_is_409(model_dir, tmp_path) -> None:
-    detector = Detector.load(model_dir)
+def test_model_without_reference_is_409(texture_model_dir, tmp_path) -> None:
+    detector = Detector.load(texture_model_dir)
     detector.info.pop("reference")
-    app = create_app(settings_for(model_dir, tmp_path), detector=detector)
+    app = create_app(settings_for(texture_model_dir, tmp_path), detector=detector)
     with TestClient(app, raise_server_exceptions=False) as c:
         wait_ready(c.get)
         response = c.get("/v1/drift")
     assert response.status_code == 409 and "refit" in response.json()["detail"]
 
 
-def test_drift_cli_reads_the_prediction_log(client, model_dir) -> None:
+def test_drift_cli_reads_the_prediction_log(client, texture_model_dir) -> None:
     # Runs after the API test above, whose newest 16 logged predictions are darkened images.
     import subprocess
     import sys
@@ -90,7 +84,7 @@ def test_drift_cli_reads_the_prediction_log(client, model_dir) -> None:
     url = client.app.state.serving.settings.prediction_log_url
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "defectscope.cli", "drift", str(model_dir), *args]
+        command = [sys.executable, "-m", "defectscope.cli", "drift", str(texture_model_dir), *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
     proc = cli("--log", url, "--limit", "12", "--fail-on", "drift")

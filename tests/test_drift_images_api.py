@@ -4,7 +4,6 @@ the feature test (MMD) that the prediction log cannot give, for the UI's Drift p
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,13 +22,8 @@ from defectscope.serving.app import create_app
 
 
 @pytest.fixture(scope="module")
-def model_dir(texture_model_dir) -> Path:
-    return texture_model_dir
-
-
-@pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory) -> Iterator[TestClient]:
-    settings = settings_for(model_dir, tmp_path_factory.mktemp("log"), max_batch_images=16)
+def client(texture_model_dir, tmp_path_factory) -> Iterator[TestClient]:
+    settings = settings_for(texture_model_dir, tmp_path_factory.mktemp("log"), max_batch_images=16)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         wait_ready(c.get)
         yield c
@@ -76,10 +70,12 @@ def test_bad_windows_are_clear_4xx(client) -> None:
     assert "400" in documented["responses"]
 
 
-def test_model_without_reference_is_409(model_dir, tmp_path) -> None:
-    detector = Detector.load(model_dir)
+def test_model_without_reference_is_409(texture_model_dir, tmp_path) -> None:
+    detector = Detector.load(texture_model_dir)
     detector.info.pop("reference")
-    app = create_app(settings_for(model_dir, tmp_path, max_batch_images=16), detector=detector)
+    app = create_app(
+        settings_for(texture_model_dir, tmp_path, max_batch_images=16), detector=detector
+    )
     with TestClient(app, raise_server_exceptions=False) as c:
         wait_ready(c.get)
         detail = assert_json_error(upload(c, texture_crops(10)), 409)["detail"]

@@ -26,13 +26,14 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator
 
 from defectscope import __version__
 from defectscope.data.io import MAX_PIXELS, load_image
 from defectscope.detector.model_file import compact_metadata
 from defectscope.errors import ImageLoadError
 from defectscope.runtimes import load_detector
+from defectscope.serving.schemas import PredictionSummary
 
 MAX_BATCH = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_BATCH", "16"))
 MAX_LATENCY_MS = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_LATENCY_MS", "200"))
@@ -51,16 +52,8 @@ def decode_upload(path: Path) -> np.ndarray:
 ImageUpload = Annotated[Path, AfterValidator(decode_upload)]
 
 
-class BentoPrediction(BaseModel):
-    score: float = Field(..., description="Raw anomaly score (memory-bank distance units).")
-    normalized_score: float = Field(..., description="In (0, 1); the threshold maps to 0.5.")
-    is_anomalous: bool
-    label: str
-    threshold: float
-    pixel_threshold: float
-    defect_area_fraction: float
-    width: int
-    height: int
+class BentoPrediction(PredictionSummary):
+    """The same fields as the REST API's prediction, without its per-request extras."""
 
 
 @bentoml.service(name="defectscope", workers=1, traffic={"timeout": 120})

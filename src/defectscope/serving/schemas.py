@@ -23,7 +23,21 @@ class Timing(BaseModel):
     total_ms: float
 
 
-class PredictionResult(BaseModel):
+class PredictionSummary(BaseModel):
+    """One image's decision (`Prediction.summary`): what every serving face returns."""
+
+    score: float = Field(..., description="Raw anomaly score (memory-bank distance units).")
+    normalized_score: float = Field(..., description="In (0, 1); the threshold maps to 0.5.")
+    is_anomalous: bool
+    label: str = Field(..., description="'anomalous' or 'good'.")
+    threshold: float = Field(..., description="Image threshold used for the decision.")
+    pixel_threshold: float = Field(..., description="Threshold of the defect mask.")
+    defect_area_fraction: float = Field(..., description="Share of pixels in the mask.")
+    width: int
+    height: int
+
+
+class PredictionResult(PredictionSummary):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -53,15 +67,6 @@ class PredictionResult(BaseModel):
         }
     )
 
-    score: float = Field(..., description="Raw anomaly score (memory-bank distance units).")
-    normalized_score: float = Field(..., description="In (0, 1); the threshold maps to 0.5.")
-    is_anomalous: bool
-    label: str = Field(..., description="'anomalous' or 'good'.")
-    threshold: float = Field(..., description="Image threshold used for the decision.")
-    pixel_threshold: float = Field(..., description="Threshold of the defect mask.")
-    defect_area_fraction: float = Field(..., description="Share of pixels in the mask.")
-    width: int
-    height: int
     model_version: str
     model_fingerprint: str
     timing_ms: Timing
