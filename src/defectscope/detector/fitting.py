@@ -293,9 +293,7 @@ def extract_shard(
         raise DefectscopeError(
             f"shard [{offset}, {stop}) is empty or outside the plan's {plan.n_images} images"
         )
-    detector._build_features()
-    preprocessor, features = detector.preprocessor, detector.features
-    assert preprocessor is not None and features is not None  # built just above
+    features, preprocessor = detector._build_features()
     config = detector.config
     start = time.perf_counter()
     ids: list[int] = []
