@@ -1,0 +1,173 @@
+"""benchmarks/categories.py: synthetic benchmark categories in the MVTec AD layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.data.datasets import image_size, load_mask, open_dataset
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "categories.py"
+
+
+def _load():
+    name = "benchmark_categories"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+cat = _load()
+SCALE = 0.1
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("categories")
+    cat.build_all(root, seed=0, names=["strips", "gear"], scale=SCALE)
+    return root
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_categories_cover_the_failure_kinds() -> None:
+    assert 6 <= len(cat.CATEGORIES) <= 8
+    kinds = {spec.kind for spec in cat.CATEGORIES.values()}
+    assert {"texture", "surface", "object"} <= kinds
+    assert {True, False} == {spec.color for spec in cat.CATEGORIES.values()}
+    for name, spec in cat.CATEGORIES.items():
+        assert spec.name == name and spec.description and "\n" not in spec.description
+        assert 1 <= len(spec.defects) <= 5
+        assert set(spec.defects) == set(spec.defect_fns)
+    assert set(cat.CATEGORIES["strips"].defects) == {"blowhole", "break", "crack", "fray", "uneven"}
+
+
+@pytest.mark.parametrize("name", sorted(cat.CATEGORIES))
+def test_masks_are_exactly_the_changed_pixels(name: str) -> None:
+    spec = cat.CATEGORIES[name]
+    for defect in spec.defects:
+        sample = cat.make_sample(name, defect, 0, seed=3)
+        assert sample.image.shape == sample.clean.shape
+        assert sample.mask.shape == sample.image.shape[:2] and sample.mask.dtype == bool
+        changed = sample.image != sample.clean
+        if changed.ndim == 3:
+            changed = changed.any(-1)
+        np.testing.assert_array_equal(sample.mask, changed, err_msg=f"{name}/{defect}")
+        assert sample.mask.sum() >= spec.min_area, f"{name}/{defect}"
+        # Defects are local: never the whole image.
+        assert sample.mask.mean() < 0.5, f"{name}/{defect}"
+    good = cat.make_sample(name, "good", 0, seed=3)
+    assert not good.mask.any() and good.image is good.clean
+
+
+def test_low_contrast_defects_are_low_contrast() -> None:
+    for name, defect in [
+        ("coated_panel", "blotch"),
+        ("coated_panel", "tint"),
+        ("strips", "uneven"),
+    ]:
+        for i in range(3):
+            s = cat.make_sample(name, defect, i)
+            diff = np.abs(s.image.astype(int) - s.clean.astype(int))
+            diff = diff.max(-1) if diff.ndim == 3 else diff
+            assert 0.05 <= s.mask.mean() <= 0.35, (name, defect, i, s.mask.mean())
+            assert diff[s.mask].mean() <= 9, (name, defect, i, diff[s.mask].mean())
+            assert diff.max() <= 16, (name, defect, i, diff.max())
+
+
+def test_layout_is_read_by_the_dataset_reader(built: Path) -> None:
+    for name in ("strips", "gear"):
+        spec = cat.CATEGORIES[name]
+        counts = spec.counts(SCALE)
+        dataset = open_dataset(built / name)
+        assert dataset.layout == "mvtec_ad"
+        assert len(dataset.train) == counts["train/good"]
+        assert dataset.defect_types == sorted(spec.defects)
+        summary = dataset.summary()["test"]
+        assert summary["good"] == counts["test/good"]
+        assert summary["defective"] == summary["with_mask"]
+        for kind in spec.defects:
+            assert summary["by_type"][kind] == counts[f"test/{kind}"]
+        for sample in dataset.test:
+            if sample.label == 0:
+                continue
+            raw = np.asarray(Image.open(sample.mask_path))
+            assert raw.ndim == 2 and set(np.unique(raw)) <= {0, 255}
+            mask = load_mask(sample)
+            assert mask.shape == image_size(sample.path) and mask.any()
+            # The files are what make_sample produces, so the exact-mask property carries over.
+            index = int(sample.path.stem)
+            expected = cat.make_sample(name, sample.defect_type, index, seed=0)
+            np.testing.assert_array_equal(np.asarray(Image.open(sample.path)), expected.image)
+            np.testing.assert_array_equal(mask, expected.mask)
+
+
+def test_good_test_images_are_not_copies_of_training_images(built: Path) -> None:
+    for name in ("strips", "gear"):
+        train = [
+            np.asarray(Image.open(p), np.float32)
+            for p in sorted((built / name / "train" / "good").glob("*.png"))
+        ]
+        for path in sorted((built / name / "test" / "good").glob("*.png")):
+            image = np.asarray(Image.open(path), np.float32)
+            for other in train:
+                if other.shape == image.shape:
+                    assert np.abs(other - image).mean() > 1.0, path
+
+
+def test_strips_have_varying_non_square_sizes(built: Path) -> None:
+    sizes = {
+        image_size(p) for p in (built / "strips").rglob("*.png") if "ground_truth" not in p.parts
+    }
+    assert len(sizes) >= 10
+    heights = [h for h, _ in sizes]
+    widths = [w for _, w in sizes]
+    assert all(h != w for h, w in sizes)
+    assert min(heights) >= 250 and max(heights) <= 280
+    assert 120 <= min(widths) < 250 and 400 < max(widths) <= 600
+
+
+def test_deterministic_for_a_seed(built: Path, tmp_path: Path) -> None:
+    again = cat.build_category("strips", tmp_path / "a", seed=0, scale=SCALE)
+    assert _pngs(again) == _pngs(built / "strips")
+    other = cat.build_category("strips", tmp_path / "b", seed=1, scale=SCALE)
+    assert _pngs(other).keys() == _pngs(again).keys()
+    assert _pngs(other) != _pngs(again)
+
+
+def test_build_is_idempotent_and_rebuilds_on_change(tmp_path: Path) -> None:
+    path = cat.build_category("gear", tmp_path, seed=0, scale=0.02)
+    stamp = cat.read_stamp(path)
+    assert stamp["version"] == cat.VERSION and stamp["seed"] == 0
+    first = path / "train" / "good" / "000.png"
+    mtime = first.stat().st_mtime_ns
+    assert cat.build_category("gear", tmp_path, seed=0, scale=0.02) == path
+    assert first.stat().st_mtime_ns == mtime
+    cat.build_category("gear", tmp_path, seed=2, scale=0.02)
+    assert cat.read_stamp(path)["seed"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["gear"]  # no temporary folder left
+
+    foreign = tmp_path / "brick"
+    (foreign / "train").mkdir(parents=True)
+    with pytest.raises(FileExistsError):
+        cat.build_category("brick", tmp_path)
+    with pytest.raises(ValueError, match="unknown category"):
+        cat.build_category("bottle", tmp_path)
+
+
+def test_command_line_prints_a_summary(tmp_path: Path, capsys) -> None:
+    assert cat.main([str(tmp_path), "--names", "strips", "--scale", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "strips" in out and "blowhole" in out and "sizes" in out
+    assert (tmp_path / "strips" / "ground_truth" / "uneven" / "000_mask.png").is_file()
