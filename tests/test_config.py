@@ -186,7 +186,7 @@ def test_device_assignment_is_validated() -> None:
     config = DetectorConfig()
     config.device = "cpu"
     assert config.device == "cpu"
-    with pytest.raises(ValueError, match="device must be"):
+    with pytest.raises(ConfigError, match="device must be"):
         config.device = "gpu"
 
 

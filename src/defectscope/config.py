@@ -6,6 +6,7 @@ YAML and report bad values with the field path and the reason.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,8 +176,11 @@ class DetectorConfig(_Section):
 
     @model_validator(mode="after")
     def _check_device(self) -> DetectorConfig:
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", device)):
+            # ConfigError, not ValueError: pydantic lets it through unwrapped, so a bad
+            # --device is one clear line also when it is assigned after validation.
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
         return self
 
     @classmethod

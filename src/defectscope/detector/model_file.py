@@ -7,11 +7,14 @@ statistics, package version and training fingerprint travel with the bank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +92,100 @@ def write_model_file(
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "tensor_sha256": {k: tensor_digest(v) for k, v in tensors.items()}}
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "meta": json.dumps(meta),
-    }
+    try:
+        encoded = json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ModelFileError(
+            f"{path}: not written: the model's metadata holds NaN or infinite numbers"
+        ) from None
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": encoded}
+    # safetensors creates files 0600: keep a rewritten file's mode, else honour the umask.
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~current_umask()
     # A per-process, per-thread name: workers saving at the same instant never share a temp file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when the write failed
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o22)  # no other way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def model_file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock for a read-modify-write of the model file ``path``, across processes.
+
+    The model file itself is replaced on every save, so the lock is a file of its own beside
+    it. A no-op where ``fcntl`` is missing (Windows): writes stay atomic, only not serialised.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        handle = open(lock_path, "a+b")  # noqa: SIM115 - held open for the lock's lifetime
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot lock for writing: {exc.strerror or exc}") from None
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_calibration(path: Path | str, meta: dict[str, Any]) -> None:
+    """Refuse calibration values that would silently judge every image wrongly (NaN, text...)."""
+    calibration = meta.get("calibration")
+    if calibration is None:
+        return  # the loaders report a missing calibration in their own words
+    invalid = f"{path}: calibration data is missing or invalid"
+    if not isinstance(calibration, dict):
+        raise ModelFileError(f"{invalid}: not an object")
+    for key in ("threshold", "pixel_threshold", "scale"):
+        value = calibration.get(key)
+        if not _is_number(value):
+            raise ModelFileError(f"{invalid}: {key} is {value!r}, not a finite number; refit")
+    if calibration["scale"] <= 0:
+        raise ModelFileError(f"{invalid}: scale must be positive, not {calibration['scale']}")
+    for key in ("good_scores", "good_pixel_maxima"):
+        values = calibration.get(key, [])
+        if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            raise ModelFileError(f"{invalid}: {key} holds values that are not finite numbers")
+
+
+def check_model_contents(
+    path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """A usable model: finite calibration and a non-empty, finite memory bank."""
+    check_calibration(path, meta)
+    bank = tensors.get("memory_bank")
+    if bank is None or bank.ndim != 2:
+        return  # Detector.load says what is missing or misshapen
+    if bank.shape[0] == 0:
+        raise ModelFileError(f"{path}: the memory bank is empty (shape {tuple(bank.shape)})")
+    if not bool(torch.isfinite(bank).all()):
+        raise ModelFileError(
+            f"{path}: the memory bank holds NaN or infinite values; refit the model"
+        )
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -150,6 +234,7 @@ def parse_versioned_meta(
         meta = None
     if not isinstance(meta, dict):
         raise ModelFileError(f"{path}: {kind} metadata is missing or corrupt")
+    check_calibration(path, meta)
     return meta
 
 
@@ -168,4 +253,5 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise ModelFileError(f"{path}: tensor {name!r} is missing")
         if tensor_digest(tensors[name]) != digest:
             raise ModelFileError(f"{path}: tensor {name!r} is corrupt (checksum mismatch)")
+    check_model_contents(path, tensors, meta)
     return tensors, meta
