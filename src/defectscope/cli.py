@@ -122,6 +122,70 @@ def _compose(config: Path | None, overrides: list[str] | None, device: str | Non
     return experiment
 
 
+# Outputs derived from a model; after a new fit in their place they would describe the old one.
+STALE_MODEL_OUTPUTS = ("report", "model.onnx", "model.xml", "model.bin")
+
+
+def _check_output_folder(out: Path | str, option: str = "--out") -> None:
+    """A local output folder must be a folder or not exist yet: refused before any work."""
+    from defectscope import storage
+    from defectscope.errors import DefectscopeError
+
+    path = storage.location(out)
+    if not isinstance(path, Path):
+        return
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == path else f" (inside {candidate}, a file)"
+                raise DefectscopeError(f"{option} {out}: not a folder{where}")
+            return
+
+
+def _model_destination(out: Path, overwrite: bool) -> Path | str | None:
+    """Check fit's --out before the fit: refuse a file in the way, or an existing model unless
+    ``overwrite``. Returns the folder whose stale outputs go once the new model is saved."""
+    from defectscope import storage
+    from defectscope.detector.model_file import MODEL_FILENAME
+    from defectscope.errors import DefectscopeError
+
+    target = storage.location(out)
+    named = str(target).endswith(".safetensors")
+    folder: Path | str
+    model_file: Path | str
+    if isinstance(target, Path):
+        folder = target.parent if named else target
+        _check_output_folder(folder)
+        if named and target.is_dir():
+            raise DefectscopeError(f"--out {out}: a folder, not a .safetensors file")
+        model_file = target if named else target / MODEL_FILENAME
+    else:
+        folder = target.rsplit("/", 1)[0] if named else target.rstrip("/")
+        model_file = target if named else f"{folder}/{MODEL_FILENAME}"
+    if not storage.exists(model_file):
+        return None
+    if not overwrite:
+        raise DefectscopeError(
+            f"{model_file} already exists; pass --overwrite to replace it (its report/ and "
+            "exported model files are then removed)"
+        )
+    # Exports and report/ belong to model.safetensors; another file name shares the folder.
+    return folder if str(model_file).endswith(f"/{MODEL_FILENAME}") else None
+
+
+def _remove_stale_outputs(folder: Path | str) -> None:
+    from defectscope import storage
+
+    removed = []
+    for name in STALE_MODEL_OUTPUTS:
+        item = folder / name if isinstance(folder, Path) else f"{folder}/{name}"
+        if storage.exists(item):
+            storage.remove(item)
+            removed.append(name)
+    if removed:
+        console.print(f"Removed the replaced model's {', '.join(removed)} from {folder}")
+
+
 # ---------------------------------------------------------------------------------- commands
 @app.command()
 def fit(
@@ -141,6 +205,10 @@ def fit(
     mlflow: MlflowOpt = False,
     mlflow_uri: MlflowUriOpt = None,
     mlflow_experiment: MlflowExperimentOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace an existing model (its report/ and exports are removed)."),
+    ] = False,
 ) -> None:
     """Learn what good looks like from the good training images of DATA.
 
@@ -155,6 +223,7 @@ def fit(
     check_engine(engine, ray_address)
     experiment = _compose(config, overrides, device)
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
+    stale_folder = _model_destination(out_dir, overwrite)  # likewise an existing model
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     started = time.time()
     data_uri = storage.location(data)
@@ -178,6 +247,8 @@ def fit(
         else:
             detector.fit(paths, on_error=on_error, progress=progress)
     path = detector.save(out_dir)
+    if stale_folder is not None:
+        _remove_stale_outputs(stale_folder)
     _print_fit_summary(detector, path)
     tags = {"defectscope.command": "fit", "defectscope.dataset": str(data_uri)}
     with tracker.run(Path(str(out_dir)).name, tags, started=started) as run:
@@ -324,6 +395,7 @@ def predict(
 
     check_engine(engine, ray_address)
     storage.check_destination(out_dir)
+    _check_output_folder(out_dir)
     detector = load_detector(model, runtime, device)
     paths = expand_image_paths([p for src in inputs for p in storage.localize_matches(src)])
     if not paths:
@@ -511,6 +583,8 @@ def serve(
             host=host,
             port=port,
             workers=workers,
+            # Closes connections whose request headers stall (DEFECTSCOPE_READ_TIMEOUT_S).
+            http="defectscope.serving.protocol:HeaderTimeoutProtocol",
         )
     finally:
         if metrics_dir is not None:

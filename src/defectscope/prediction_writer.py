@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,28 @@ CSV_FIELDS = [
     "width",
     "error",
 ]
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would evaluate, quoted with a leading apostrophe."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null: ``json.dumps`` would write them as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def unique_output_names(paths: list[Path]) -> list[str]:
@@ -98,8 +121,9 @@ class PredictionWriter:
             self.n_anomalous += int(result.is_anomalous)
             if self.write_images:
                 row["files"] = self._write_images(name, result)
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._csv.writerow(row)
+        row = json_safe(row)
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
+        self._csv.writerow({key: csv_safe(value) for key, value in row.items()})
 
     def _write_images(self, name: str, prediction: Prediction) -> dict[str, str]:
         from defectscope.visualize import colorize, mask_to_png_array, overlay, save_png

@@ -338,6 +338,34 @@ def check_destination(uri: str | os.PathLike[str]) -> None:
             raise StorageError(f"{target}: cannot write, bucket {bucket!r} does not exist")
 
 
+def exists(uri: str | os.PathLike[str]) -> bool:
+    """Whether a local path or a remote object (or folder prefix) exists."""
+    target = location(uri)
+    if isinstance(target, Path):
+        return target.exists()
+    fs, path = _filesystem(target)
+    with _translated_errors(target, "read"):
+        fs.invalidate_cache()
+        return bool(fs.exists(path))
+
+
+def remove(uri: str | os.PathLike[str]) -> None:
+    """Delete a file or a folder tree, local or remote; nothing there is not an error."""
+    target = location(uri)
+    if isinstance(target, Path):
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        return
+    fs, path = _filesystem(target)
+    with _translated_errors(target, "delete"):
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.invalidate_cache()
+
+
 def upload_file(local: str | Path, uri: str | os.PathLike[str]) -> str:
     """Copy one local file to ``uri`` (an object key); returns the URI."""
     target = location(uri)
