@@ -1,19 +1,17 @@
 """The FastAPI app: ``create_app(settings)`` (tests, embedding) and ``app_from_env()`` (uvicorn).
 
 Routes are thin: uploads are decoded with `load_image` (content-sniffed, pixel-limited), scored
-through the micro-batcher that calls `Detector.predict`, and rendered with
-`defectscope.visualize`. The detector, settings, API-key check and prediction log reach the
+through the micro-batcher that calls `Detector.predict`, and pictures are drawn by
+`serving.pictures` at a bounded size. What a request may cost (key, bytes, read time, pixels) is
+enforced by `serving.limits`. The detector, settings, API-key check and prediction log reach the
 routes through ``Depends`` so tests and other deployments can swap them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,30 +44,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
-from pydantic import ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defectscope import __version__
 from defectscope.data.io import load_image
 from defectscope.detector.detector import Detector
-from defectscope.detector.model_file import compact_metadata, read_header, resolve_model_path
+from defectscope.detector.model_file import compact_metadata, resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
 from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftError, MissingReferenceError
 from defectscope.runtimes import load_detector
 from defectscope.serving.batching import MicroBatcher
+from defectscope.serving.limits import (
+    PixelBudget,
+    RequestError,
+    RequestGuard,
+    api_key_ok,
+)
+from defectscope.serving.metrics import Metrics
+from defectscope.serving.pictures import RenderFlags, render
 from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository, utc_now
 from defectscope.serving.schemas import (
     Base64Image,
@@ -85,86 +81,24 @@ from defectscope.serving.schemas import (
     Timing,
 )
 from defectscope.serving.settings import ServingSettings
-from defectscope.visualize import colorize, mask_to_png_array, overlay
+from defectscope.serving.thresholds import (
+    bank_digest,
+    file_fingerprint,
+    follow_model_file,
+    save_thresholds,
+)
+from defectscope.serving.uploads import (
+    check_request_pixels,
+    image_error_status,
+    pixels_within,
+    read_single_image,
+    read_upload,
+)
 
 log = logging.getLogger(__name__)
 
 # Calibration keeps every good image's score; useful in the model file, noise in an API answer.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class RequestError(Exception):
-    """A request we refuse or cannot serve: an HTTP error on /v1/predict, an item error in a
-    batch."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-class Metrics:
-    """Prometheus metrics in a registry of the app's own (several apps per process in tests)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "defectscope_http_requests_total",
-            "HTTP requests by route template, method and status.",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "defectscope_http_request_duration_seconds",
-            "HTTP request latency by route template, method and status.",
-            ["route", "method", "status"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "defectscope_batch_size",
-            "Images per model call formed by the micro-batcher.",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry,
-        )
-        self.scores = Histogram(
-            "defectscope_normalized_score",
-            "Normalised anomaly score of each prediction (0.5 is the threshold).",
-            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-            registry=self.registry,
-        )
-        self.predictions = Counter(
-            "defectscope_predictions_total", "Images scored.", registry=self.registry
-        )
-        self.anomalies = Counter(
-            "defectscope_anomalies_total", "Images judged anomalous.", registry=self.registry
-        )
-        self.model_info = Gauge(
-            "defectscope_model_info",
-            "1 for the loaded model, labelled with its identity.",
-            ["fingerprint", "backbone", "defectscope_version"],
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
-        # Set when /v1/drift is computed (not on a schedule): the last answer a client asked for.
-        self.drift_score_p = Gauge(
-            "defectscope_drift_score_p_value",
-            "p-value of the score KS drift test of the last /v1/drift window.",
-            registry=self.registry,
-            multiprocess_mode="min",
-        )
-        self.drift_verdict = Gauge(
-            "defectscope_drift_verdict",
-            "Verdict of the last /v1/drift window: 0 ok, 1 warning, 2 drift.",
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
-        self.model_ready = Gauge(
-            "defectscope_model_ready",
-            "1 once the model is loaded (in every worker, with several).",
-            registry=self.registry,
-            multiprocess_mode="min",
-        )
 
 
 @dataclass
@@ -182,6 +116,16 @@ class ServingState:
     threshold_lock: threading.Lock = field(default_factory=threading.Lock)
     model_mtime_ns: int | None = None
     model_checked_at: float = 0.0
+    bank_digest: str | None = None
+    metrics_identity: tuple[str, str, str] | None = None
+    pixels: PixelBudget = field(init=False)
+    # Pictures cost tens of bytes a pixel while drawn: two at a time bounds that memory.
+    render_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2)
+    )
+
+    def __post_init__(self) -> None:
+        self.pixels = PixelBudget(self.settings.inflight_pixel_budget)
 
     @property
     def ready(self) -> bool:
@@ -218,6 +162,7 @@ class ServingState:
                 load_detector, settings.model_path, settings.runtime, settings.device
             )
             fingerprint = await asyncio.to_thread(file_fingerprint, settings.model_path)
+            digest = await asyncio.to_thread(bank_digest, detector)
         except DefectscopeError as exc:
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
@@ -226,74 +171,36 @@ class ServingState:
             self.load_error = "the model failed to load (see the server log)"
             log.exception("model not loaded")
             return
-        self.use_detector(detector, fingerprint)
+        self.use_detector(detector, fingerprint, digest)
 
-    def use_detector(self, detector: Detector, fingerprint: str | None = None) -> None:
+    def use_detector(
+        self, detector: Detector, fingerprint: str | None = None, digest: str | None = None
+    ) -> None:
         training = detector.info.get("training", {})
+        if self.detector is not detector:
+            self.bank_digest = digest or bank_digest(detector)
         self.model_fingerprint = fingerprint or str(training.get("fingerprint", ""))[:16]
         self.model_version = str(detector.info.get("defectscope_version", __version__))
         self.detector = detector
         self.load_error = None
-        self.metrics.model_info.clear()
-        self.metrics.model_info.labels(
-            self.model_fingerprint, detector.config.backbone.name, self.model_version
-        ).set(1)
+        # Labelled by the memory bank, not the file: a threshold save must not add a series
+        # (with several workers, a series once written stays in the shared metric files).
+        identity = (
+            (self.bank_digest or self.model_fingerprint)[:16],
+            detector.config.backbone.name,
+            self.model_version,
+        )
+        if identity != self.metrics_identity:
+            self.metrics.model_info.clear()
+            self.metrics.model_info.labels(*identity).set(1)
+            self.metrics_identity = identity
         self.metrics.model_ready.set(1)
 
     def follow_model_file(self) -> None:
-        """Adopt thresholds that another worker saved to the model file since we loaded it.
-
-        Each ``--workers`` process holds its own detector; a cheap stat (at most once a second)
-        and a header read keep them in agreement without reloading the memory bank.
-        """
-        now = time.monotonic()
-        path = self.settings.model_path
-        if path is None or not self.ready or now - self.model_checked_at < 1.0:
-            return
-        self.model_checked_at = now
-        detector = self.ready_detector()
-        if getattr(detector, "runtime", "torch") != "torch":
-            return
-        try:
-            file = resolve_model_path(path)
-            mtime = file.stat().st_mtime_ns
-            if self.model_mtime_ns is None or mtime == self.model_mtime_ns:
-                self.model_mtime_ns = mtime
-                return
-            stored = read_header(file)["calibration"]
-            detector.set_thresholds(
-                stored["threshold"], stored["pixel_threshold"], stored["threshold_source"]
-            )
-            self.use_detector(detector, file_fingerprint(file))
-            self.model_mtime_ns = mtime
-        except (DefectscopeError, OSError, KeyError, TypeError) as exc:
-            log.warning("could not re-read thresholds from the model file: %s", exc)
+        follow_model_file(self)
 
     def save_thresholds(self, update: ThresholdUpdate) -> None:
-        """Apply new thresholds and persist them to the served model file, or change nothing."""
-        detector, path = self.ready_detector(), self.settings.model_path
-        runtime = getattr(detector, "runtime", "torch")
-        if runtime != "torch":
-            raise RequestError(
-                409,
-                f"this server runs an exported {runtime} model, whose thresholds are fixed in the "
-                "exported file: set them on the PyTorch model and export it again",
-            )
-        if path is None:
-            raise RequestError(409, "this server has no model file to save thresholds to")
-        with self.threshold_lock:
-            previous = detector.calibration
-            detector.set_thresholds(update.image, update.pixel, source="ui")
-            try:
-                saved = detector.save(path)
-            except Exception as exc:  # OSError, SafetensorError...: any failure to write
-                detector.calibration = previous
-                log.warning("thresholds not saved to %s: %s", path, exc)
-                raise RequestError(409, f"cannot save the model file {path}: {exc}") from None
-            # The local file (for a remote model, its cached copy), as in follow_model_file.
-            file = resolve_model_path(saved)
-            self.model_mtime_ns = file.stat().st_mtime_ns
-            self.use_detector(detector, file_fingerprint(file))
+        save_thresholds(self, update)
 
     def record(self, records: list[dict]) -> None:
         """Background task: a logging failure is a warning, never a failed request."""
@@ -303,14 +210,6 @@ class ServingState:
             self.repository.add_many(records)
         except Exception as exc:
             log.warning("could not write %d prediction log rows: %s", len(records), exc)
-
-
-def file_fingerprint(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with resolve_model_path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -356,14 +255,6 @@ def require_api_key(
         )
 
 
-@dataclass
-class RenderFlags:
-    threshold: float | None
-    heatmap: bool
-    overlay: bool
-    mask: bool
-
-
 def render_flags(
     threshold: Annotated[
         float | None, Query(description="Override the image threshold.", allow_inf_nan=False)
@@ -376,76 +267,26 @@ def render_flags(
 
 
 # ------------------------------------------------------------------------------- helpers
-def image_error_status(error: ImageLoadError) -> int:
-    # ImageLoadError has no subclasses; its reasons are fixed phrases from data.io.
-    if "over the limit" in error.reason:
-        return 413
-    if "not a readable image" in error.reason:
-        return 415
-    return 422
-
-
-async def read_upload(upload: StarletteUploadFile, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise RequestError(413, f"upload is over the limit of {limit:,} bytes")
-    if not data:
-        raise RequestError(422, "the uploaded file is empty")
-    return data
-
-
-async def read_single_image(request: Request, limit: int) -> bytes:
-    """The image of /v1/predict: multipart field ``file`` or JSON ``image_base64``."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        form = await request.form(max_files=1)
-        upload = form.get("file")
-        if not isinstance(upload, StarletteUploadFile):
-            raise RequestError(422, "missing multipart file field 'file'")
-        return await read_upload(upload, limit)
-    if content_type == "application/json":
-        try:
-            payload = Base64Image.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False)) from None
-        try:
-            data = base64.b64decode(payload.image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(422, "image_base64 is not valid base64") from None
-        if len(data) > limit:
-            raise RequestError(413, f"image is over the limit of {limit:,} bytes")
-        return data
-    if not content_type:
-        raise RequestError(
-            422, "no image: send multipart/form-data with a 'file' field or JSON image_base64"
-        )
-    raise RequestError(
-        415, f"unsupported content type {content_type!r}: use multipart/form-data or JSON"
-    )
-
-
-def png_base64(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def render(
-    image: np.ndarray, prediction: Prediction, flags: RenderFlags, stored_threshold: float
+def bounded_render(
+    state: ServingState, image: np.ndarray, prediction: Prediction, flags: RenderFlags
 ) -> dict[str, str]:
-    # Same fixed colour scale as the CLI's files: 0 .. twice the model's stored threshold (not a
-    # per-request override, which may be 0 or negative and would make the scale meaningless).
-    vmax = 2.0 * stored_threshold
-    out = {}
-    if flags.heatmap:
-        out["heatmap_png"] = png_base64(colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax))
-    if flags.overlay:
-        out["overlay_png"] = png_base64(
-            overlay(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, mask=prediction.mask)
-        )
-    if flags.mask:
-        out["mask_png"] = png_base64(mask_to_png_array(prediction.mask))
-    return out
+    """Runs in a worker thread: at most two pictures are drawn at once per worker."""
+    stored = state.ready_detector().threshold
+    with state.render_slots:
+        return render(image, prediction, flags, stored, state.settings.render_max_pixels)
+
+
+@contextlib.asynccontextmanager
+async def holding_pixels(state: ServingState, pixels: int) -> AsyncIterator[None]:
+    """Wait until ``pixels`` fit in this worker's in-flight budget; 503 if they do not in time."""
+    timeout = state.settings.request_timeout_s
+    try:
+        async with state.pixels.hold(pixels, timeout):
+            yield
+    except TimeoutError:
+        raise RequestError(
+            503, f"the server is busy with other images (waited {timeout:g} s); try again"
+        ) from None
 
 
 async def score_bytes(
@@ -468,9 +309,8 @@ async def score_bytes(
         ) from None
     t2 = time.perf_counter()
     images = {}
-    if flags.heatmap or flags.overlay or flags.mask:
-        stored = state.ready_detector().threshold
-        images = await run_in_threadpool(render, image, prediction, flags, stored)
+    if flags.any:
+        images = await run_in_threadpool(bounded_render, state, image, prediction, flags)
     total_ms = (time.perf_counter() - started) * 1000.0
     summary = prediction.summary()
     result = PredictionResult(
@@ -567,13 +407,19 @@ async def healthz() -> HealthResponse:
 
 
 @health.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-async def readyz(state: State) -> JSONResponse:
-    """The model is loaded and predictions can be served (readiness)."""
+async def readyz(request: Request, state: State) -> JSONResponse:
+    """The model is loaded and predictions can be served (readiness).
+
+    With an API key set, the model's fingerprint and a load error are shown only to a client
+    that sends the key: the status alone is public.
+    """
+    trusted = api_key_ok(state.settings, request.headers)
     if state.ready:
-        body = ReadyResponse(status="ready", model_fingerprint=state.model_fingerprint)
+        fingerprint = state.model_fingerprint if trusted else None
+        body = ReadyResponse(status="ready", model_fingerprint=fingerprint)
         return JSONResponse(body.model_dump())
     status = "failed" if state.load_error else "loading"
-    body = ReadyResponse(status=status, detail=state.load_error)
+    body = ReadyResponse(status=status, detail=state.load_error if trusted else None)
     return JSONResponse(body.model_dump(), status_code=503)
 
 
@@ -596,9 +442,10 @@ async def predict(
     started = time.perf_counter()
     try:
         data = await read_single_image(request, state.settings.max_upload_bytes)
-        result, record = await score_bytes(
-            state, data, flags, started, "/v1/predict", request_id(request)
-        )
+        async with holding_pixels(state, pixels_within(state.settings, data)):
+            result, record = await score_bytes(
+                state, data, flags, started, "/v1/predict", request_id(request)
+            )
     except RequestError as exc:
         raise HTTPException(exc.status, exc.detail) from None
     background.add_task(state.record, [record])
@@ -622,10 +469,19 @@ async def predict_batch(
             413, f"{len(files)} images sent; at most {settings.max_batch_images} per request"
         )
     rid = request_id(request)
+    uploads: list[bytes | RequestError] = []
+    for upload in files:
+        try:
+            uploads.append(await read_upload(upload, settings.max_upload_bytes))
+        except RequestError as exc:
+            uploads.append(exc)
+    sizes = [pixels_within(settings, data) for data in uploads if isinstance(data, bytes)]
 
     async def one(index: int, upload: UploadFile) -> tuple[BatchItem, dict | None]:
         try:
-            data = await read_upload(upload, settings.max_upload_bytes)
+            data = uploads[index]
+            if isinstance(data, RequestError):
+                raise data
             result, record = await score_bytes(
                 state, data, flags, started, "/v1/predict/batch", rid
             )
@@ -634,8 +490,13 @@ async def predict_batch(
             return BatchItem(index=index, filename=upload.filename, error=error), None
         return BatchItem(index=index, filename=upload.filename, result=result), record
 
-    # All items are queued at once, so the micro-batcher can put them in one model call.
-    outcomes = await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+    try:
+        check_request_pixels(settings, sizes)
+        async with holding_pixels(state, sum(sizes)):
+            # All items are queued at once, so the micro-batcher can put them in one model call.
+            outcomes = await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+    except RequestError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
     items = [item for item, _ in outcomes]
     background.add_task(state.record, [record for _, record in outcomes if record])
     n_ok = sum(item.error is None for item in items)
@@ -667,7 +528,7 @@ async def update_thresholds(
     if update.image is None and update.pixel is None:
         raise HTTPException(422, "give at least one of 'image' and 'pixel'")
     try:
-        await run_in_threadpool(state.save_thresholds, update)
+        await run_in_threadpool(save_thresholds, state, update)
     except RequestError as exc:
         raise HTTPException(exc.status, exc.detail) from None
     return await model_info(state, state.ready_detector())
@@ -705,11 +566,26 @@ def model_report(state: State) -> dict[str, Any]:
     return {"source": str(folder), "report": report}
 
 
+def to_utc(moment: datetime) -> datetime:
+    """Naive means UTC; a moment whose UTC time falls outside years 1-9999 is refused."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date out of range once converted to UTC (years 1 to 9999)") from None
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
+Since = Annotated[UtcDatetime | None, Query(description="ISO 8601; naive means UTC.")]
+Until = Annotated[UtcDatetime | None, Query(description="ISO 8601, exclusive.")]
+
+
 def log_query(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
-    since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC.")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    since: Since = None,
+    until: Until = None,
     is_anomalous: bool | None = None,
 ) -> LogQuery:
     return LogQuery(limit, offset, since, until, is_anomalous)
@@ -753,8 +629,8 @@ def drift_check(
     state: State,
     detector: ReadyDetector,
     repository: Repository,
-    since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC.")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    since: Since = None,
+    until: Until = None,
     limit: Annotated[
         int, Query(ge=2, le=MAX_DRIFT_WINDOW, description="Newest predictions tested.")
     ] = 500,
@@ -821,19 +697,26 @@ async def drift_images(
         monitor = DriftDetector.from_detector(detector)
     except MissingReferenceError as exc:
         raise HTTPException(409, str(exc)) from None
-    images = []
+    uploads = []
     for upload in files:
         try:
-            data = await read_upload(upload, settings.max_upload_bytes)
-            images.append(await run_in_threadpool(load_image, data, settings.max_pixels))
+            uploads.append(await read_upload(upload, settings.max_upload_bytes))
         except RequestError as exc:
             raise HTTPException(exc.status, f"{upload.filename}: {exc.detail}") from None
-        except ImageLoadError as exc:
-            raise HTTPException(
-                image_error_status(exc), f"{upload.filename}: {exc.reason}"
-            ) from None
+    sizes = [pixels_within(settings, data) for data in uploads]
     try:
-        report = await run_in_threadpool(monitor.check_images, detector, images)
+        check_request_pixels(settings, sizes)
+        async with holding_pixels(state, sum(sizes)):
+            images = []
+            for upload, data in zip(files, uploads, strict=True):
+                try:
+                    images.append(await run_in_threadpool(load_image, data, settings.max_pixels))
+                except ImageLoadError as exc:
+                    status = image_error_status(exc)
+                    raise HTTPException(status, f"{upload.filename}: {exc.reason}") from None
+            report = await run_in_threadpool(monitor.check_images, detector, images)
+    except RequestError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
     except DriftError as exc:
         raise HTTPException(422, str(exc)) from None
     except DefectscopeError as exc:  # an exported runtime has no embeddings
@@ -894,6 +777,9 @@ def create_app(
     app.state.serving = state
     app.include_router(health)
     app.include_router(v1)
+    # Added first, so it runs innermost: inside CORS (preflights never carry a key) and inside
+    # `observe`, which gives its answers a request id and counts them.
+    app.add_middleware(RequestGuard, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -920,9 +806,11 @@ def create_app(
             }
             for error in exc.errors()
         ]
+        # A body that is not JSON at all is a 400; JSON with wrong values stays a 422.
+        malformed = any(error.get("type") == "json_invalid" for error in errors)
         return JSONResponse(
             {"detail": jsonable_encoder(errors), "request_id": request_id(request)},
-            status_code=422,
+            status_code=400 if malformed else 422,
         )
 
     @app.middleware("http")
@@ -931,20 +819,15 @@ def create_app(
         rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
         request.state.request_id = rid
         started = time.perf_counter()
-        response = body_too_large(request, settings, rid)
-        if response is None:
-            try:
-                response = await call_next(request)
-            except Exception:
-                log.exception(
-                    "unhandled error on %s %s (request_id=%s)",
-                    request.method,
-                    request.url.path,
-                    rid,
-                )
-                response = JSONResponse(
-                    {"detail": "internal error", "request_id": rid}, status_code=500
-                )
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception(
+                "unhandled error on %s %s (request_id=%s)", request.method, request.url.path, rid
+            )
+            response = JSONResponse(
+                {"detail": "internal error", "request_id": rid}, status_code=500
+            )
         # Route templates, not raw paths, as labels: bounded cardinality. The router records
         # the matched route in the (shared) scope.
         route = getattr(request.scope.get("route"), "path", None) or "unmatched"
@@ -957,21 +840,6 @@ def create_app(
         return response
 
     return app
-
-
-def body_too_large(request: Request, settings: ServingSettings, rid: str) -> JSONResponse | None:
-    """Refuse a declared body over the limit before reading it (per-file limits come later)."""
-    declared = request.headers.get("content-length")
-    if request.method != "POST" or not declared or not declared.isdigit():
-        return None
-    single = settings.max_upload_bytes * 4 // 3 + 64 * 1024
-    limit = settings.max_request_bytes if request.url.path.endswith("/batch") else single
-    if int(declared) <= limit:
-        return None
-    return JSONResponse(
-        {"detail": f"request body is over the limit of {limit:,} bytes", "request_id": rid},
-        status_code=413,
-    )
 
 
 def app_from_env() -> FastAPI:

@@ -12,9 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from defectscope.data.io import MAX_PIXELS
-
 MB = 1024 * 1024
+MPX = 1024 * 1024
 
 
 class ServingSettings(BaseSettings):
@@ -28,7 +27,37 @@ class ServingSettings(BaseSettings):
         "auto", description="auto picks from the model file: .onnx, .xml (OpenVINO), else torch."
     )
     max_upload_bytes: int = Field(20 * MB, gt=0, description="Largest accepted image file.")
-    max_pixels: int = Field(MAX_PIXELS, gt=0, description="Largest accepted image (w * h).")
+    max_request_bytes: int = Field(
+        100 * MB,
+        gt=0,
+        description="Largest body of a batch or drift-window request (a single-image request "
+        "may carry one image of max_upload_bytes, base64 included).",
+    )
+    max_pixels: int = Field(16 * MPX, gt=0, description="Largest accepted image (w * h).")
+    max_request_pixels: int = Field(
+        64 * MPX, gt=0, description="Most pixels of all the images of one request together."
+    )
+    max_inflight_pixels: int = Field(
+        64 * MPX,
+        gt=0,
+        description="Most pixels a worker holds decoded at once, over all requests; the others "
+        "wait their turn (503 after request_timeout_s). Bounds a worker's memory.",
+    )
+    render_max_pixels: int = Field(
+        4 * MPX,
+        gt=0,
+        description="Heatmap, overlay and mask PNGs of a larger image are shrunk by a whole "
+        "factor to at most this many pixels.",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's headers must arrive within this, and its body may pause no "
+        "longer; otherwise the connection is closed (408 for a body).",
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="A request body must arrive in full within this (else 408)."
+    )
     max_batch_images: int = Field(32, gt=0, description="Most files in one batch request.")
     batch_max_size: int = Field(8, gt=0, description="Micro-batch: most images per model call.")
     batch_max_wait_ms: float = Field(
@@ -69,8 +98,16 @@ class ServingSettings(BaseSettings):
         return value
 
     @property
-    def max_request_bytes(self) -> int:
-        """Coarse cap on a whole request body, checked before it is read."""
-        # base64 inflates by 4/3; multipart adds headers per part.
-        per_image = self.max_upload_bytes * 4 // 3 + 64 * 1024
-        return per_image * self.max_batch_images
+    def max_single_request_bytes(self) -> int:
+        """Largest body of /v1/predict: one image, base64 (4/3) and multipart framing included."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024
+
+    @property
+    def request_pixel_budget(self) -> int:
+        """Pixels one request may bring: never below one image of max_pixels."""
+        return max(self.max_request_pixels, self.max_pixels)
+
+    @property
+    def inflight_pixel_budget(self) -> int:
+        """Never below what one accepted request may hold, so every request can run."""
+        return max(self.max_inflight_pixels, self.request_pixel_budget)
