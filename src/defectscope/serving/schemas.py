@@ -116,8 +116,13 @@ class ThresholdUpdate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"image": 1.35, "pixel": None}]}
     )
 
-    image: float | None = Field(None, gt=0, allow_inf_nan=False, description="Image threshold.")
-    pixel: float | None = Field(None, gt=0, allow_inf_nan=False, description="Mask threshold.")
+    # strict: JSON true/false and numeric strings are not thresholds (ints still are).
+    image: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True, description="Image threshold."
+    )
+    pixel: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True, description="Mask threshold."
+    )
 
 
 class ErrorResponse(BaseModel):

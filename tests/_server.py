@@ -1,0 +1,157 @@
+"""Real `defectscope serve` processes and raw-socket clients, for the abuse and hardening tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from _images import free_port
+
+KEY = "s3cret-key"
+AUTH = {"X-API-Key": KEY}
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen
+
+    def rss(self) -> int:
+        """Resident memory of the server process (the worker, with --workers 1)."""
+        import psutil
+
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+
+@contextmanager
+def served(
+    model: Path, env: dict[str, str], workers: int = 1, expect: str = "ready"
+) -> Iterator[Server]:
+    """``defectscope serve MODEL`` in its own process group, once /readyz says ``expect``
+    ("ready": every worker loaded; "failed": the model was refused)."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "DEFECTSCOPE_API_KEY": KEY,
+        "DEFECTSCOPE_BATCH_MAX_WAIT_MS": "0",
+        **env,
+    }
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "-m", "defectscope.cli", "serve", str(model), "--port", str(port),
+               "--workers", str(workers)]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        streak = 0
+        # Several answers in a row: with several workers, each must have loaded the model.
+        while streak < 4 * workers and time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"the server exited with {process.returncode}")
+            try:
+                answer = httpx.get(f"{url}/readyz", headers=AUTH, timeout=5).json()
+                ready = answer["status"] == expect
+            except (httpx.TransportError, ValueError):
+                ready = False
+            streak = streak + 1 if ready else 0
+            time.sleep(0.1)
+        if streak < 4 * workers:
+            raise AssertionError(f"the server did not become {expect}")
+        yield Server(url, port, process)
+    finally:
+        with_group = process.poll() is None
+        if with_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@dataclass
+class RawResponse:
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    closed: bool  # the server closed the connection after answering (or without answering)
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0, received: bytes = b"") -> RawResponse:
+    """Everything the server sends until it closes the connection or ``timeout`` passes
+    (after ``received``, what already arrived)."""
+    sock.settimeout(timeout)
+    data, closed = received, False
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    except TimeoutError:
+        pass
+    except ConnectionResetError:
+        closed = True
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(status, headers, body, closed)
+
+
+def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def send_chunked_until_answered(
+    sock: socket.socket, first: bytes, filler: bytes, max_bytes: int
+) -> tuple[int, bytes]:
+    """Send a chunked body (``first``, then ``filler`` repeated) until the server answers or
+    closes; returns (body bytes sent, what the server sent meanwhile)."""
+    sent = 0
+    answer = b""
+    try:
+        for piece in (first, *(filler for _ in range(max_bytes // len(filler)))):
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            sent += len(piece)
+            sock.setblocking(False)
+            try:
+                answer = sock.recv(65536)
+            except BlockingIOError:
+                answer = b""
+            finally:
+                sock.setblocking(True)
+            if answer:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent, answer
