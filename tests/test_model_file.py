@@ -316,3 +316,81 @@ def test_directory_named_like_a_file(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(ModelFileError, match=r"no model\.safetensors in this folder"):
         read_model_file(folder)
+
+
+# ------------------------------------------------------------- numbers, modes and locks
+CALIBRATION = {"threshold": 1.0, "pixel_threshold": 2.0, "scale": 0.5, "good_scores": [0.9]}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"threshold": True}, "threshold is True"),
+        ({"threshold": "1.5"}, "threshold is '1.5'"),
+        ({"pixel_threshold": float("inf")}, "pixel_threshold is inf"),
+        ({"scale": float("nan")}, "scale is nan"),
+        ({"scale": -1.0}, "scale must be positive"),
+        ({"good_scores": [1.0, float("-inf")]}, "good_scores holds values"),
+        ({"good_pixel_maxima": "many"}, "good_pixel_maxima holds values"),
+    ],
+)
+def test_calibration_that_is_not_finite_numbers_is_refused(tmp_path, change, words) -> None:
+    meta = {"calibration": {**CALIBRATION, **change}}
+    encoded = json.dumps({**meta, "tensor_sha256": {}})  # NaN written as Python would
+    path = tmp_path / "m.safetensors"
+    save_file({"memory_bank": torch.ones(2, 2)}, str(path), header_with(encoded)["__metadata__"])
+    for read in (read_header, read_model_file):
+        with pytest.raises(ModelFileError, match="calibration data is missing or invalid") as info:
+            read(path)
+        assert words in str(info.value)
+
+
+def test_metadata_with_nan_is_never_written(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="NaN or infinite"):
+        write_model_file(tmp_path / "m", tensors(), {"timings": {"total_s": float("nan")}})
+    assert not (tmp_path / "m" / MODEL_FILENAME).exists()
+
+
+def test_new_files_follow_the_umask_and_rewrites_keep_their_mode(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = write_model_file(tmp_path / "m", tensors(), {})
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o640
+        os.umask(0o077)
+        Path(path).chmod(0o644)  # chosen by the operator: a rewrite keeps it
+        write_model_file(tmp_path / "m", tensors(), {"run": 2})
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o644
+        fresh = write_model_file(tmp_path / "n", tensors(), {})
+        assert stat.S_IMODE(Path(fresh).stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_model_file_lock_serialises_writers(model: Path) -> None:
+    import threading
+    import time
+
+    from defectscope.detector.model_file import model_file_lock
+
+    file = resolve_model_path(model)
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def writer(i: int) -> None:
+        with model_file_lock(file):  # a lock file of its own: each holds its own descriptor
+            inside.append(i)
+            if len(inside) > 1:
+                overlaps.append(i)
+            time.sleep(0.05)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == []
+    assert (file.parent / f".{file.name}.lock").exists()

@@ -1,0 +1,187 @@
+"""What a careless operator does to the command line: outputs in the way, existing models,
+impossible devices, corrupt models, file names that are spreadsheet formulas. Every mistake is
+one line and exit status 2, found before any long work; nothing is silently overwritten."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _images import png, texture_crops
+from _models import rewritten_model
+
+FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, umask: int = 0o022) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("DEFECTSCOPE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "defectscope.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+        umask=umask,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    message = " ".join(proc.stderr.split())  # rich may wrap a long line
+    assert message.startswith("error:"), proc.stderr
+    for word in words:
+        assert word in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def good_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("good")
+    for i, image in enumerate(texture_crops(6, seed=9)):
+        (folder / f"{i}.png").write_bytes(png(image))
+    return folder
+
+
+@pytest.fixture
+def model_copy(texture_model_dir, tmp_path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(texture_model_dir / "model.safetensors", folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------- outputs
+def test_fit_refuses_an_output_in_the_way_before_fitting(good_images, model_copy, tmp_path):
+    in_the_way = tmp_path / "results.txt"
+    in_the_way.write_text("keep me")
+    for out, words in [
+        (in_the_way, ("not a folder",)),
+        (in_the_way / "model", ("not a folder", "a file")),
+        (model_copy, ("already exists", "--overwrite")),
+        (model_copy / "model.safetensors", ("already exists", "--overwrite")),
+    ]:
+        started = time.monotonic()
+        proc = run_cli("fit", str(good_images), "--out", str(out), *FAST)
+        assert_one_line_error(proc, *words)
+        assert "Fitting on" not in proc.stderr + proc.stdout  # refused before the work
+        assert time.monotonic() - started < 60
+    assert in_the_way.read_text() == "keep me"
+
+
+def test_fit_overwrite_replaces_the_model_and_its_stale_outputs(good_images, model_copy):
+    before = (model_copy / "model.safetensors").read_bytes()
+    (model_copy / "report").mkdir()
+    (model_copy / "report" / "metrics.json").write_text('{"metrics": {"image_auroc": 1.0}}')
+    (model_copy / "model.onnx").write_bytes(b"an export of the old model")
+    (model_copy / "notes.txt").write_text("the operator's own file")
+    proc = run_cli("fit", str(good_images), "--out", str(model_copy), "--overwrite", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert (model_copy / "model.safetensors").read_bytes() != before
+    # The old report would otherwise be served as the new model's (GET /v1/model/report).
+    assert not (model_copy / "report").exists() and not (model_copy / "model.onnx").exists()
+    assert (model_copy / "notes.txt").read_text() == "the operator's own file"
+    assert "Removed the replaced model's report, model.onnx" in " ".join(proc.stderr.split())
+    # Written with the umask's mode (0644 here), not always 0600.
+    assert stat.S_IMODE((model_copy / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_predict_refuses_an_output_file_before_loading(texture_model_dir, good_images, tmp_path):
+    in_the_way = tmp_path / "predictions"
+    in_the_way.write_text("keep me")
+    proc = run_cli("predict", str(texture_model_dir), str(good_images), "--out", str(in_the_way))
+    assert_one_line_error(proc, "not a folder")
+    assert in_the_way.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cpu:99", "cuda:x"])
+def test_an_impossible_device_is_one_line(texture_model_dir, good_images, tmp_path, device):
+    proc = run_cli(
+        "predict", str(texture_model_dir), str(good_images), "--out", str(tmp_path / "p"),
+        "--device", device,
+    )  # fmt: skip
+    assert_one_line_error(proc, "device must be auto, cpu, cuda or cuda:N", repr(device))
+    if device == "tpu":  # fit assigns the device elsewhere (its config): the same one line
+        proc = run_cli("fit", str(good_images), "--out", str(tmp_path / "m"), "--device", device)
+        assert_one_line_error(proc, "device must be")
+
+
+# ---------------------------------------------------------------------------- bad models
+def set_calibration(key: str, value: object):
+    def edit(meta: dict, tensors: dict) -> None:
+        meta["calibration"][key] = value
+
+    return edit
+
+
+def set_bank(make):
+    def edit(meta: dict, tensors: dict) -> None:
+        tensors["memory_bank"] = make(tensors["memory_bank"])
+
+    return edit
+
+
+def with_nan_row(bank: torch.Tensor) -> torch.Tensor:
+    bank = bank.clone()
+    bank[3] = float("nan")
+    return bank
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (set_calibration("threshold", "abc"), ("threshold is 'abc', not a finite number",)),
+        (set_calibration("threshold", float("nan")), ("threshold is nan",)),
+        (set_bank(with_nan_row), ("NaN or infinite",)),
+        (set_bank(lambda bank: bank[:0]), ("memory bank is empty",)),
+    ],
+    ids=["text", "nan", "nan-bank", "empty-bank"],  # the other checks: test_model_file.py
+)
+def test_invalid_numbers_in_a_model_are_refused(
+    texture_model_dir, good_images, tmp_path, edit, words
+) -> None:
+    model = rewritten_model(texture_model_dir, tmp_path / "bad", edit)
+    out = tmp_path / "predictions"
+    proc = run_cli("predict", str(model), str(good_images), "--out", str(out))
+    assert_one_line_error(proc, *words)
+    assert not (out / "results.jsonl").exists()  # no result judged with a broken model
+
+
+# --------------------------------------------------------------------------------- results
+def refuse_constant(name: str) -> None:
+    raise AssertionError(f"{name} in results.jsonl: not JSON")
+
+
+def test_results_never_hold_formulas_or_nan(texture_model_dir, tmp_path) -> None:
+    names = ["=HYPERLINK(1).png", "+cmd.png", "-2.png", "@sum.png", "\tx.png", "plain.png"]
+    image = png(texture_crops(1, seed=2)[0])
+    for name in names:
+        (tmp_path / name).write_bytes(image)
+    (tmp_path / "=broken.png").write_bytes(b"not an image")
+    inputs = [*names, "=broken.png"]
+    # "--" ends the options: "-2.png" is a file name here.
+    proc = run_cli("predict", "--out", "out", str(texture_model_dir), "--", *inputs, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(inputs)
+    for row in rows:
+        for column, cell in row.items():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), (column, cell)
+    sources = {row["source"] for row in rows}
+    assert "'=HYPERLINK(1).png" in sources and "plain.png" in sources
+    # The JSONL keeps the names as they are, and is strict JSON throughout.
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse_constant) for line in lines]
+    assert {r.get("source") for r in records} >= {"=HYPERLINK(1).png", "=broken.png"}
