@@ -363,11 +363,13 @@ def request_id(request: Request) -> str:
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
-        401: "Missing or wrong API key.",
-        413: "Upload or image over a limit.",
+        400: "The body is not valid JSON (or not parsable multipart).",
+        401: "Missing or wrong API key (checked before the body is read).",
+        408: "The request body did not arrive within the read timeouts.",
+        413: "Body, upload, image or request pixels over a limit.",
         415: "Not an image (decoded by content).",
         422: "Bad request: missing field, bad base64, bad query value, corrupt image.",
-        503: "The model is not loaded yet.",
+        503: "The model is not loaded yet, or the worker stayed busy with other images.",
         504: "The model did not answer within the request timeout.",
     }.items()
 }
