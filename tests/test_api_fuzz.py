@@ -5,6 +5,10 @@ process over ASGI against a small fitted model. Whatever arrives, the server mus
 5xx, and every answer must be one the schema documents (status, content type, body). Fuzzed
 uploads are almost never images, so ``/v1/predict`` is also called with a real image and the
 fuzzed query (thresholds, render flags) to reach the model and the renderers.
+
+Abuse that a schema cannot describe (unauthenticated or oversize bodies, chunked bodies without
+end, half-sent requests, pixel-heavy images, concurrent threshold writes on several workers) is
+tested against real server processes in test_hardening_server.py and test_hardening_workers.py.
 """
 
 from __future__ import annotations
