@@ -32,7 +32,8 @@ def test_defaults() -> None:
     assert config.backbone.weights == "default"
     assert config.backbone.layers is None
     assert config.features.input_size == (256, 256)
-    assert config.features.aspect == "stretch"
+    assert config.features.aspect == "auto"
+    assert config.features.large_image_scale == 2.0
     assert config.features.neighbourhood == 1
     assert config.features.normalize == "l2"
     assert config.features.embedding_dim is None
@@ -51,6 +52,8 @@ def test_defaults() -> None:
     assert config.device == "auto"
     assert config.batch_size == 16
     assert config.half_precision is False
+    assert config.auto.enabled is True
+    assert config.auto.candidates == ["raw", "l2", "raw_pool3", "l2_pool3"]
 
 
 @pytest.mark.parametrize("empty", [None, {}])
@@ -293,6 +296,7 @@ def test_to_dict_is_plain_json_types() -> None:
         "scoring",
         "calibration",
         "fit",
+        "auto",
         "device",
         "batch_size",
         "half_precision",

@@ -209,6 +209,14 @@ def fit(
         bool,
         typer.Option(help="Replace an existing model (its report/ and exports are removed)."),
     ] = False,
+    auto: Annotated[
+        bool | None,
+        typer.Option(
+            "--auto/--no-auto",
+            help="Choose the feature configuration from synthetic defects on held-out good "
+            "images (default: on, unless the config sets detector.auto.enabled).",
+        ),
+    ] = None,
 ) -> None:
     """Learn what good looks like from the good training images of DATA.
 
@@ -222,6 +230,8 @@ def fit(
 
     check_engine(engine, ray_address)
     experiment = _compose(config, overrides, device)
+    if auto is not None:
+        experiment.detector.auto.enabled = auto
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
     stale_folder = _model_destination(out_dir, overwrite)  # likewise an existing model
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
@@ -270,6 +280,11 @@ def _print_fit_summary(detector, path: Path | str) -> None:
         f"{timings['total_s']:.1f} s (features {timings['features_s']:.1f}, coreset "
         f"{timings['coreset_s']:.1f}, calibration {timings['calibration_s']:.1f})",
     )
+    selection = info.get("selection") or {}
+    if selection:
+        table.add_row("configuration", selection["reason"])
+        if selection.get("geometry", {}).get("reason"):
+            table.add_row("geometry", selection["geometry"]["reason"])
     if info["training"]["skipped"]:
         table.add_row("skipped", f"{len(info['training']['skipped'])} unreadable images")
     out.print(table)

@@ -38,8 +38,19 @@ class BackboneConfig(_Section):
 
 class FeatureConfig(_Section):
     input_size: tuple[int, int] = Field((256, 256), description="Network input (height, width).")
-    aspect: Literal["stretch", "pad"] = Field(
-        "stretch", description="'stretch' resizes to input_size; 'pad' keeps the aspect and pads."
+    aspect: Literal["auto", "stretch", "pad"] = Field(
+        "auto",
+        description="'stretch' resizes to input_size; 'pad' keeps the aspect and pads; 'auto' "
+        "decides at fit time from the training images' sizes (pad when their shapes differ; "
+        "an input of the images' shape when they share one elongated shape).",
+    )
+    large_image_scale: float = Field(
+        2.0,
+        ge=1.0,
+        le=4.0,
+        description="With aspect='auto': images whose short side is at least 3x the input's "
+        "are fed at this many times the input size, so that small defects on large images "
+        "keep a few patches (cost grows with its square); 1 = never.",
     )
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."
@@ -163,6 +174,31 @@ class FitConfig(_Section):
     )
 
 
+class AutoConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Choose the feature aggregation at fit time from synthetic defects painted "
+        "on held-out good images (see defectscope.detector.selection).",
+    )
+    candidates: list[Literal["raw", "l2", "raw_pool3", "l2_pool3"]] = Field(
+        ["raw", "l2", "raw_pool3", "l2_pool3"],
+        min_length=1,
+        description="Candidates in order of preference: a later one must win by a margin.",
+    )
+    min_images: int = Field(
+        10, ge=3, description="With fewer training images the configuration is kept as given."
+    )
+    holdout_images: int = Field(
+        10, ge=2, description="Good images held out for synthetic defects (at most 1/4)."
+    )
+    bank_images: int = Field(30, ge=1, description="Training images in the candidates' banks.")
+    defects_per_image: int = Field(3, ge=1, le=10)
+    size_probe_images: int = Field(
+        64, ge=1, description="Images whose sizes decide the geometry (aspect='auto')."
+    )
+    seed: int = 0
+
+
 class DetectorConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -170,6 +206,7 @@ class DetectorConfig(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     batch_size: int = Field(16, ge=1, le=1024)
     half_precision: bool = Field(False, description="fp16 backbone on CUDA.")

@@ -33,13 +33,14 @@ from defectscope.detector.fitting import (
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.scoring import AnomalyScorer
+from defectscope.detector.selection import SelectionResult, select_configuration
 from defectscope.errors import (
     ConfigError,
     ImageLoadError,
     ModelFileError,
     NotFittedError,
 )
-from defectscope.features.backbones import create_backbone
+from defectscope.features.backbones import FeatureBackbone, create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
 from defectscope.monitoring.reference import pool_embeddings
@@ -124,6 +125,8 @@ class Detector:
         self.scorer: AnomalyScorer | None = None
         self.calibration: Calibration | None = None
         self.info: dict[str, Any] = {}
+        self._backbone_module: FeatureBackbone | None = None
+        self._selection: SelectionResult | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -176,14 +179,32 @@ class Detector:
         """Replace the stored thresholds (e.g. F1-optimal ones from a labelled validation set)."""
         self.calibration = self._fitted_calibration.with_thresholds(image, pixel, source)
 
+    def _backbone(self) -> FeatureBackbone:
+        """The frozen backbone, built once: configuration choices at fit time keep it."""
+        if self._backbone_module is None:
+            self._backbone_module = create_backbone(self.config.backbone)
+        return self._backbone_module
+
+    def backbone_input_multiple(self) -> int:
+        """Input sides must be a multiple of this for the configured backbone."""
+        return max(self._backbone().input_multiple, 32 if not self._backbone().is_vit else 1)
+
+    def reset_features(self) -> None:
+        """Forget the feature extractor and preprocessor (not the backbone) so that the next
+        use builds them from the current ``config.features``."""
+        self.features = None
+        self.preprocessor = None
+
     def _build_features(self) -> FeatureParts:
         """The feature extractor and preprocessor, built from the config on first use."""
         if self.features is not None and self.preprocessor is not None:
             return FeatureParts(self.features, self.preprocessor)
-        backbone = create_backbone(self.config.backbone)
-        check = getattr(backbone, "check_input_size", None)
-        if check is not None:
-            check(tuple(self.config.features.input_size))
+        backbone = self._backbone()
+        if self.config.features.aspect == "auto":
+            # Not settled by a fit (which looks at the images' sizes): one shape is assumed.
+            self.config.features.aspect = "stretch"
+        height, width = self.config.features.input_size
+        backbone.check_input_size((height, width))
         self.features = features = PatchFeatures(
             backbone,
             self.config.features.neighbourhood,
@@ -199,6 +220,19 @@ class Detector:
             self.config.features.aspect,
         )
         return FeatureParts(features, preprocessor)
+
+    @property
+    def selection(self) -> SelectionResult | None:
+        """What `prepare` decided before the last fit (None before any fit in this process)."""
+        return self._selection
+
+    def prepare(self, images: Sequence[ImageInput]) -> SelectionResult:
+        """Settle what depends on the training images before a fit: the image geometry and,
+        in auto mode, the feature configuration (`defectscope.detector.selection`)."""
+        result = select_configuration(self, images)
+        self.reset_features()
+        self._selection = result
+        return result
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -228,8 +262,9 @@ class Detector:
             images = list(images)
         # A lazy Sequence (e.g. decoded on access) is only materialised one chunk at a time.
         plan = FitPlan.create(len(images), self.config)
-        self._build_features()
         start = time.perf_counter()
+        self.prepare(images)
+        self._build_features()
         with ShardStore.from_config(self.config.fit) as store:
             shards = [
                 store.keep(
@@ -447,6 +482,7 @@ class Detector:
                 "bank_size",
                 "timings",
                 "reference",
+                "selection",
             )
             if k in meta
         }

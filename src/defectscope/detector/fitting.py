@@ -472,6 +472,9 @@ def fit_from_shards(
     timings["reference_s"] = time.perf_counter() - t0
     timings["total_s"] = timings["features_s"] + timings["shard_coreset_s"]
     timings["total_s"] += time.perf_counter() - start
+    if detector.selection is not None:
+        info["selection"] = detector.selection.to_dict()
+        timings["selection_s"] = detector.selection.seconds
     info["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if reference is not None:
         info["reference"] = reference

@@ -1,0 +1,190 @@
+"""Multi-category benchmark: fit and evaluate one configuration on every kind of product.
+
+    python benchmarks/suite.py [--json benchmarks/results/suite.json] [--categories a,b]
+                               [--data-root DIR] [--synthetic-root DIR] [key=value overrides]
+
+Categories: MVTec AD bottle and screw from ../shared (skipped when absent) and the synthetic
+categories of benchmarks/categories.py (textures, grayscale surfaces, varying-size strips, tiny
+spots on 1024 px images, large low-contrast regions, an object), built offline on first use.
+Per category: image AUROC, pixel AUROC and AUPRO (where masks exist), F1-max, recall and
+false-alarm rate at the stored threshold, fit time, predict ms/image. The summary row is the
+mean over categories and the worst category: a change must be judged on those, never on one.
+Protocol: ../shared/README.md (fit on train/good, evaluate on all of test/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets" / "mvtec_ad"
+MVTEC = ("bottle", "screw")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "recall", "false_alarm_rate")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def category_roots(names: list[str] | None, data_root: Path, synthetic_root: Path) -> dict:
+    """name -> dataset folder, building the synthetic categories that are asked for."""
+    from categories import CATEGORIES, build_category
+
+    wanted = names or [*MVTEC, *CATEGORIES]
+    roots: dict[str, Path] = {}
+    for name in wanted:
+        if name in MVTEC:
+            folder = data_root / name
+            if folder.is_dir():
+                roots[name] = folder
+            else:
+                print(f"skipping {name}: {folder} not found", file=sys.stderr)
+        elif name in CATEGORIES:
+            roots[name] = build_category(name, synthetic_root)
+        else:
+            raise SystemExit(f"unknown category {name!r}")
+    return roots
+
+
+def run_category(root: Path, overrides: list[str]) -> dict[str, Any]:
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+    from defectscope.evaluation.runner import evaluate
+    from defectscope.experiment import compose
+
+    experiment = compose(None, overrides)
+    dataset = open_dataset(root)
+    start = time.perf_counter()
+    detector = Detector(experiment.detector).fit([s.path for s in dataset.train])
+    fit_s = time.perf_counter() - start
+    result = evaluate(detector, dataset)
+    metrics = result.to_dict()["metrics"]
+    row: dict[str, Any] = {k: _finite(metrics.get(k)) for k in METRICS}
+    row["fit_s"] = round(fit_s, 2)
+    row["predict_ms_per_image"] = round(result.timings["ms_per_image"], 1)
+    row["n_train"] = len(dataset.train)
+    row["n_test"] = len(dataset.test)
+    row["per_defect"] = {
+        name: {k: _finite(v.get(k)) for k in ("image_auroc", "pixel_auroc")}
+        for name, v in result.to_dict().get("per_defect", {}).items()
+    }
+    row["selection"] = detector.info.get("selection", {}).get("chosen")
+    return row
+
+
+def summarize(rows: dict[str, dict]) -> dict[str, dict]:
+    """Mean over categories and the worst category, per metric (lower is worse, except the
+    false-alarm rate and times, where higher is worse)."""
+    out: dict[str, dict] = {"mean": {}, "worst": {}}
+    for key in (*METRICS, "fit_s", "predict_ms_per_image"):
+        values = {n: r[key] for n, r in rows.items() if r.get(key) is not None}
+        if not values:
+            continue
+        out["mean"][key] = round(sum(values.values()) / len(values), 4)
+        higher_is_worse = key in ("false_alarm_rate", "fit_s", "predict_ms_per_image")
+        pick = max if higher_is_worse else min
+        name = pick(values, key=lambda n: values[n])
+        out["worst"][key] = {"category": name, "value": values[name]}
+    return out
+
+
+def markdown(rows: dict[str, dict], summary: dict[str, dict]) -> str:
+    head = (
+        "| category | image AUROC | pixel AUROC | AUPRO | F1-max | recall | false alarms "
+        "| fit s | ms/image |"
+    )
+    lines = [head, "|" + "---|" * 9]
+
+    def cell(value: Any) -> str:
+        return (
+            "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+        )
+
+    for name, r in rows.items():
+        values = [r.get(k) for k in (*METRICS, "fit_s", "predict_ms_per_image")]
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in values) + " |")
+    mean = summary["mean"]
+    lines.append(
+        "| **mean** | "
+        + " | ".join(cell(mean.get(k)) for k in (*METRICS, "fit_s", "predict_ms_per_image"))
+        + " |"
+    )
+    worst = summary["worst"]
+    lines.append(
+        "| **worst** | "
+        + " | ".join(
+            f"{cell(worst[k]['value'])} ({worst[k]['category']})" if k in worst else "-"
+            for k in (*METRICS, "fit_s", "predict_ms_per_image")
+        )
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return round(float(value), 4)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument("--categories", default=None, help="comma-separated subset")
+    parser.add_argument("--data-root", type=Path, default=SHARED)
+    parser.add_argument(
+        "--synthetic-root", type=Path, default=Path.home() / ".cache" / "defectscope-bench"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. detector.features.normalize=none"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.categories.split(",") if args.categories else None
+    roots = category_roots(names, args.data_root, args.synthetic_root)
+    rows: dict[str, dict] = {}
+    for name, root in roots.items():
+        start = time.perf_counter()
+        rows[name] = run_category(root, args.overrides)
+        r = rows[name]
+        print(
+            f"{name:14s} image {r['image_auroc']} pixel {r['pixel_auroc']} aupro {r['aupro']} "
+            f"recall {r['recall']} fa {r['false_alarm_rate']} fit {r['fit_s']} s "
+            f"({time.perf_counter() - start:.0f} s) {r['selection'] or ''}",
+            flush=True,
+        )
+    summary = summarize(rows)
+    table = markdown(rows, summary)
+    print(table)
+    out = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "overrides": args.overrides,
+        "categories": rows,
+        "summary": summary,
+        "table": table,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Auto mode: geometry from image sizes, candidates judged on synthetic defects, the choice
+recorded in the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _images import FAST_CONFIG, texture_crops
+
+from defectscope.config import DetectorConfig
+from defectscope.detector import selection
+from defectscope.detector.detector import Detector
+from defectscope.detector.selection import (
+    Candidate,
+    choose,
+    probe_size,
+    resolve_geometry,
+)
+from defectscope.features.patches import PatchFeatures
+
+AUTO_CONFIG = {
+    **FAST_CONFIG,
+    "auto": {
+        "enabled": True,
+        "candidates": ["raw", "l2"],
+        "min_images": 10,
+        "holdout_images": 4,
+        "bank_images": 10,
+        "defects_per_image": 3,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- geometry
+def _config(**features) -> DetectorConfig:
+    return DetectorConfig.from_dict({"features": features})
+
+
+def test_differently_shaped_images_are_padded_not_stretched() -> None:
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry([(250, 122), (280, 599), (260, 400)], config)
+    assert config.features.aspect == "pad"
+    assert out["aspect"] == "pad" and "differ" in out["reason"]
+    assert config.features.input_size == (256, 256)
+
+
+def test_one_elongated_shape_gets_an_input_of_that_shape() -> None:
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry([(200, 800)] * 5, config)
+    height, width = config.features.input_size
+    assert config.features.aspect == "stretch"
+    assert height % 32 == 0 and width % 32 == 0
+    assert 3.0 <= width / height <= 5.0
+    # About the configured pixel count, so the cost stays what the user configured.
+    assert 0.75 <= height * width / 256**2 <= 1.25
+
+
+def test_large_images_get_a_larger_input_small_ones_do_not() -> None:
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry([(1024, 1024)] * 3, config)
+    assert config.features.input_size == (512, 512)
+    assert "large images" in out["reason"]
+    config = _config(aspect="auto", input_size=[256, 256], large_image_scale=1.0)
+    resolve_geometry([(1024, 1024)] * 3, config)
+    assert config.features.input_size == (256, 256)
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry([(700, 700)] * 3, config)
+    assert config.features.input_size == (256, 256)
+
+
+def test_square_sets_and_explicit_aspects_are_kept() -> None:
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry([(512, 512), (500, 510)], config)
+    assert config.features.aspect == "stretch" and config.features.input_size == (256, 256)
+    explicit = _config(aspect="stretch", input_size=[128, 256])
+    assert resolve_geometry([(250, 122), (280, 599)], explicit) == {"aspect_requested": "stretch"}
+    assert explicit.features.aspect == "stretch" and explicit.features.input_size == (128, 256)
+
+
+def test_probe_size_reads_headers_of_every_input_kind(tmp_path: Path) -> None:
+    from _images import png
+    from PIL import Image
+
+    array = np.zeros((30, 50, 3), np.uint8)
+    path = tmp_path / "a.png"
+    path.write_bytes(png(array))
+    assert probe_size(array) == (30, 50)
+    assert probe_size(path) == (30, 50)
+    assert probe_size(str(path)) == (30, 50)
+    assert probe_size(png(array)) == (30, 50)
+    assert probe_size(Image.fromarray(array)) == (30, 50)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert probe_size(bad) is None
+    assert probe_size(tmp_path / "missing.png") is None
+
+
+# ---------------------------------------------------------------------------- selection
+def test_choose_prefers_the_earlier_candidate_unless_a_later_one_clearly_wins() -> None:
+    rows = [{"name": "a", "objective": 0.900}, {"name": "b", "objective": 0.902}]
+    assert choose(rows)["name"] == "a"
+    rows[1]["objective"] = 0.95
+    assert choose(rows)["name"] == "b"
+
+
+class _Blind(PatchFeatures):
+    """Patch features that ignore the image: every patch looks alike, so nothing separates."""
+
+    def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        real = super().aggregate(maps)
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.rand(real.shape[1:], generator=generator)
+        return noise.expand_as(real).contiguous()
+
+
+class _BlindCandidate(Candidate):
+    def features(self, backbone, embedding_dim):  # type: ignore[no-untyped-def]
+        return _Blind(backbone, self.neighbourhood, embedding_dim, self.normalize)
+
+
+def test_a_candidate_that_separates_synthetic_defects_beats_a_blind_one(monkeypatch) -> None:
+    # The blind candidate comes first, so it is the one kept unless the other clearly wins.
+    blind = _BlindCandidate("raw", "none", 1, "blind")
+    monkeypatch.setitem(selection.CANDIDATES, "raw", blind)
+    detector = Detector(AUTO_CONFIG)
+    result = detector.prepare(texture_crops(16, seed=4))
+    rows = {row["name"]: row for row in result.candidates}
+    assert result.chosen == "l2"
+    assert rows["raw"]["image_auroc"] <= 0.65
+    assert rows["l2"]["image_auroc"] >= 0.75
+    assert rows["l2"]["objective"] > rows["raw"]["objective"] + 0.15
+    assert detector.config.features.normalize == "l2"
+    assert result.n_holdout_images == 4 and result.n_defects == 12
+    assert "l2 separates synthetic defects best" in result.reason
+
+
+def test_the_choice_is_applied_and_recorded_in_the_saved_model(tmp_path: Path) -> None:
+    images = texture_crops(16, seed=5)
+    detector = Detector(AUTO_CONFIG).fit(images)
+    chosen = detector.info["selection"]["chosen"]
+    assert chosen in ("raw", "l2")
+    expected = {"raw": "none", "l2": "l2"}[chosen]
+    assert detector.config.features.normalize == expected
+    assert detector.features.normalize == expected
+    assert detector.info["timings"]["selection_s"] > 0
+    detector.save(tmp_path)
+    loaded = Detector.load(tmp_path)
+    assert loaded.config.features.normalize == expected
+    assert loaded.info["selection"]["chosen"] == chosen
+    assert [r["name"] for r in loaded.info["selection"]["candidates"]] == ["raw", "l2"]
+    # The loaded model scores exactly as the fitted one.
+    a, b = detector.predict(images[:2]), loaded.predict(images[:2])
+    assert [p.score for p in a] == pytest.approx([p.score for p in b], rel=1e-5)
+
+
+def test_too_few_images_or_auto_off_keep_the_configuration() -> None:
+    few = Detector(AUTO_CONFIG).prepare(texture_crops(6))
+    assert few.chosen is None and "fewer than auto.min_images" in few.reason
+    off = Detector({**AUTO_CONFIG, "auto": {"enabled": False}})
+    result = off.prepare(texture_crops(16))
+    assert result.chosen is None and result.candidates == []
+    assert off.config.features.normalize == DetectorConfig().features.normalize
+
+
+def test_fit_cli_records_the_choice_and_inspect_shows_it(tmp_path: Path) -> None:
+    from _images import png
+    from typer.testing import CliRunner
+
+    from defectscope.cli import app
+
+    data = tmp_path / "good"
+    data.mkdir()
+    for i, image in enumerate(texture_crops(14, seed=6)):
+        (data / f"{i:03d}.png").write_bytes(png(image))
+    config = tmp_path / "config.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"detector": AUTO_CONFIG}))
+    runner = CliRunner()
+    model = tmp_path / "model"
+    result = runner.invoke(app, ["fit", str(data), "--out", str(model), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "separates synthetic defects best" in result.output
+    shown = runner.invoke(app, ["inspect", str(model)])
+    assert shown.exit_code == 0
+    meta = json.loads(shown.output)
+    assert meta["selection"]["chosen"] in ("raw", "l2")
+    assert {r["name"] for r in meta["selection"]["candidates"]} == {"raw", "l2"}
+
+    fixed = tmp_path / "fixed"
+    result = runner.invoke(
+        app, ["fit", str(data), "--out", str(fixed), "--config", str(config), "--no-auto"]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads(runner.invoke(app, ["inspect", str(fixed)]).output)
+    assert meta["selection"]["chosen"] is None
+    assert meta["config"]["features"]["normalize"] == AUTO_CONFIG.get("features", {}).get(
+        "normalize", DetectorConfig().features.normalize
+    )
