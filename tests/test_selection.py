@@ -201,3 +201,32 @@ def test_fit_cli_records_the_choice_and_inspect_shows_it(tmp_path: Path) -> None
     assert meta["config"]["features"]["normalize"] == AUTO_CONFIG.get("features", {}).get(
         "normalize", DetectorConfig().features.normalize
     )
+
+
+def test_fit_reuses_the_backbone_pass_of_auto_mode(monkeypatch) -> None:
+    from defectscope.features.backbones import FeatureBackbone
+
+    seen: list[int] = []
+    real_forward = FeatureBackbone.forward
+
+    def counting(self, images):  # type: ignore[no-untyped-def]
+        seen.append(int(images.shape[0]))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(FeatureBackbone, "forward", counting)
+    images = texture_crops(16, seed=8)
+    config = {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "bank_images": 400}}
+    detector = Detector(config).fit(images)
+    selection_info = detector.info["selection"]
+    extra = selection_info["n_holdout_images"] + selection_info["n_defects"]
+    # Every training image once, plus the held-out images and their synthetic defects.
+    assert sum(seen) == len(images) + extra
+    # The same model as a fit whose features are computed again (auto off, same choice).
+    fixed = {**AUTO_CONFIG, "auto": {"enabled": False}}
+    fixed["features"] = {
+        **FAST_CONFIG["features"],
+        "normalize": detector.config.features.normalize,
+    }
+    again = Detector(fixed).fit(images)
+    assert torch.allclose(again.memory_bank, detector.memory_bank, atol=1e-4)
+    assert again.threshold == pytest.approx(detector.threshold, rel=1e-4)

@@ -33,7 +33,12 @@ from defectscope.detector.fitting import (
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.scoring import AnomalyScorer
-from defectscope.detector.selection import SelectionResult, select_configuration
+from defectscope.detector.selection import (
+    PreparedImage,
+    SelectionResult,
+    identity,
+    select_configuration,
+)
 from defectscope.errors import (
     ConfigError,
     ImageLoadError,
@@ -127,6 +132,7 @@ class Detector:
         self.info: dict[str, Any] = {}
         self._backbone_module: FeatureBackbone | None = None
         self._selection: SelectionResult | None = None
+        self._prepared: dict[int, PreparedImage] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -228,11 +234,28 @@ class Detector:
 
     def prepare(self, images: Sequence[ImageInput]) -> SelectionResult:
         """Settle what depends on the training images before a fit: the image geometry and,
-        in auto mode, the feature configuration (`defectscope.detector.selection`)."""
-        result = select_configuration(self, images)
+        in auto mode, the feature configuration (`defectscope.detector.selection`). The
+        backbone maps auto mode computed are kept for the fit's own pass to reuse."""
+        result, self._prepared = select_configuration(self, images)
         self.reset_features()
         self._selection = result
         return result
+
+    def take_prepared(
+        self, images: Sequence[ImageInput], offset: int
+    ) -> list[PreparedImage] | None:
+        """The backbone maps `prepare` computed for ``images`` (training images ``offset ..``),
+        handed over once; None unless it holds every one of them."""
+        keys = [offset + i for i in range(len(images))]
+        entries = [self._prepared.get(k) for k in keys]
+        if not entries or any(
+            e is None or e.identity != identity(image)
+            for e, image in zip(entries, images, strict=True)
+        ):
+            return None
+        for key in keys:
+            del self._prepared[key]
+        return cast("list[PreparedImage]", entries)
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -279,6 +302,7 @@ class Detector:
                 for offset, stop in plan.chunks()
             ]
             self.fit_from_shards(shards, plan, progress=progress)
+        self._prepared = {}
         self.info["timings"]["total_s"] = round(time.perf_counter() - start, 4)
         return self
 

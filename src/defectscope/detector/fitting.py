@@ -283,8 +283,6 @@ def extract_shard(
     progress: ProgressFn | None = None,
 ) -> FitShard:
     """Embed images ``offset .. offset + len(images)`` of the plan into a `FitShard`."""
-    from defectscope.detector.detector import iter_loaded  # detector.py imports this module
-
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     images = list(images)
@@ -293,7 +291,7 @@ def extract_shard(
         raise DefectscopeError(
             f"shard [{offset}, {stop}) is empty or outside the plan's {plan.n_images} images"
         )
-    features, preprocessor = detector._build_features()
+    features = detector._build_features().features
     config = detector.config
     start = time.perf_counter()
     ids: list[int] = []
@@ -307,26 +305,22 @@ def extract_shard(
     calibration_parts: list[torch.Tensor] = []
     grid = (0, 0)
     done = 0
-    for batch in iter_loaded(images, config.batch_size):
-        good: list[np.ndarray] = []
-        good_items = []
-        for item in batch:
-            if item.image is not None:
-                good.append(item.image)
-                good_items.append(item)
+    for batch in embedded_batches(detector, images, offset):
+        for item in batch.items:
+            if item.error is None:
                 continue
-            assert item.error is not None  # a LoadedImage holds an image or its error
             if on_error == "raise":
                 raise item.error
             warnings.warn(f"skipping unreadable image: {item.error}", stacklevel=3)
             skipped.append({"source": item.source, "error": item.error.reason})
-        if good:
-            embeddings = detector.embed(preprocessor(good))
+        if batch.embeddings is not None:
+            embeddings = batch.embeddings
+            good_items = [batch.items[k] for k in batch.good]
             grid = (int(embeddings.shape[2]), int(embeddings.shape[3]))
             batch_ids = [offset + item.index for item in good_items]
             ids.extend(batch_ids)
             names.extend(item.source for item in good_items)
-            hashes.extend(hashlib.sha256(image.tobytes()).hexdigest() for image in good)
+            hashes.extend(batch.hashes)
             pooled.append(pool_embeddings(embeddings))
             rows = [r for r, i in enumerate(batch_ids) if plan.in_calibration(i)]
             if rows:
@@ -338,7 +332,7 @@ def extract_shard(
                 bank_parts.append(patches.reshape(-1, embeddings.shape[1]).cpu())
                 owners = torch.tensor([batch_ids[r] for r in rows], dtype=torch.long)
                 owner_parts.append(owners.repeat_interleave(grid[0] * grid[1]))
-        done += len(batch)
+        done += len(batch.items)
         if progress:
             progress("features", offset + done, plan.n_images)
     dim = features.dim
@@ -375,6 +369,50 @@ def extract_shard(
         calibration_embeddings=calibration,
         timings=timings,
     )
+
+
+@dataclass
+class EmbeddedBatch:
+    """A batch of a shard: every image (``items``, errors included), the positions of those
+    embedded, their embeddings (None when none could be read) and their content hashes."""
+
+    items: list[Any]
+    good: list[int]
+    embeddings: torch.Tensor | None
+    hashes: list[str]
+
+
+def embedded_batches(
+    detector: Detector, images: list[ImageInput], offset: int
+) -> Iterator[EmbeddedBatch]:
+    """Batches of embedded images; images whose backbone maps auto mode already computed
+    (`Detector.take_prepared`) are neither decoded nor run through the backbone again."""
+    from defectscope.detector.detector import LoadedImage, iter_loaded  # imports this module
+
+    features, preprocessor = detector._build_features()
+    size = detector.config.batch_size
+    prepared = detector.take_prepared(images, offset)
+    if prepared is not None:
+        for start in range(0, len(images), size):
+            entries = prepared[start : start + size]
+            maps = [
+                torch.cat([e.maps[layer] for e in entries]).to(detector.device)
+                for layer in range(len(entries[0].maps))
+            ]
+            items = [LoadedImage(start + k, e.source, None, None) for k, e in enumerate(entries)]
+            yield EmbeddedBatch(
+                items, list(range(len(items))), features.aggregate(maps), [e.hash for e in entries]
+            )
+        return
+    for batch in iter_loaded(images, size):
+        good = [k for k, item in enumerate(batch) if item.image is not None]
+        arrays = [image for item in batch if (image := item.image) is not None]
+        yield EmbeddedBatch(
+            batch,
+            good,
+            detector.embed(preprocessor(arrays)) if arrays else None,
+            [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays],
+        )
 
 
 def shard_quota(

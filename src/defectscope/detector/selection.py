@@ -14,6 +14,7 @@ same shape and about the configured pixel count.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -29,10 +30,9 @@ from sklearn.metrics import roc_auc_score
 
 from defectscope.config import DetectorConfig
 from defectscope.data.defect_synthesis import synthesize_defects
-from defectscope.data.io import ImageInput, load_image
+from defectscope.data.io import ImageInput
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.scoring import AnomalyScorer
-from defectscope.errors import ImageLoadError
 from defectscope.features.patches import PatchFeatures
 
 if TYPE_CHECKING:
@@ -156,9 +156,29 @@ def resolve_geometry(
 
 
 # ------------------------------------------------------------------------------ selection
-def select_configuration(detector: Detector, images: Sequence[ImageInput]) -> SelectionResult:
+@dataclass
+class PreparedImage:
+    """A training image's backbone maps, computed by auto mode and reused by the fit."""
+
+    identity: tuple[str, Any]
+    source: str | None
+    hash: str
+    maps: list[torch.Tensor]  # one (1, C, h, w) float32 CPU tensor per layer
+
+
+def identity(source: ImageInput) -> tuple[str, Any]:
+    """What tells the same training input apart from another within one fit."""
+    if isinstance(source, (str, Path)):
+        return ("path", str(source))
+    return ("object", id(source))
+
+
+def select_configuration(
+    detector: Detector, images: Sequence[ImageInput]
+) -> tuple[SelectionResult, dict[int, PreparedImage]]:
     """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to
-    ``detector.config``. Returns what was measured, for the model's metadata."""
+    ``detector.config``. Returns what was measured (for the model's metadata) and the backbone
+    maps of the images it embedded, by index, for the fit to reuse."""
     start = time.perf_counter()
     config = detector.config
     auto = config.auto
@@ -170,32 +190,39 @@ def select_configuration(detector: Detector, images: Sequence[ImageInput]) -> Se
         multiple = detector.backbone_input_multiple()
         geometry = resolve_geometry([s for s in probe if s], config, multiple)
     if not auto.enabled:
-        return SelectionResult(None, "auto mode off: configuration as given", geometry=geometry)
+        return SelectionResult(None, "auto mode off: configuration as given", geometry=geometry), {}
     if len(images) < auto.min_images:
-        return SelectionResult(
-            None,
+        reason = (
             f"{len(images)} training images, fewer than auto.min_images={auto.min_images}: "
-            "configuration as given",
-            geometry=geometry,
+            "configuration as given"
         )
+        return SelectionResult(None, reason, geometry=geometry), {}
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
-    n_bank = min(auto.bank_images, len(images) - n_holdout)
-    holdout = _load_some(images, order[:n_holdout])
-    bank_images = _load_some(images, order[n_holdout : n_holdout + n_bank])
-    if len(holdout) < 2 or not bank_images:
-        return SelectionResult(None, "too few readable images to compare", geometry=geometry)
-    # One backbone pass over everything, under the geometry just resolved. Defects are painted
-    # at the network's scale: what the network sees is the same, at a fraction of the pixels.
     detector.reset_features()
     features, preprocessor = detector._build_features()
-    holdout = [_at_input_scale(preprocessor, image) for image in holdout]
+    # One backbone pass over a sample (every image of a set up to auto.bank_images), kept for
+    # the fit: candidates are compared on banks as large as the fit's, which decides the ranking.
+    prepared, decoded = _prepare_sample(
+        detector, images, order[: n_holdout + auto.bank_images], n_holdout
+    )
+    indices = list(prepared)
+    holdout_ids, bank_ids = indices[:n_holdout], indices[n_holdout:]
+    if len(holdout_ids) < 2 or not bank_ids:
+        return SelectionResult(None, "too few readable images to compare", geometry=geometry), {}
+    # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
+    holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
     defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
-    bank_maps = _backbone_maps(detector, preprocessor, bank_images)
     good_maps = _backbone_maps(detector, preprocessor, holdout)
     defect_maps = _backbone_maps(detector, preprocessor, [d.image for d in defects])
+    bank_maps = [
+        [
+            torch.cat([prepared[i].maps[layer] for i in chunk])
+            for layer in range(len(features.layer_dims))
+        ]
+        for chunk in _chunks(bank_ids, config.batch_size)
+    ]
     labels = np.r_[np.zeros(len(holdout)), np.ones(len(defects))]
-    shapes = [im.shape[:2] for im in holdout] + [d.image.shape[:2] for d in defects]
-    truths = [np.zeros(s, bool) for s in shapes[: len(holdout)]] + [d.mask for d in defects]
+    truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
 
     table = []
     for name in auto.candidates:
@@ -205,15 +232,12 @@ def select_configuration(detector: Detector, images: Sequence[ImageInput]) -> Se
         bank = _bank(trial, bank_maps, config, detector.device)
         scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(detector.device)
         scores, maps = [], []
-        for chunk in (good_maps, defect_maps):
-            for batch in chunk:
-                batch_maps, batch_scores = scorer(trial.aggregate(batch))
-                scores.append(batch_scores.float().cpu())
-                maps.append(batch_maps.float().cpu())
-        all_scores = torch.cat(scores).numpy()
-        all_maps = torch.cat(maps)
-        image_auroc = float(roc_auc_score(labels, all_scores))
-        pixel_auroc = _pixel_auroc(preprocessor, all_maps, truths)
+        for batch in good_maps + defect_maps:
+            batch_maps, batch_scores = scorer(trial.aggregate(batch))
+            scores.append(batch_scores.float().cpu())
+            maps.append(batch_maps.float().cpu())
+        image_auroc = float(roc_auc_score(labels, torch.cat(scores).numpy()))
+        pixel_auroc = _pixel_auroc(preprocessor, torch.cat(maps), truths)
         table.append(
             {
                 "name": name,
@@ -235,17 +259,56 @@ def select_configuration(detector: Detector, images: Sequence[ImageInput]) -> Se
         + ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
         + ")"
     )
-    return SelectionResult(
+    result = SelectionResult(
         chosen=best["name"],
         reason=reason,
         candidates=table,
         geometry=geometry,
-        n_bank_images=len(bank_images),
+        n_bank_images=len(bank_ids),
         n_holdout_images=len(holdout),
         n_defects=len(defects),
         defect_kinds=sorted({d.kind for d in defects}),
         seconds=round(time.perf_counter() - start, 3),
     )
+    return result, prepared
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.inference_mode()
+def _prepare_sample(
+    detector: Detector, images: Sequence[ImageInput], indices: np.ndarray, keep: int
+) -> tuple[dict[int, PreparedImage], dict[int, np.ndarray]]:
+    """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
+    threads as the fit decodes; and the first ``keep`` of those images, decoded."""
+    from defectscope.detector.detector import iter_loaded  # detector.py imports this module
+
+    features, preprocessor = detector._build_features()
+    chosen = [int(i) for i in indices]
+    sources = [images[i] for i in chosen]  # read once: a lazy sequence may decode on access
+    out: dict[int, PreparedImage] = {}
+    decoded: dict[int, np.ndarray] = {}
+    for batch in iter_loaded(sources, detector.config.batch_size):
+        good = [(item, image) for item in batch if (image := item.image) is not None]
+        if not good:
+            continue
+        tensor = preprocessor([image for _, image in good]).to(detector.device)
+        if detector.config.half_precision and detector.device.type == "cuda":
+            tensor = tensor.half()
+        maps = [m.float().cpu() for m in features.backbone(tensor)]
+        for row, (item, image) in enumerate(good):
+            index = chosen[item.index]
+            if len(decoded) < keep:
+                decoded[index] = image
+            out[index] = PreparedImage(
+                identity=identity(sources[item.index]),
+                source=item.source,
+                hash=hashlib.sha256(image.tobytes()).hexdigest(),
+                maps=[m[row : row + 1].clone() for m in maps],
+            )
+    return out, decoded
 
 
 def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
@@ -255,17 +318,6 @@ def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
         if row["objective"] > best["objective"] + MARGIN:
             best = row
     return best
-
-
-def _load_some(images: Sequence[ImageInput], indices: np.ndarray) -> list[np.ndarray]:
-    """The readable images among ``indices`` (an unreadable one is the fit's to report)."""
-    out = []
-    for i in indices:
-        try:
-            out.append(load_image(images[int(i)]))
-        except ImageLoadError:
-            continue
-    return out
 
 
 def _at_input_scale(preprocessor: Any, image: np.ndarray) -> np.ndarray:
