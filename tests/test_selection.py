@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _images import FAST_CONFIG, texture_crops
+from _images import FAST_CONFIG, texture_crops, with_defect
 
 from defectscope.config import DetectorConfig
 from defectscope.detector import selection
@@ -172,10 +172,19 @@ def test_fit_cli_records_the_choice_and_inspect_shows_it(tmp_path: Path) -> None
 
     from defectscope.cli import app
 
-    data = tmp_path / "good"
-    data.mkdir()
+    data = tmp_path / "part"
+    for folder in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (data / folder).mkdir(parents=True)
     for i, image in enumerate(texture_crops(14, seed=6)):
-        (data / f"{i:03d}.png").write_bytes(png(image))
+        (data / "train" / "good" / f"{i:03d}.png").write_bytes(png(image))
+    for i, image in enumerate(texture_crops(4, seed=9)):
+        if i < 2:
+            (data / "test" / "good" / f"{i:03d}.png").write_bytes(png(image))
+            continue
+        bad, mask = with_defect(image, seed=i)
+        (data / "test" / "spot" / f"{i:03d}.png").write_bytes(png(bad))
+        mask_png = png(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2))
+        (data / "ground_truth" / "spot" / f"{i:03d}_mask.png").write_bytes(mask_png)
     config = tmp_path / "config.yaml"
     import yaml
 
@@ -190,6 +199,12 @@ def test_fit_cli_records_the_choice_and_inspect_shows_it(tmp_path: Path) -> None
     meta = json.loads(shown.output)
     assert meta["selection"]["chosen"] in ("raw", "l2")
     assert {r["name"] for r in meta["selection"]["candidates"]} == {"raw", "l2"}
+    report = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", str(model), str(data), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    text = (report / "report.md").read_text()
+    assert "How the configuration was chosen" in text
+    assert "separates synthetic defects best" in text
 
     fixed = tmp_path / "fixed"
     result = runner.invoke(

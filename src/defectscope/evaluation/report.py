@@ -160,10 +160,30 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
             ),
         ),
         ("Mistakes at the stored threshold", _mistakes(result)),
+        ("How the configuration was chosen", _selection(result)),
         ("Timings", (["Measure", "Value"], timings)),
         ("Model", (["Field", "Value"], _flatten(result.context.get("detector") or {}))),
         ("Dataset", (["Field", "Value"], _flatten(result.context.get("dataset") or {}))),
     ]
+
+
+def _selection(result: EvaluationResult) -> Table:
+    """Auto mode's candidates (synthetic defects on held-out good images) and its choice."""
+    selection = (result.context.get("detector") or {}).get("selection") or {}
+    header = ["Candidate", "Image AUROC", "Pixel AUROC", "Objective", "Chosen"]
+    rows = [
+        [
+            f"{row['name']}: {row.get('description', '')}",
+            _fmt(row.get("image_auroc")),
+            _fmt(row.get("pixel_auroc")),
+            _fmt(row.get("objective")),
+            "yes" if row["name"] == selection.get("chosen") else "",
+        ]
+        for row in selection.get("candidates", [])
+    ]
+    notes = [selection.get("reason"), (selection.get("geometry") or {}).get("reason")]
+    rows += [[note, "", "", "", ""] for note in notes if note]
+    return header, rows or [["(not recorded for this model)", "", "", "", ""]]
 
 
 def _mistakes(result: EvaluationResult, limit: int = 10) -> Table:
