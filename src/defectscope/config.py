@@ -181,7 +181,7 @@ class AutoConfig(_Section):
         "on held-out good images (see defectscope.detector.selection).",
     )
     candidates: list[Literal["raw", "l2", "raw_pool3", "l2_pool3"]] = Field(
-        ["raw", "l2"],
+        ["l2", "raw"],
         min_length=1,
         description="Candidates in order of preference: a later one must win by a margin. "
         "The pooled ones are off by default: they chose worse on the benchmark.",
