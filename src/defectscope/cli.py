@@ -33,6 +33,7 @@ console = Console(stderr=True)
 out = Console()
 
 STAGE_LABELS = {
+    "auto": "Choosing configuration",
     "features": "Extracting features",
     "coreset": "Selecting coreset",
     "calibration": "Calibrating thresholds",
@@ -277,8 +278,10 @@ def _print_fit_summary(detector, path: Path | str) -> None:
     table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
     table.add_row(
         "fit time",
-        f"{timings['total_s']:.1f} s (features {timings['features_s']:.1f}, coreset "
-        f"{timings['coreset_s']:.1f}, calibration {timings['calibration_s']:.1f})",
+        f"{timings['total_s']:.1f} s ("
+        + (f"choosing {timings['selection_s']:.1f}, " if "selection_s" in timings else "")
+        + f"features {timings['features_s']:.1f}, coreset {timings['coreset_s']:.1f}, "
+        f"calibration {timings['calibration_s']:.1f})",
     )
     selection = info.get("selection") or {}
     if selection:

@@ -187,7 +187,10 @@ class AutoConfig(_Section):
         "The pooled ones are off by default: they chose worse on the benchmark.",
     )
     min_images: int = Field(
-        10, ge=3, description="With fewer training images the configuration is kept as given."
+        20,
+        ge=3,
+        description="With fewer training images the configuration is kept as given: a quarter "
+        "of them is held out, and fewer held-out images make the comparison noise.",
     )
     holdout_images: int = Field(
         10, ge=2, description="Good images held out for synthetic defects (at most 1/4)."

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ProgressFn = Callable[[str, int, int], None]
-"""progress(stage, done, total): stages are 'features', 'coreset', 'calibration', 'predict'."""
+"""progress(stage, done, total): stages are 'auto', 'features', 'coreset', 'calibration',
+'predict'."""
 
 
 @dataclass
@@ -232,11 +233,13 @@ class Detector:
         """What `prepare` decided before the last fit (None before any fit in this process)."""
         return self._selection
 
-    def prepare(self, images: Sequence[ImageInput]) -> SelectionResult:
+    def prepare(
+        self, images: Sequence[ImageInput], progress: ProgressFn | None = None
+    ) -> SelectionResult:
         """Settle what depends on the training images before a fit: the image geometry and,
         in auto mode, the feature configuration (`defectscope.detector.selection`). The
         backbone maps auto mode computed are kept for the fit's own pass to reuse."""
-        result, self._prepared = select_configuration(self, images)
+        result, self._prepared = select_configuration(self, images, progress)
         self.reset_features()
         self._selection = result
         return result
@@ -286,7 +289,7 @@ class Detector:
         # A lazy Sequence (e.g. decoded on access) is only materialised one chunk at a time.
         plan = FitPlan.create(len(images), self.config)
         start = time.perf_counter()
-        self.prepare(images)
+        self.prepare(images, progress)
         self._build_features()
         with ShardStore.from_config(self.config.fit) as store:
             shards = [

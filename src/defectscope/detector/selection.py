@@ -18,7 +18,7 @@ import hashlib
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 from defectscope.config import DetectorConfig
-from defectscope.data.defect_synthesis import synthesize_defects
 from defectscope.data.io import ImageInput
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.scoring import AnomalyScorer
@@ -174,11 +172,19 @@ def identity(source: ImageInput) -> tuple[str, Any]:
 
 
 def select_configuration(
-    detector: Detector, images: Sequence[ImageInput]
+    detector: Detector,
+    images: Sequence[ImageInput],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SelectionResult, dict[int, PreparedImage]]:
     """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to
     ``detector.config``. Returns what was measured (for the model's metadata) and the backbone
-    maps of the images it embedded, by index, for the fit to reuse."""
+    maps of the images it embedded, by index, for the fit to reuse. ``progress("auto", done,
+    total)`` counts embedded images, then candidates."""
+    # Imported here: only a fit needs them, and they would slow every process's start.
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.data.defect_synthesis import synthesize_defects
+
     start = time.perf_counter()
     config = detector.config
     auto = config.auto
@@ -202,9 +208,14 @@ def select_configuration(
     features, preprocessor = detector._build_features()
     # One backbone pass over a sample (every image of a set up to auto.bank_images), kept for
     # the fit: candidates are compared on banks as large as the fit's, which decides the ranking.
-    prepared, decoded = _prepare_sample(
-        detector, images, order[: n_holdout + auto.bank_images], n_holdout
-    )
+    sample = order[: n_holdout + auto.bank_images]
+    steps = len(sample) + len(auto.candidates)
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress("auto", done, steps)
+
+    prepared, decoded = _prepare_sample(detector, images, sample, n_holdout, report)
     indices = list(prepared)
     holdout_ids, bank_ids = indices[:n_holdout], indices[n_holdout:]
     if len(holdout_ids) < 2 or not bank_ids:
@@ -225,7 +236,7 @@ def select_configuration(
     truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
 
     table = []
-    for name in auto.candidates:
+    for number, name in enumerate(auto.candidates):
         candidate = CANDIDATES[name]
         trial = candidate.features(features.backbone, config.features.embedding_dim)
         t0 = time.perf_counter()
@@ -250,6 +261,7 @@ def select_configuration(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         )
+        report(len(sample) + number + 1)
     best = choose(table)
     CANDIDATES[best["name"]].apply(config)
     detector.reset_features()
@@ -279,7 +291,11 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def _prepare_sample(
-    detector: Detector, images: Sequence[ImageInput], indices: np.ndarray, keep: int
+    detector: Detector,
+    images: Sequence[ImageInput],
+    indices: np.ndarray,
+    keep: int,
+    report: Callable[[int], None],
 ) -> tuple[dict[int, PreparedImage], dict[int, np.ndarray]]:
     """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
     threads as the fit decodes; and the first ``keep`` of those images, decoded."""
@@ -290,7 +306,10 @@ def _prepare_sample(
     sources = [images[i] for i in chosen]  # read once: a lazy sequence may decode on access
     out: dict[int, PreparedImage] = {}
     decoded: dict[int, np.ndarray] = {}
+    done = 0
     for batch in iter_loaded(sources, detector.config.batch_size):
+        done += len(batch)
+        report(done)
         good = [(item, image) for item in batch if (image := item.image) is not None]
         if not good:
             continue
@@ -368,4 +387,6 @@ def _pixel_auroc(preprocessor: Any, maps: torch.Tensor, truths: list[np.ndarray]
     y = np.concatenate(labels)
     if y.all() or not y.any():
         return float("nan")
+    from sklearn.metrics import roc_auc_score  # see select_configuration
+
     return float(roc_auc_score(y, np.concatenate(values)))
