@@ -180,11 +180,6 @@ def select_configuration(
     ``detector.config``. Returns what was measured (for the model's metadata) and the backbone
     maps of the images it embedded, by index, for the fit to reuse. ``progress("auto", done,
     total)`` counts embedded images, then candidates."""
-    # Imported here: only a fit needs them, and they would slow every process's start.
-    from sklearn.metrics import roc_auc_score
-
-    from defectscope.data.defect_synthesis import synthesize_defects
-
     start = time.perf_counter()
     config = detector.config
     auto = config.auto
@@ -203,6 +198,11 @@ def select_configuration(
             "configuration as given"
         )
         return SelectionResult(None, reason, geometry=geometry), {}
+    # Imported here: only auto mode needs them, and they take a second to import.
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.data.defect_synthesis import synthesize_defects
+
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
     detector.reset_features()
     features, preprocessor = detector._build_features()
