@@ -54,7 +54,12 @@ def category_roots(names: list[str] | None, data_root: Path, synthetic_root: Pat
     return roots
 
 
-def run_category(root: Path, overrides: list[str]) -> dict[str, Any]:
+def run_category(
+    root: Path, overrides: list[str], shots: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Fit on the training images (or ``shots`` of them, drawn with ``seed``) and evaluate."""
+    import random
+
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
     from defectscope.evaluation.runner import evaluate
@@ -62,15 +67,18 @@ def run_category(root: Path, overrides: list[str]) -> dict[str, Any]:
 
     experiment = compose(None, overrides)
     dataset = open_dataset(root)
+    train = [s.path for s in dataset.train]
+    if shots is not None:
+        train = random.Random(seed).sample(train, shots)
     start = time.perf_counter()
-    detector = Detector(experiment.detector).fit([s.path for s in dataset.train])
+    detector = Detector(experiment.detector).fit(train)
     fit_s = time.perf_counter() - start
     result = evaluate(detector, dataset)
     metrics = result.to_dict()["metrics"]
     row: dict[str, Any] = {k: _finite(metrics.get(k)) for k in METRICS}
     row["fit_s"] = round(fit_s, 2)
     row["predict_ms_per_image"] = round(result.timings["ms_per_image"], 1)
-    row["n_train"] = len(dataset.train)
+    row["n_train"] = len(train)
     row["n_test"] = len(dataset.test)
     row["per_defect"] = {
         name: {k: _finite(v.get(k)) for k in ("image_auroc", "pixel_auroc")}
@@ -78,6 +86,35 @@ def run_category(root: Path, overrides: list[str]) -> dict[str, Any]:
     }
     row["selection"] = detector.info.get("selection", {}).get("chosen")
     return row
+
+
+def shots_main(roots: dict[str, Path], shots: list[int], args: argparse.Namespace) -> None:
+    """k-shot results: mean and spread over seeded draws of k training images."""
+    out: dict[str, dict] = {}
+    for name, root in roots.items():
+        for k in shots:
+            runs = [run_category(root, args.overrides, k, seed) for seed in range(args.seeds)]
+            summary: dict[str, Any] = {}
+            for key in METRICS:
+                values = [r[key] for r in runs if r.get(key) is not None]
+                if values:
+                    summary[key] = round(sum(values) / len(values), 4)
+                    summary[key + "_range"] = [min(values), max(values)]
+            out[f"{name}@{k}"] = {"runs": runs, **summary}
+            print(
+                f"{name:10s} {k}-shot image {summary.get('image_auroc')} "
+                f"{summary.get('image_auroc_range')} pixel {summary.get('pixel_auroc')} "
+                f"recall {summary.get('recall')} fa {summary.get('false_alarm_rate')}",
+                flush=True,
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
+            "shots": out,
+        }
+        args.json.write_text(json.dumps(doc, indent=2))
 
 
 def summarize(rows: dict[str, dict]) -> dict[str, dict]:
@@ -147,6 +184,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
+        "--shots",
+        default=None,
+        help="k-shot instead: comma-separated k (e.g. 2,4,8), each the mean of --seeds draws",
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. detector.features.normalize=none"
     )
     args = parser.parse_args()
@@ -154,6 +197,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     names = args.categories.split(",") if args.categories else None
     roots = category_roots(names, args.data_root, args.synthetic_root)
+    if args.shots:
+        shots_main(roots, [int(k) for k in args.shots.split(",")], args)
+        return
     rows: dict[str, dict] = {}
     for name, root in roots.items():
         start = time.perf_counter()
