@@ -234,12 +234,17 @@ class Detector:
         return self._selection
 
     def prepare(
-        self, images: Sequence[ImageInput], progress: ProgressFn | None = None
+        self,
+        images: Sequence[ImageInput],
+        progress: ProgressFn | None = None,
+        keep_maps: bool = True,
     ) -> SelectionResult:
         """Settle what depends on the training images before a fit: the image geometry and,
         in auto mode, the feature configuration (`defectscope.detector.selection`). The
-        backbone maps auto mode computed are kept for the fit's own pass to reuse."""
-        result, self._prepared = select_configuration(self, images, progress)
+        backbone maps auto mode computed are kept for this process's fit to reuse, unless
+        ``keep_maps`` is false (shards extracted elsewhere)."""
+        result, prepared = select_configuration(self, images, progress)
+        self._prepared = prepared if keep_maps else {}
         self.reset_features()
         self._selection = result
         return result

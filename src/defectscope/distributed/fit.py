@@ -82,7 +82,7 @@ def fit_with_ray(
     paths = [Path(p) for p in images]
     plan = FitPlan.create(len(paths), detector.config)
     # Geometry and auto mode are settled here, so that every worker gets the same config.
-    detector.prepare(paths, progress)
+    detector.prepare(paths, progress, keep_maps=False)
     chunks = plan.chunks()
     if workers is None:
         workers = max(1, int(cluster_cpus(ray) // cpus_per_worker))
