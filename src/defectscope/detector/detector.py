@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -21,7 +18,8 @@ import torch
 
 from defectscope import __version__
 from defectscope.config import DetectorConfig
-from defectscope.data.io import ImageInput, load_image
+from defectscope.data.io import ImageInput
+from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration
 from defectscope.detector.fitting import (
     FitPlan,
@@ -33,12 +31,7 @@ from defectscope.detector.fitting import (
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.scoring import AnomalyScorer
-from defectscope.detector.selection import (
-    PreparedImage,
-    SelectionResult,
-    identity,
-    select_configuration,
-)
+from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.errors import (
     ConfigError,
     ImageLoadError,
@@ -59,23 +52,11 @@ ProgressFn = Callable[[str, int, int], None]
 'predict'."""
 
 
-@dataclass
-class LoadedImage:
-    index: int
-    source: str | None
-    image: np.ndarray | None
-    error: ImageLoadError | None
-
-
 class FeatureParts(NamedTuple):
     """The feature extractor and its preprocessing (see `Detector._build_features`)."""
 
     features: PatchFeatures
     preprocessor: Preprocessor
-
-
-def describe_source(source: ImageInput) -> str | None:
-    return str(source) if isinstance(source, (str, Path)) else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,38 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available here")
     return torch.device(name)
-
-
-def iter_loaded(
-    sources: Sequence[ImageInput], batch_size: int, workers: int = 2
-) -> Iterator[list[LoadedImage]]:
-    """Decode images in background threads, a batch ahead of the model (PIL releases the GIL)."""
-
-    def load(item: tuple[int, ImageInput]) -> LoadedImage:
-        index, source = item
-        name = describe_source(source)
-        try:
-            return LoadedImage(index, name, load_image(source), None)
-        except ImageLoadError as exc:
-            return LoadedImage(index, name, None, exc)
-
-    pending: deque[Future[LoadedImage]] = deque()
-    remaining = iter(enumerate(sources))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-
-        def fill() -> None:
-            # At most one batch decoded ahead: memory stays bounded however many images.
-            while len(pending) < 2 * batch_size:
-                item = next(remaining, None)
-                if item is None:
-                    return
-                pending.append(pool.submit(load, item))
-
-        fill()
-        while pending:
-            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-            fill()
-            yield batch
 
 
 class Detector:
@@ -133,7 +82,7 @@ class Detector:
         self.info: dict[str, Any] = {}
         self._backbone_module: FeatureBackbone | None = None
         self._selection: SelectionResult | None = None
-        self._prepared: dict[int, PreparedImage] = {}
+        self._prepared = PreparedMaps()
 
     # ------------------------------------------------------------------ state
     @property
@@ -233,6 +182,11 @@ class Detector:
         """What `prepare` decided before the last fit (None before any fit in this process)."""
         return self._selection
 
+    @property
+    def prepared_maps(self) -> PreparedMaps:
+        """Backbone maps `prepare` computed and the fit has not taken yet."""
+        return self._prepared
+
     def prepare(
         self,
         images: Sequence[ImageInput],
@@ -244,26 +198,10 @@ class Detector:
         backbone maps auto mode computed are kept for this process's fit to reuse, unless
         ``keep_maps`` is false (shards extracted elsewhere)."""
         result, prepared = select_configuration(self, images, progress)
-        self._prepared = prepared if keep_maps else {}
+        self._prepared = prepared if keep_maps else PreparedMaps()
         self.reset_features()
         self._selection = result
         return result
-
-    def take_prepared(
-        self, images: Sequence[ImageInput], offset: int
-    ) -> list[PreparedImage] | None:
-        """The backbone maps `prepare` computed for ``images`` (training images ``offset ..``),
-        handed over once; None unless it holds every one of them."""
-        keys = [offset + i for i in range(len(images))]
-        entries = [self._prepared.get(k) for k in keys]
-        if not entries or any(
-            e is None or e.identity != identity(image)
-            for e, image in zip(entries, images, strict=True)
-        ):
-            return None
-        for key in keys:
-            del self._prepared[key]
-        return cast("list[PreparedImage]", entries)
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -310,7 +248,7 @@ class Detector:
                 for offset, stop in plan.chunks()
             ]
             self.fit_from_shards(shards, plan, progress=progress)
-        self._prepared = {}
+        self._prepared = PreparedMaps()
         self.info["timings"]["total_s"] = round(time.perf_counter() - start, 4)
         return self
 

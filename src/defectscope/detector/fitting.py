@@ -50,6 +50,7 @@ import torch
 from defectscope import __version__
 from defectscope.config import CoresetConfig, DetectorConfig, FitConfig
 from defectscope.data.io import ImageInput
+from defectscope.data.loading import LoadedImage, iter_loaded
 from defectscope.detector.calibration import calibrate
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.scoring import AnomalyScorer
@@ -386,12 +387,10 @@ def embedded_batches(
     detector: Detector, images: list[ImageInput], offset: int
 ) -> Iterator[EmbeddedBatch]:
     """Batches of embedded images; images whose backbone maps auto mode already computed
-    (`Detector.take_prepared`) are neither decoded nor run through the backbone again."""
-    from defectscope.detector.detector import LoadedImage, iter_loaded  # imports this module
-
+    (`Detector.prepared_maps`) are neither decoded nor run through the backbone again."""
     features, preprocessor = detector._build_features()
     size = detector.config.batch_size
-    prepared = detector.take_prepared(images, offset)
+    prepared = detector.prepared_maps.take(images, offset)
     if prepared is not None:
         for start in range(0, len(images), size):
             entries = prepared[start : start + size]

@@ -29,6 +29,7 @@ from PIL import Image
 
 from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
+from defectscope.data.loading import iter_loaded
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.features.patches import PatchFeatures
@@ -171,11 +172,29 @@ def identity(source: ImageInput) -> tuple[str, Any]:
     return ("object", id(source))
 
 
+class PreparedMaps(dict[int, PreparedImage]):
+    """Backbone maps auto mode computed, by training-image index, until the fit takes them."""
+
+    def take(self, images: Sequence[ImageInput], offset: int) -> list[PreparedImage] | None:
+        """The maps of ``images`` (training images ``offset ..``), handed over once; None
+        unless every one of them is here, for the very same input."""
+        keys = [offset + i for i in range(len(images))]
+        entries = [self.get(k) for k in keys]
+        found = [e for e, image in zip(entries, images, strict=True) if e is not None]
+        if not entries or len(found) != len(entries):
+            return None
+        if any(e.identity != identity(image) for e, image in zip(found, images, strict=True)):
+            return None
+        for key in keys:
+            del self[key]
+        return found
+
+
 def select_configuration(
     detector: Detector,
     images: Sequence[ImageInput],
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[SelectionResult, dict[int, PreparedImage]]:
+) -> tuple[SelectionResult, PreparedMaps]:
     """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to
     ``detector.config``. Returns what was measured (for the model's metadata) and the backbone
     maps of the images it embedded, by index, for the fit to reuse. ``progress("auto", done,
@@ -191,13 +210,15 @@ def select_configuration(
         multiple = detector.backbone_input_multiple()
         geometry = resolve_geometry([s for s in probe if s], config, multiple)
     if not auto.enabled:
-        return SelectionResult(None, "auto mode off: configuration as given", geometry=geometry), {}
+        return SelectionResult(
+            None, "auto mode off: configuration as given", geometry=geometry
+        ), PreparedMaps()
     if len(images) < auto.min_images:
         reason = (
             f"{len(images)} training images, fewer than auto.min_images={auto.min_images}: "
             "configuration as given"
         )
-        return SelectionResult(None, reason, geometry=geometry), {}
+        return SelectionResult(None, reason, geometry=geometry), PreparedMaps()
     # Imported here: only auto mode needs them, and they take a second to import.
     from sklearn.metrics import roc_auc_score
 
@@ -219,7 +240,9 @@ def select_configuration(
     indices = list(prepared)
     holdout_ids, bank_ids = indices[:n_holdout], indices[n_holdout:]
     if len(holdout_ids) < 2 or not bank_ids:
-        return SelectionResult(None, "too few readable images to compare", geometry=geometry), {}
+        return SelectionResult(
+            None, "too few readable images to compare", geometry=geometry
+        ), PreparedMaps()
     # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
     holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
     defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
@@ -296,15 +319,13 @@ def _prepare_sample(
     indices: np.ndarray,
     keep: int,
     report: Callable[[int], None],
-) -> tuple[dict[int, PreparedImage], dict[int, np.ndarray]]:
+) -> tuple[PreparedMaps, dict[int, np.ndarray]]:
     """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
     threads as the fit decodes; and the first ``keep`` of those images, decoded."""
-    from defectscope.detector.detector import iter_loaded  # detector.py imports this module
-
     features, preprocessor = detector._build_features()
     chosen = [int(i) for i in indices]
     sources = [images[i] for i in chosen]  # read once: a lazy sequence may decode on access
-    out: dict[int, PreparedImage] = {}
+    out = PreparedMaps()
     decoded: dict[int, np.ndarray] = {}
     done = 0
     for batch in iter_loaded(sources, detector.config.batch_size):

@@ -1,0 +1,58 @@
+"""Decoding training and test images in background threads, a batch ahead of the model."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.data.io import ImageInput, load_image
+from defectscope.errors import ImageLoadError
+
+
+@dataclass
+class LoadedImage:
+    index: int
+    source: str | None
+    image: np.ndarray | None
+    error: ImageLoadError | None
+
+
+def describe_source(source: ImageInput) -> str | None:
+    return str(source) if isinstance(source, (str, Path)) else None
+
+
+def iter_loaded(
+    sources: Sequence[ImageInput], batch_size: int, workers: int = 2
+) -> Iterator[list[LoadedImage]]:
+    """Decode images in background threads, a batch ahead of the model (PIL releases the GIL)."""
+
+    def load(item: tuple[int, ImageInput]) -> LoadedImage:
+        index, source = item
+        name = describe_source(source)
+        try:
+            return LoadedImage(index, name, load_image(source), None)
+        except ImageLoadError as exc:
+            return LoadedImage(index, name, None, exc)
+
+    pending: deque[Future[LoadedImage]] = deque()
+    remaining = iter(enumerate(sources))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def fill() -> None:
+            # At most one batch decoded ahead: memory stays bounded however many images.
+            while len(pending) < 2 * batch_size:
+                item = next(remaining, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(load, item))
+
+        fill()
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            fill()
+            yield batch
