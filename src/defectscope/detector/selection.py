@@ -288,12 +288,15 @@ def select_configuration(
     best = choose(table)
     CANDIDATES[best["name"]].apply(config)
     detector.reset_features()
-    reason = (
-        f"{best['name']} separates synthetic defects best: objective {best['objective']:.3f} "
-        f"(image AUROC {best['image_auroc']:.3f}, pixel AUROC {best['pixel_auroc']:.3f}; "
-        + ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
-        + ")"
+    others = ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
+    measured = (
+        f"objective {best['objective']:.3f} (image AUROC {best['image_auroc']:.3f}, "
+        f"pixel AUROC {best['pixel_auroc']:.3f}; {others})"
     )
+    if all(best["objective"] >= r["objective"] for r in table):
+        reason = f"{best['name']} separates synthetic defects best: {measured}"
+    else:
+        reason = f"{best['name']} kept: no other candidate leads it by {MARGIN}: {measured}"
     result = SelectionResult(
         chosen=best["name"],
         reason=reason,
