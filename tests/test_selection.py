@@ -303,3 +303,13 @@ def test_maps_come_back_at_each_images_size_and_a_defect_lights_up_where_it_is(
     assert abs(peak[0] - cy) <= radius + 8 and abs(peak[1] - cx) <= radius + 8, (peak, cy, cx)
     assert amap[mask].mean() > 1.5 * amap[~mask].mean()
     assert result[0].score > result[1].score
+
+
+def test_a_refit_decides_the_geometry_afresh() -> None:
+    config = {**FAST_CONFIG, "auto": {"enabled": False}}
+    detector = Detector(config).fit(texture_crops(12, seed=3))
+    assert detector.config.features.aspect == "stretch"
+    detector.fit(_strip_crops([(96, 160), (128, 200), (100, 240)] * 4, seed=4))
+    assert detector.config.features.aspect == "pad"
+    detector.fit(texture_crops(12, seed=5))
+    assert detector.config.features.aspect == "stretch"

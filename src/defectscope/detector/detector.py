@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from defectscope import __version__
-from defectscope.config import DetectorConfig
+from defectscope.config import DetectorConfig, FeatureConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration
@@ -83,6 +83,7 @@ class Detector:
         self._backbone_module: FeatureBackbone | None = None
         self._selection: SelectionResult | None = None
         self._prepared = PreparedMaps()
+        self._requested_features: FeatureConfig | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -197,6 +198,11 @@ class Detector:
         in auto mode, the feature configuration (`defectscope.detector.selection`). The
         backbone maps auto mode computed are kept for this process's fit to reuse, unless
         ``keep_maps`` is false (shards extracted elsewhere)."""
+        if self._requested_features is None:
+            self._requested_features = self.config.features.model_copy(deep=True)
+        else:
+            # A refit decides afresh from the features asked for, not from the last choice.
+            self.config.features = self._requested_features.model_copy(deep=True)
         result, prepared = select_configuration(self, images, progress)
         self._prepared = prepared if keep_maps else PreparedMaps()
         self.reset_features()
