@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,9 +229,21 @@ def test_inspect_picks_a_sample_set(ui_env, monkeypatch, tmp_path) -> None:
     assert list(at.dataframe[0].value["image"].sort_values()) == ["good/000.png", "good/001.png"]
 
 
-def test_history_shows_the_log_and_rates(ui_env) -> None:
+def predict_and_wait_for_the_log(ui_env, images: list) -> None:
+    """Predict a batch, then wait until the server's background writer has logged it: the
+    pages read the log, and a row still in flight would make them count short."""
     with DefectscopeClient(ui_env, api_key="ui-key") as client:
-        client.predict_batch([png(image) for image in texture_crops(3, seed=51)])
+        before = client.predictions(limit=1)["total"]
+        client.predict_batch([png(image) for image in images])
+        deadline = time.monotonic() + 15.0
+        while client.predictions(limit=1)["total"] < before + len(images):
+            assert time.monotonic() < deadline, "the prediction log did not catch up in 15 s"
+            time.sleep(0.05)
+
+
+def test_history_shows_the_log_and_rates(ui_env) -> None:
+    predict_and_wait_for_the_log(ui_env, texture_crops(3, seed=51))
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
         total = client.predictions(limit=1)["total"]
     at = page("history").run()
     assert not at.exception, at.exception
@@ -292,8 +305,7 @@ def test_drift_page_window_too_small_then_a_verdict(ui_env) -> None:
     assert not at.exception, at.exception
     # At most 5 predictions, under the drift check's minimum window of 10.
     assert "Not enough predictions in this window yet" in texts(at)
-    with DefectscopeClient(ui_env, api_key="ui-key") as client:
-        client.predict_batch([png(image) for image in texture_crops(12, seed=61)])
+    predict_and_wait_for_the_log(ui_env, texture_crops(12, seed=61))
     at.number_input[0].set_value(12).run()
     assert not at.exception, at.exception
     shown = texts(at)
