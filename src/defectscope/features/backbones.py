@@ -119,6 +119,15 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(path: Path, expected: str, remedy: str) -> None:
+    """Refuse a weights file whose content is not the pinned one (``remedy`` says what to do)."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise BackboneError(
+            f"{path}: sha256 {actual} does not match the expected {expected}; {remedy}"
+        )
+
+
 def state_dict_fingerprint(module: nn.Module) -> str:
     """A hash of every tensor a module holds: equal iff the backbone computes the same thing."""
     digest = hashlib.sha256()
@@ -356,12 +365,7 @@ def _load_weights(
         if packaged is None:
             raise BackboneError(_no_packaged_weights(name))
         path = _packaged_weights_path(packaged, name)
-        actual = sha256_file(path)
-        if actual != packaged.sha256:
-            raise BackboneError(
-                f"{path}: sha256 {actual} does not match the expected {packaged.sha256}; "
-                f"reinstall {packaged.package.replace('_', '-')}"
-            )
+        check_sha256(path, packaged.sha256, f"reinstall {packaged.package.replace('_', '-')}")
         state = _read_state_dict(path)
         _load_by_position(model, state, path)
         return f"package:{packaged.package}"

