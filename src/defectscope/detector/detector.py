@@ -212,11 +212,17 @@ class Detector:
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
-        features = self._build_features().features
+        return self._build_features().features.aggregate(self.backbone_maps(batch))
+
+    @torch.inference_mode()
+    def backbone_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised input (B, 3, H, W) -> the backbone's layer maps, float32, on the device
+        (before aggregation: auto mode aggregates one pass in several ways)."""
+        backbone = self._build_features().features.backbone
         batch = batch.to(self.device, non_blocking=True)
         if self.config.half_precision and self.device.type == "cuda":
             batch = batch.half()
-        return features(batch).float()
+        return [m.float() for m in backbone(batch)]
 
     # -------------------------------------------------------------------- fit
     def fit(

@@ -325,7 +325,7 @@ def _prepare_sample(
 ) -> tuple[PreparedMaps, dict[int, np.ndarray]]:
     """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
     threads as the fit decodes; and the first ``keep`` of those images, decoded."""
-    features, preprocessor = detector._build_features()
+    preprocessor = detector._build_features().preprocessor
     chosen = [int(i) for i in indices]
     sources = [images[i] for i in chosen]  # read once: a lazy sequence may decode on access
     out = PreparedMaps()
@@ -337,10 +337,7 @@ def _prepare_sample(
         good = [(item, image) for item in batch if (image := item.image) is not None]
         if not good:
             continue
-        tensor = preprocessor([image for _, image in good]).to(detector.device)
-        if detector.config.half_precision and detector.device.type == "cuda":
-            tensor = tensor.half()
-        maps = [m.float().cpu() for m in features.backbone(tensor)]
+        maps = [m.cpu() for m in detector.backbone_maps(preprocessor([i for _, i in good]))]
         for row, (item, image) in enumerate(good):
             index = chosen[item.index]
             if len(decoded) < keep:
@@ -376,15 +373,11 @@ def _backbone_maps(
     detector: Detector, preprocessor: Any, images: list[np.ndarray]
 ) -> list[list[torch.Tensor]]:
     """The backbone's layer maps of ``images``, a list per batch (kept for every candidate)."""
-    features = detector._build_features().features
-    out = []
     size = detector.config.batch_size
-    for start in range(0, len(images), size):
-        batch = preprocessor(images[start : start + size]).to(detector.device)
-        if detector.config.half_precision and detector.device.type == "cuda":
-            batch = batch.half()
-        out.append([m.float() for m in features.backbone(batch)])
-    return out
+    return [
+        detector.backbone_maps(preprocessor(images[start : start + size]))
+        for start in range(0, len(images), size)
+    ]
 
 
 @torch.inference_mode()
