@@ -150,7 +150,7 @@ def fit_default_model(out: Path, data: Path | None) -> dict:
 def direct_latencies(model: Path, images: list[tuple[str, bytes]], repeats: int) -> dict:
     """In-process decode and ``Detector.predict`` per image, batch 1, as the server runs it."""
     from defectscope.data.io import load_image
-    from defectscope.runtimes import load_detector
+    from defectscope.export.runtimes import load_detector
 
     detector = load_detector(model, "auto", None)
     decoded = [load_image(data) for _, data in images]
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["model"] = {"path": str(model)}
         results["direct"] = direct_latencies(model, images, repeats=2)
         print(f"direct: {results['direct']}", flush=True)
-        from defectscope.runtimes import load_detector
+        from defectscope.export.runtimes import load_detector
 
         detector = load_detector(model, "auto", None)
 

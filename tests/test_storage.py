@@ -198,7 +198,7 @@ def test_missing_objects_and_buckets_are_clear_errors(s3_env, uri, message) -> N
 # ------------------------------------------------------------------------- the Detector API
 def test_detector_saves_to_and_loads_from_s3(s3_env, tmp_path) -> None:
     from defectscope.detector.detector import Detector
-    from defectscope.runtimes import load_detector
+    from defectscope.export.runtimes import load_detector
 
     images = texture_crops(6, seed=3)
     detector = Detector(FAST_CONFIG).fit(images)

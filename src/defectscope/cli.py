@@ -324,7 +324,7 @@ def evaluate(
 
     if set_threshold not in ("none", "f1"):
         raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
-    from defectscope.runtimes import load_detector, resolve_runtime
+    from defectscope.export.runtimes import load_detector, resolve_runtime
 
     if set_threshold != "none" and resolve_runtime(model, runtime) != "torch":
         raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
@@ -408,8 +408,8 @@ def predict(
     from defectscope.data.io import expand_image_paths
     from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
+    from defectscope.export.runtimes import load_detector
     from defectscope.prediction_writer import PredictionWriter
-    from defectscope.runtimes import load_detector
 
     check_engine(engine, ray_address)
     storage.check_destination(out_dir)
@@ -551,7 +551,7 @@ def serve(
     from defectscope.detector.model_file import resolve_model_path
     from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
-    from defectscope.runtimes import localize_model
+    from defectscope.export.runtimes import localize_model
 
     check_engine(engine, ray_address)
     try:
@@ -678,7 +678,7 @@ def bento(
 
     from defectscope.detector.model_file import resolve_model_path
     from defectscope.errors import DefectscopeError
-    from defectscope.runtimes import resolve_runtime
+    from defectscope.export.runtimes import resolve_runtime
 
     if importlib.util.find_spec("bentoml") is None:
         raise DefectscopeError("BentoML serving needs: pip install 'defectscope[bentoml]'")

@@ -1,7 +1,7 @@
 """Batch prediction over large image sets with Ray Data.
 
 The driver lists the images; each Ray actor loads the model once
-(`defectscope.runtimes.load_detector`) and runs `Detector.iter_predict` on its batches; the
+(`defectscope.export.runtimes.load_detector`) and runs `Detector.iter_predict` on its batches; the
 driver writes the results with the same `PredictionWriter` as ``defectscope predict``, so the
 output folder is the same, file for file.
 
@@ -46,7 +46,7 @@ class ModelPayload:
     @classmethod
     def read(cls, model: str | Path, runtime: str = "auto") -> ModelPayload:
         from defectscope.detector.model_file import resolve_model_path
-        from defectscope.runtimes import localize_model, resolve_runtime
+        from defectscope.export.runtimes import localize_model, resolve_runtime
 
         kind = resolve_runtime(model, runtime)
         local = localize_model(model, kind)
@@ -65,7 +65,7 @@ class ModelPayload:
         return cls(kind, main.name, {file.name: file.read_bytes() for file in files})
 
     def load(self, device: str | None = None) -> Any:
-        from defectscope.runtimes import load_detector
+        from defectscope.export.runtimes import load_detector
 
         # Every runtime reads the files while loading; the copies can go right after.
         with tempfile.TemporaryDirectory(prefix="defectscope-model-") as folder:
@@ -88,7 +88,7 @@ class RayBatchPredictor:
     ) -> None:
         import torch
 
-        from defectscope.runtimes import load_detector
+        from defectscope.export.runtimes import load_detector
 
         # One actor per CPU it reserved: more threads would only fight the other actors.
         torch.set_num_threads(max(1, threads))

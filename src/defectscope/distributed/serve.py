@@ -22,7 +22,7 @@ APP_NAME = "defectscope"
 
 def build_app() -> Any:
     """ASGI builder run inside each replica: load the model, then build the app around it."""
-    from defectscope.runtimes import load_detector
+    from defectscope.export.runtimes import load_detector
     from defectscope.serving.app import create_app, file_fingerprint
     from defectscope.serving.settings import ServingSettings
 

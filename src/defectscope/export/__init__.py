@@ -6,7 +6,8 @@ thresholds embedded); ``OnnxDetector.load("model.onnx")`` gives a `Detector` wit
 """
 
 from defectscope.export.onnx import ExportableDetector, export_onnx, export_openvino
-from defectscope.export.runtime import OnnxDetector, OpenVinoDetector, load_detector
+from defectscope.export.runtime import OnnxDetector, OpenVinoDetector
+from defectscope.export.runtimes import load_detector
 
 __all__ = [
     "ExportableDetector",

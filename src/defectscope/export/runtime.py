@@ -27,8 +27,6 @@ from defectscope.export.onnx import (
 )
 from defectscope.features.preprocess import Preprocessor
 
-RUNTIMES = ("torch", "onnx", "openvino")
-
 
 def resolve_export_path(path: str | Path, suffixes: tuple[str, ...] = (".onnx",)) -> Path:
     """An exported file, or a model folder holding ``model.onnx`` (or ``model.xml``)."""
@@ -215,14 +213,3 @@ def _raw_props(file: Path, reader: Any) -> dict[str, str]:
         "format_version": str(ONNX_FORMAT_VERSION),
         "meta": json.dumps(meta),
     }
-
-
-def load_detector(path: str | Path, runtime: str = "torch", device: str | None = None) -> Detector:
-    """A detector for ``runtime``: a saved model for torch, an exported file for onnx/openvino."""
-    if runtime == "torch":
-        return Detector.load(path, device=device)
-    if runtime == "onnx":
-        return OnnxDetector.load(path, device=device)
-    if runtime == "openvino":
-        return OpenVinoDetector.load(path, device=device)
-    raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")

@@ -55,8 +55,8 @@ from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import compact_metadata, resolve_model_path
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import DefectscopeError, ImageLoadError
+from defectscope.export.runtimes import load_detector
 from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftError, MissingReferenceError
-from defectscope.runtimes import load_detector
 from defectscope.serving.batching import MicroBatcher
 from defectscope.serving.limits import (
     PixelBudget,

@@ -32,7 +32,7 @@ from defectscope import __version__
 from defectscope.data.io import MAX_PIXELS, load_image
 from defectscope.detector.model_file import compact_metadata
 from defectscope.errors import ImageLoadError
-from defectscope.runtimes import load_detector
+from defectscope.export.runtimes import load_detector
 from defectscope.serving.schemas import PredictionSummary
 
 MAX_BATCH = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_BATCH", "16"))

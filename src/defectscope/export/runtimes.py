@@ -1,6 +1,7 @@
-"""Load a detector for any runtime: a saved PyTorch model, or an exported ONNX / OpenVINO file.
+"""The one list of runtimes and the one loader: a saved PyTorch model, or an exported ONNX /
+OpenVINO file, local or remote.
 
-Adapters (CLI, REST API) load through here, so every face accepts the same model files.
+Every face (CLI, REST API, BentoML, Ray) loads through here, so all accept the same model files.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def load_detector(path: str | Path, runtime: str = "auto", device: str | None = 
     if runtime == "torch":
         return Detector.load(path, device=device)
     # Imported only here: the torch runtime must not need the export extra.
-    from defectscope.export.runtime import load_detector as load_exported
+    from defectscope.export.runtime import OnnxDetector, OpenVinoDetector
 
-    return load_exported(path, runtime, device)
+    exported = OnnxDetector if runtime == "onnx" else OpenVinoDetector
+    return exported.load(path, device=device)
