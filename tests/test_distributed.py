@@ -27,8 +27,8 @@ import torch
 from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect
 
 from defectscope.detector.detector import Detector
+from defectscope.detector.reference import ReferenceStats
 from defectscope.errors import ImageLoadError
-from defectscope.monitoring.reference import ReferenceStats
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
 

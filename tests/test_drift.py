@@ -18,6 +18,13 @@ from defectscope.cli import app
 from defectscope.data import augment as A
 from defectscope.data.datasets import open_dataset
 from defectscope.data.io import load_image
+from defectscope.detector.reference import (
+    DEFAULT_EFFECT_FLOOR,
+    MAX_SAMPLE,
+    MAX_SAMPLE_VALUES,
+    ReferenceStats,
+    compute_reference,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.monitoring.drift import (
     DriftDetector,
@@ -27,13 +34,6 @@ from defectscope.monitoring.drift import (
     ks_test,
     mmd_test,
     psi,
-)
-from defectscope.monitoring.reference import (
-    DEFAULT_EFFECT_FLOOR,
-    MAX_SAMPLE,
-    MAX_SAMPLE_VALUES,
-    ReferenceStats,
-    compute_reference,
 )
 from tests._images import FAST_CONFIG, texture_crops
 
@@ -169,7 +169,7 @@ def test_fit_stores_reference_that_survives_save_and_load(fast_detector, tmp_pat
     loaded = Detector.load(fast_detector.save(tmp_path / "m"))
     assert loaded.info["reference"] == json.loads(json.dumps(ref))
     # New images pooled by the public method match what fit stored for the same images.
-    pooled, scores = loaded.pooled_embeddings(texture_crops(12, seed=0), return_scores=True)
+    pooled, scores = loaded.pooled_embeddings(texture_crops(12, seed=0))
     np.testing.assert_allclose(pooled.mean(0), ref["mean"], rtol=1e-3, atol=1e-5)
     assert scores.shape == (12,)
     np.testing.assert_allclose(
@@ -194,7 +194,7 @@ def bottle(bottle_root):
     train = [s.path for s in open_dataset(bottle_root).train]
     detector = Detector({"device": "cpu"}).fit(train[0::4])
     held_out = [p for i, p in enumerate(train) if i % 4 == 2][:40]
-    pooled, scores = detector.pooled_embeddings(held_out, return_scores=True)
+    pooled, scores = detector.pooled_embeddings(held_out)
     return detector, held_out, pooled, scores
 
 

@@ -103,7 +103,7 @@ def test_model_with_approximate_index_keeps_exact_calibration_and_scores_close(
     exact = Detector(cfg).fit(texture_crops(8))
     cfg["scoring"] = {"knn_backend": "faiss_hnsw"}
     approx = Detector(cfg)
-    approx.features, approx.preprocessor = exact.features, exact.preprocessor
+    approx.parts, approx.preprocessor = exact.parts, exact.preprocessor
     approx.fit(texture_crops(8))
     # Leave-one-out calibration bans rows, which only exact search can: same thresholds.
     assert approx.threshold == pytest.approx(exact.threshold, rel=1e-6)

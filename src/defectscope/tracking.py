@@ -29,8 +29,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from defectscope import __version__
 from defectscope.errors import DefectscopeError
+from defectscope.version import __version__
 
 logger = logging.getLogger(__name__)
 

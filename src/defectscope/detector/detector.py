@@ -16,22 +16,18 @@ from typing import Any, NamedTuple, TypeVar, cast
 import numpy as np
 import torch
 
-from defectscope import __version__
 from defectscope.config import DetectorConfig, FeatureConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration
-from defectscope.detector.fitting import (
-    FitPlan,
-    FitShard,
-    ShardStore,
-    extract_shard,
-    fit_from_shards,
-)
+from defectscope.detector.fitting import FitPlan, FitResult, extract_shard, fit_from_shards
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
+from defectscope.detector.parts import FeatureParts, input_multiple
 from defectscope.detector.prediction import Prediction
+from defectscope.detector.reference import pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
+from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.errors import (
     ConfigError,
     ImageLoadError,
@@ -41,7 +37,7 @@ from defectscope.errors import (
 from defectscope.features.backbones import FeatureBackbone, create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
-from defectscope.monitoring.reference import pool_embeddings
+from defectscope.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +48,11 @@ ProgressFn = Callable[[str, int, int], None]
 'predict'."""
 
 
-class FeatureParts(NamedTuple):
-    """The feature extractor and its preprocessing (see `Detector._build_features`)."""
+class PooledEmbeddings(NamedTuple):
+    """Per-image pooled embeddings (N, D), as in the drift reference, and image scores (N,)."""
 
-    features: PatchFeatures
-    preprocessor: Preprocessor
+    embeddings: np.ndarray
+    scores: np.ndarray
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +71,7 @@ class Detector:
             config = DetectorConfig.from_dict(config)
         self.config: DetectorConfig = config
         self.device = resolve_device(config.device)
-        self.features: PatchFeatures | None = None
+        self.parts: FeatureParts | None = None
         self.preprocessor: Preprocessor | None = None
         self.scorer: AnomalyScorer | None = None
         self.calibration: Calibration | None = None
@@ -86,6 +82,10 @@ class Detector:
         self._requested_features: FeatureConfig | None = None
 
     # ------------------------------------------------------------------ state
+    @property
+    def features(self) -> PatchFeatures | None:
+        return self.parts.features if self.parts is not None else None
+
     @property
     def is_fitted(self) -> bool:
         return self.scorer is not None and self.calibration is not None
@@ -144,39 +144,22 @@ class Detector:
 
     def backbone_input_multiple(self) -> int:
         """Input sides must be a multiple of this for the configured backbone."""
-        return max(self._backbone().input_multiple, 32 if not self._backbone().is_vit else 1)
+        return input_multiple(self._backbone())
 
     def reset_features(self) -> None:
         """Forget the feature extractor and preprocessor (not the backbone) so that the next
         use builds them from the current ``config.features``."""
-        self.features = None
+        self.parts = None
         self.preprocessor = None
 
-    def _build_features(self) -> FeatureParts:
+    def feature_parts(self) -> FeatureParts:
         """The feature extractor and preprocessor, built from the config on first use."""
-        if self.features is not None and self.preprocessor is not None:
-            return FeatureParts(self.features, self.preprocessor)
-        backbone = self._backbone()
-        if self.config.features.aspect == "auto":
-            # Not settled by a fit (which looks at the images' sizes): one shape is assumed.
-            self.config.features.aspect = "stretch"
-        height, width = self.config.features.input_size
-        backbone.check_input_size((height, width))
-        self.features = features = PatchFeatures(
-            backbone,
-            self.config.features.neighbourhood,
-            self.config.features.embedding_dim,
-            self.config.features.normalize,
-        ).to(self.device)
-        if self.config.half_precision and self.device.type == "cuda":
-            backbone.half()
-        self.preprocessor = preprocessor = Preprocessor(
-            self.config.features.input_size,
-            backbone.mean,
-            backbone.std,
-            self.config.features.aspect,
-        )
-        return FeatureParts(features, preprocessor)
+        if self.parts is None:
+            self.parts = FeatureParts.build(
+                self._backbone(), self.config.features, self.device, self.config.half_precision
+            )
+            self.preprocessor = self.parts.preprocessor
+        return self.parts
 
     @property
     def selection(self) -> SelectionResult | None:
@@ -203,26 +186,17 @@ class Detector:
         else:
             # A refit decides afresh from the features asked for, not from the last choice.
             self.config.features = self._requested_features.model_copy(deep=True)
-        result, prepared = select_configuration(self, images, progress)
+        result, prepared = select_configuration(
+            self._backbone(), self.config, self.device, images, progress
+        )
         self._prepared = prepared if keep_maps else PreparedMaps()
         self.reset_features()
         self._selection = result
         return result
 
-    @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
-        return self._build_features().features.aggregate(self.backbone_maps(batch))
-
-    @torch.inference_mode()
-    def backbone_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised input (B, 3, H, W) -> the backbone's layer maps, float32, on the device
-        (before aggregation: auto mode aggregates one pass in several ways)."""
-        backbone = self._build_features().features.backbone
-        batch = batch.to(self.device, non_blocking=True)
-        if self.config.half_precision and self.device.type == "cuda":
-            batch = batch.half()
-        return [m.float() for m in backbone(batch)]
+        return self.feature_parts().embed(batch)
 
     # -------------------------------------------------------------------- fit
     def fit(
@@ -245,7 +219,6 @@ class Detector:
         plan = FitPlan.create(len(images), self.config)
         start = time.perf_counter()
         self.prepare(images, progress)
-        self._build_features()
         with ShardStore.from_config(self.config.fit) as store:
             shards = [
                 store.keep(
@@ -274,14 +247,31 @@ class Detector:
     ) -> FitShard:
         """Embed the plan's images ``offset ..`` (a chunk) into coreset candidates and the rest
         of what `fit_from_shards` needs; runs anywhere the same config and backbone exist."""
-        return extract_shard(self, images, plan, offset, on_error, progress)
+        return extract_shard(
+            self.feature_parts(),
+            self.config,
+            images,
+            plan,
+            offset,
+            on_error,
+            progress,
+            self._prepared,
+        )
 
     def fit_from_shards(
         self, shards: Sequence[FitShard], plan: FitPlan, progress: ProgressFn | None = None
     ) -> Detector:
         """Finish a fit from the shards of every chunk of ``plan``: final coreset, scorer,
         calibration, drift reference. Same shards and plan, same model."""
-        return fit_from_shards(self, shards, plan, progress)
+        parts = self.feature_parts()
+        result = fit_from_shards(parts, self.config, shards, plan, progress, self._selection)
+        self._keep(result)
+        return self
+
+    def _keep(self, result: FitResult) -> None:
+        self.scorer = result.scorer
+        self.calibration = result.calibration
+        self.info = result.info
 
     # ---------------------------------------------------------------- predict
     @torch.inference_mode()
@@ -295,15 +285,12 @@ class Detector:
         self,
         images: Sequence[ImageInput],
         *,
-        return_scores: bool = False,
         batch_size: int | None = None,
         progress: ProgressFn | None = None,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Per-image pooled embeddings (N, D), as stored in the drift reference at fit time.
-
-        With ``return_scores`` also the image scores (N,), from the same forward pass. An
-        unreadable image raises its ImageLoadError.
-        """
+    ) -> PooledEmbeddings:
+        """Per-image pooled embeddings (N, D), as stored in the drift reference at fit time,
+        and the image scores (N,) from the same forward pass. An unreadable image raises its
+        ImageLoadError."""
         self._require_fitted()
         images = list(images)
         pooled: list[np.ndarray] = []
@@ -317,16 +304,15 @@ class Detector:
             arrays = [item.image for item in batch if item.image is not None]
             embeddings = self.embed(self._fitted_preprocessor(arrays))
             pooled.append(pool_embeddings(embeddings))
-            if return_scores:
-                scores.append(self._fitted_scorer(embeddings)[1].float().cpu().numpy())
+            scores.append(self._fitted_scorer(embeddings)[1].float().cpu().numpy())
             done += len(batch)
             if progress:
                 progress("predict", done, len(images))
         dim = self._fitted_scorer.bank.shape[1]
         features = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
-        if not return_scores:
-            return features
-        return features, (np.concatenate(scores) if scores else np.empty(0, np.float32))
+        return PooledEmbeddings(
+            features, np.concatenate(scores) if scores else np.empty(0, np.float32)
+        )
 
     def iter_predict(
         self,
@@ -432,7 +418,7 @@ class Detector:
         if device is not None:
             config.device = device
         detector = cls(config)
-        features = detector._build_features().features
+        features = detector.feature_parts().features
         backbone = features.backbone
         saved = meta.get("backbone", {})
         if saved.get("fingerprint") != backbone.fingerprint:

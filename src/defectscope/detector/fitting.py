@@ -1,8 +1,9 @@
 """Staged fit: a plan, shards of embedded images, then one bank from all shards.
 
-``Detector.fit`` is ``FitPlan.create`` -> ``Detector.extract_shard`` per chunk ->
-``Detector.fit_from_shards``. A distributed engine runs the very same three steps, with the
-shards extracted elsewhere, so local and distributed fits give the same bank for the same plan.
+``Detector.fit`` is ``FitPlan.create`` -> `extract_shard` per chunk -> `fit_from_shards`, all on
+explicit parts (`FeatureParts`, the config); the last returns a `FitResult` that the detector
+keeps. A distributed engine runs the very same three steps, with the shards extracted
+elsewhere, so local and distributed fits give the same bank for the same plan.
 
 Stages:
 
@@ -13,7 +14,7 @@ Stages:
    final bank as coreset candidates (greedy k-center inside the chunk, the first level of a
    two-level coreset), the pooled embeddings for the drift reference and the full embeddings of
    the chunk's calibration-sample images. A plan of one chunk keeps every patch, so a small
-   training set gives exactly the single-level coreset of before.
+   training set gets a single-level coreset.
 3. `fit_from_shards` merges the candidates in global image order, selects the final coreset
    over their union (at most ``coreset.max_size`` rows), builds the scorer, calibrates on the
    calibration sample (leave-one-out bans each image's own bank rows, by global image id) and
@@ -34,31 +35,28 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from defectscope import __version__
-from defectscope.config import CoresetConfig, DetectorConfig, FitConfig
+from defectscope.config import CoresetConfig, DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import LoadedImage, iter_loaded
-from defectscope.detector.calibration import calibrate
+from defectscope.detector.calibration import Calibration, calibrate
 from defectscope.detector.coreset import coreset_size, select_coreset
+from defectscope.detector.parts import FeatureParts
+from defectscope.detector.reference import compute_reference, pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
+from defectscope.detector.selection import PreparedMaps, SelectionResult
+from defectscope.detector.shards import FitShard, read_rows
 from defectscope.errors import DefectscopeError
-from defectscope.monitoring.reference import compute_reference, pool_embeddings
-
-if TYPE_CHECKING:
-    from defectscope.detector.detector import Detector
+from defectscope.version import __version__
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -144,146 +142,19 @@ def bank_target(n_patches: int, config: CoresetConfig) -> int:
     return coreset_size(n_patches, config) if n_patches > 0 else 0
 
 
-# ---------------------------------------------------------------------------------- shards
-class SpilledArray:
-    """A float32 array in a file, read back a slice at a time through a short-lived memmap."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
-        self.path = Path(path)
-        self.shape = tuple(int(s) for s in shape)
-
-    @classmethod
-    def write(cls, tensor: torch.Tensor, path: Path) -> SpilledArray:
-        array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-        mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=array.shape or (0,))
-        if array.size:
-            mapped[:] = array
-        mapped.flush()
-        del mapped  # unmapped: the data now lives in the page cache / on disk, not in our RSS
-        return cls(path, array.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        stop = self.shape[0] if stop is None else min(stop, self.shape[0])
-        if stop <= start or math.prod(self.shape) == 0:
-            return torch.empty((0, *self.shape[1:]), dtype=torch.float32)
-        mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
-        rows = np.array(mapped[start:stop])  # a copy, so the mapping can go now
-        del mapped
-        return torch.from_numpy(rows)
-
-
-ArrayLike = torch.Tensor | SpilledArray
-
-
-def read_rows(array: ArrayLike, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    if isinstance(array, SpilledArray):
-        return array.read(start, stop)
-    return array[start:stop]
-
-
-@dataclass
-class FitShard:
-    """What one chunk of images contributes to a fit (plain tensors and lists: picklable).
-
-    ``candidates`` (M, D) float32 are the chunk's coreset candidates, in image order;
-    ``candidate_owners`` (M,) int64 their global image indices. ``image_ids``, ``names`` and
-    ``hashes`` describe the readable images of the chunk (``skipped`` the unreadable ones);
-    ``pooled`` (n, D) their grid-mean embeddings (drift reference); ``calibration_embeddings``
-    (C, D, h, w) the embeddings of the chunk's calibration-sample images ``calibration_ids``.
-    ``n_patches`` counts the bank-eligible patches before the chunk's coreset. After
-    `ShardStore.keep` the two big arrays may be `SpilledArray`s, valid on this machine only.
-    """
-
-    offset: int
-    stop: int
-    image_ids: list[int]
-    names: list[str | None]
-    hashes: list[str]
-    skipped: list[dict]
-    grid: tuple[int, int]
-    n_patches: int
-    candidates: ArrayLike
-    candidate_owners: torch.Tensor
-    pooled: np.ndarray
-    calibration_ids: list[int]
-    calibration_embeddings: ArrayLike
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def nbytes(self) -> int:
-        """Bytes of the arrays that `ShardStore` may move to disk (0 once moved)."""
-        return sum(
-            a.numel() * a.element_size()
-            for a in (self.candidates, self.calibration_embeddings)
-            if isinstance(a, torch.Tensor)
-        )
-
-
-class ShardStore:
-    """Keeps shards for `fit_from_shards`, spilling big arrays past a RAM budget to disk.
-
-    Use as a context manager: the temporary folder and its files go when the block ends, so
-    the shards it kept must not be used after it.
-    """
-
-    def __init__(self, budget_bytes: int, directory: str | Path | None = None) -> None:
-        self.budget_bytes = int(budget_bytes)
-        self.parent = directory
-        self.directory: Path | None = None
-        self.ram_bytes = 0
-        self.spilled_bytes = 0
-        self._files = 0
-
-    @classmethod
-    def from_config(cls, config: FitConfig) -> ShardStore:
-        return cls(config.ram_budget_mb * 1024 * 1024, config.spill_dir)
-
-    def __enter__(self) -> ShardStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-    def _spill(self, tensor: torch.Tensor) -> SpilledArray:
-        if self.directory is None:
-            if self.parent is not None:
-                Path(self.parent).mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="defectscope-fit-", dir=self.parent))
-        self._files += 1
-        spilled = SpilledArray.write(tensor, self.directory / f"array-{self._files}.f32")
-        self.spilled_bytes += tensor.numel() * 4
-        return spilled
-
-    def keep(self, shard: FitShard) -> FitShard:
-        """The shard, with its candidates and calibration embeddings on disk if over budget."""
-        size = shard.nbytes()
-        if self.ram_bytes + size <= self.budget_bytes:
-            self.ram_bytes += size
-            return shard
-        if isinstance(shard.candidates, torch.Tensor):
-            shard.candidates = self._spill(shard.candidates)
-        if isinstance(shard.calibration_embeddings, torch.Tensor):
-            shard.calibration_embeddings = self._spill(shard.calibration_embeddings)
-        return shard
-
-
 # ----------------------------------------------------------------------------- extraction
 def extract_shard(
-    detector: Detector,
+    parts: FeatureParts,
+    config: DetectorConfig,
     images: Sequence[ImageInput],
     plan: FitPlan,
     offset: int,
     on_error: str = "raise",
     progress: ProgressFn | None = None,
+    prepared: PreparedMaps | None = None,
 ) -> FitShard:
-    """Embed images ``offset .. offset + len(images)`` of the plan into a `FitShard`."""
+    """Embed images ``offset .. offset + len(images)`` of the plan into a `FitShard`; images
+    whose backbone maps are in ``prepared`` (auto mode's pass) are not embedded again."""
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     images = list(images)
@@ -292,8 +163,6 @@ def extract_shard(
         raise DefectscopeError(
             f"shard [{offset}, {stop}) is empty or outside the plan's {plan.n_images} images"
         )
-    features = detector._build_features().features
-    config = detector.config
     start = time.perf_counter()
     ids: list[int] = []
     names: list[str | None] = []
@@ -306,7 +175,7 @@ def extract_shard(
     calibration_parts: list[torch.Tensor] = []
     grid = (0, 0)
     done = 0
-    for batch in embedded_batches(detector, images, offset):
+    for batch in embedded_batches(parts, config.batch_size, images, offset, prepared):
         for item in batch.items:
             if item.error is None:
                 continue
@@ -336,7 +205,7 @@ def extract_shard(
         done += len(batch.items)
         if progress:
             progress("features", offset + done, plan.n_images)
-    dim = features.dim
+    dim = parts.features.dim
     candidates = torch.cat(bank_parts) if bank_parts else torch.empty(0, dim)
     owners = torch.cat(owner_parts) if owner_parts else torch.empty(0, dtype=torch.long)
     del bank_parts
@@ -348,7 +217,7 @@ def extract_shard(
     if quota < n_patches:
         # First level of the two-level coreset; a seed per chunk, whichever worker runs it.
         shard_config = config.coreset.model_copy(update={"seed": config.coreset.seed + offset})
-        chosen = select_coreset(candidates.to(detector.device), shard_config, n_select=quota)
+        chosen = select_coreset(candidates.to(parts.device), shard_config, n_select=quota)
         chosen = chosen.cpu()
         candidates, owners = candidates[chosen].contiguous(), owners[chosen]
     timings["coreset_s"] = time.perf_counter() - t0
@@ -384,23 +253,28 @@ class EmbeddedBatch:
 
 
 def embedded_batches(
-    detector: Detector, images: list[ImageInput], offset: int
+    parts: FeatureParts,
+    size: int,
+    images: list[ImageInput],
+    offset: int,
+    prepared_maps: PreparedMaps | None = None,
 ) -> Iterator[EmbeddedBatch]:
     """Batches of embedded images; images whose backbone maps auto mode already computed
-    (`Detector.prepared_maps`) are neither decoded nor run through the backbone again."""
-    features, preprocessor = detector._build_features()
-    size = detector.config.batch_size
-    prepared = detector.prepared_maps.take(images, offset)
+    (``prepared_maps``) are neither decoded nor run through the backbone again."""
+    prepared = prepared_maps.take(images, offset) if prepared_maps is not None else None
     if prepared is not None:
         for start in range(0, len(images), size):
             entries = prepared[start : start + size]
             maps = [
-                torch.cat([e.maps[layer] for e in entries]).to(detector.device)
+                torch.cat([e.maps[layer] for e in entries]).to(parts.device)
                 for layer in range(len(entries[0].maps))
             ]
             items = [LoadedImage(start + k, e.source, None, None) for k, e in enumerate(entries)]
             yield EmbeddedBatch(
-                items, list(range(len(items))), features.aggregate(maps), [e.hash for e in entries]
+                items,
+                list(range(len(items))),
+                parts.features.aggregate(maps),
+                [e.hash for e in entries],
             )
         return
     for batch in iter_loaded(images, size):
@@ -409,7 +283,7 @@ def embedded_batches(
         yield EmbeddedBatch(
             batch,
             good,
-            detector.embed(preprocessor(arrays)) if arrays else None,
+            parts.embed(parts.preprocessor(arrays)) if arrays else None,
             [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays],
         )
 
@@ -431,18 +305,29 @@ def shard_quota(
 
 
 # --------------------------------------------------------------------------------- merging
+@dataclass
+class FitResult:
+    """What a fit learns: the scorer (memory bank and kNN index), the thresholds, and what is
+    recorded about the fit (the model's metadata)."""
+
+    scorer: AnomalyScorer
+    calibration: Calibration
+    info: dict[str, Any]
+
+
 def fit_from_shards(
-    detector: Detector,
+    parts: FeatureParts,
+    config: DetectorConfig,
     shards: Sequence[FitShard],
     plan: FitPlan,
     progress: ProgressFn | None = None,
-) -> Detector:
+    selection: SelectionResult | None = None,
+) -> FitResult:
     """Final coreset, scorer, calibration and drift reference from the shards of ``plan``."""
     start = time.perf_counter()
     shards = sorted(shards, key=lambda s: s.offset)
     check_coverage(shards, plan)
-    detector._build_features()
-    config = detector.config
+    device = parts.device
     ids = [i for s in shards for i in s.image_ids]
     n_images = len(ids)
     if n_images == 0:
@@ -458,7 +343,7 @@ def fit_from_shards(
     }
 
     t0 = time.perf_counter()
-    candidates = torch.cat([read_rows(s.candidates) for s in shards]).to(detector.device)
+    candidates = torch.cat([read_rows(s.candidates) for s in shards]).to(device)
     owners = torch.cat([s.candidate_owners for s in shards])
     n_patches = sum(s.n_patches for s in shards)
     report = (lambda d, t: progress("coreset", d, t)) if progress else None
@@ -471,12 +356,13 @@ def fit_from_shards(
     timings["final_coreset_s"] = time.perf_counter() - t0
     timings["coreset_s"] = timings["shard_coreset_s"] + timings["final_coreset_s"]
 
-    detector.scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
-    detector.scorer.to(detector.device)
+    scorer = AnomalyScorer(bank, config.scoring, config.features.input_size).to(device)
 
     t0 = time.perf_counter()
-    good_scores, good_maxima = calibration_scores(detector, shards, bank_owner, plan, progress)
-    detector.calibration = calibrate(
+    good_scores, good_maxima = calibration_scores(
+        scorer, config.batch_size, shards, bank_owner, plan, progress
+    )
+    calibration = calibrate(
         good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
     )
     timings["calibration_s"] = time.perf_counter() - t0
@@ -509,14 +395,13 @@ def fit_from_shards(
     timings["reference_s"] = time.perf_counter() - t0
     timings["total_s"] = timings["features_s"] + timings["shard_coreset_s"]
     timings["total_s"] += time.perf_counter() - start
-    if detector.selection is not None:
-        info["selection"] = detector.selection.to_dict()
-        timings["selection_s"] = detector.selection.seconds
+    if selection is not None:
+        info["selection"] = selection.to_dict()
+        timings["selection_s"] = selection.seconds
     info["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if reference is not None:
         info["reference"] = reference
-    detector.info = info
-    return detector
+    return FitResult(scorer, calibration, info)
 
 
 def check_coverage(shards: Sequence[FitShard], plan: FitPlan) -> None:
@@ -547,22 +432,23 @@ def iter_calibration_batches(
 
 @torch.inference_mode()
 def calibration_scores(
-    detector: Detector,
+    scorer: AnomalyScorer,
+    batch_size: int,
     shards: Sequence[FitShard],
     bank_owner: torch.Tensor,
     plan: FitPlan,
     progress: ProgressFn | None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-sample image scores and map maxima of the calibration sample."""
     total = sum(len(s.calibration_ids) for s in shards)
     if total == 0:
         raise DefectscopeError("no readable calibration image: every one failed to load")
-    scorer = detector.scorer
-    assert scorer is not None  # fit_from_shards builds it before calibrating
-    owner_on_device = bank_owner.to(detector.device)
+    device = scorer.bank.device
+    owner_on_device = bank_owner.to(device)
     scores, maxima = [], []
     done = 0
-    for ids, embeddings in iter_calibration_batches(shards, detector.config.batch_size):
-        embeddings = embeddings.to(detector.device)
+    for ids, embeddings in iter_calibration_batches(shards, batch_size):
+        embeddings = embeddings.to(device)
         if plan.method == "leave_one_out":
             # Each image is scored against the bank without its own patches: an out-of-sample
             # score for every training image from a single bank. Always exact search.

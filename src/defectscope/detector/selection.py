@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +31,10 @@ from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.coreset import coreset_size, select_coreset
+from defectscope.detector.parts import FeatureParts, input_multiple
 from defectscope.detector.scoring import AnomalyScorer
+from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
-
-if TYPE_CHECKING:
-    from defectscope.detector.detector import Detector
 
 
 @dataclass(frozen=True)
@@ -191,24 +190,24 @@ class PreparedMaps(dict[int, PreparedImage]):
 
 
 def select_configuration(
-    detector: Detector,
+    backbone: FeatureBackbone,
+    config: DetectorConfig,
+    device: torch.device,
     images: Sequence[ImageInput],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SelectionResult, PreparedMaps]:
-    """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to
-    ``detector.config``. Returns what was measured (for the model's metadata) and the backbone
-    maps of the images it embedded, by index, for the fit to reuse. ``progress("auto", done,
-    total)`` counts embedded images, then candidates."""
+    """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to ``config``.
+    Returns what was measured (for the model's metadata) and the backbone maps of the images
+    it embedded, by index, for the fit to reuse. ``progress("auto", done, total)`` counts
+    embedded images, then candidates."""
     start = time.perf_counter()
-    config = detector.config
     auto = config.auto
     rng = np.random.default_rng(auto.seed)
     order = rng.permutation(len(images))
     geometry: dict[str, Any] = {"aspect_requested": config.features.aspect}
     if config.features.aspect == "auto":
         probe = [probe_size(images[int(i)]) for i in order[: auto.size_probe_images]]
-        multiple = detector.backbone_input_multiple()
-        geometry = resolve_geometry([s for s in probe if s], config, multiple)
+        geometry = resolve_geometry([s for s in probe if s], config, input_multiple(backbone))
     if not auto.enabled:
         return SelectionResult(
             None, "auto mode off: configuration as given", geometry=geometry
@@ -225,8 +224,8 @@ def select_configuration(
     from defectscope.data.defect_synthesis import synthesize_defects
 
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
-    detector.reset_features()
-    features, preprocessor = detector._build_features()
+    parts = FeatureParts.build(backbone, config.features, device, config.half_precision)
+    features, preprocessor = parts.features, parts.preprocessor
     # One backbone pass over a sample (every image of a set up to auto.bank_images), kept for
     # the fit: candidates are compared on banks as large as the fit's, which decides the ranking.
     sample = order[: n_holdout + auto.bank_images]
@@ -236,7 +235,7 @@ def select_configuration(
         if progress is not None:
             progress("auto", done, steps)
 
-    prepared, decoded = _prepare_sample(detector, images, sample, n_holdout, report)
+    prepared, decoded = _prepare_sample(parts, config.batch_size, images, sample, n_holdout, report)
     indices = list(prepared)
     holdout_ids, bank_ids = indices[:n_holdout], indices[n_holdout:]
     if len(holdout_ids) < 2 or not bank_ids:
@@ -246,8 +245,8 @@ def select_configuration(
     # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
     holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
     defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
-    good_maps = _backbone_maps(detector, preprocessor, holdout)
-    defect_maps = _backbone_maps(detector, preprocessor, [d.image for d in defects])
+    good_maps = _backbone_maps(parts, config.batch_size, holdout)
+    defect_maps = _backbone_maps(parts, config.batch_size, [d.image for d in defects])
     bank_maps = [
         [
             torch.cat([prepared[i].maps[layer] for i in chunk])
@@ -263,8 +262,8 @@ def select_configuration(
         candidate = CANDIDATES[name]
         trial = candidate.features(features.backbone, config.features.embedding_dim)
         t0 = time.perf_counter()
-        bank = _bank(trial, bank_maps, config, detector.device)
-        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(detector.device)
+        bank = _bank(trial, bank_maps, config, device)
+        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
         scores, maps = [], []
         for batch in good_maps + defect_maps:
             batch_maps, batch_scores = scorer(trial.aggregate(batch))
@@ -287,7 +286,6 @@ def select_configuration(
         report(len(sample) + number + 1)
     best = choose(table)
     CANDIDATES[best["name"]].apply(config)
-    detector.reset_features()
     others = ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
     measured = (
         f"objective {best['objective']:.3f} (image AUROC {best['image_auroc']:.3f}, "
@@ -317,7 +315,8 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def _prepare_sample(
-    detector: Detector,
+    parts: FeatureParts,
+    batch_size: int,
     images: Sequence[ImageInput],
     indices: np.ndarray,
     keep: int,
@@ -325,19 +324,19 @@ def _prepare_sample(
 ) -> tuple[PreparedMaps, dict[int, np.ndarray]]:
     """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
     threads as the fit decodes; and the first ``keep`` of those images, decoded."""
-    preprocessor = detector._build_features().preprocessor
+    preprocessor = parts.preprocessor
     chosen = [int(i) for i in indices]
     sources = [images[i] for i in chosen]  # read once: a lazy sequence may decode on access
     out = PreparedMaps()
     decoded: dict[int, np.ndarray] = {}
     done = 0
-    for batch in iter_loaded(sources, detector.config.batch_size):
+    for batch in iter_loaded(sources, batch_size):
         done += len(batch)
         report(done)
         good = [(item, image) for item in batch if (image := item.image) is not None]
         if not good:
             continue
-        maps = [m.cpu() for m in detector.backbone_maps(preprocessor([i for _, i in good]))]
+        maps = [m.cpu() for m in parts.backbone_maps(preprocessor([i for _, i in good]))]
         for row, (item, image) in enumerate(good):
             index = chosen[item.index]
             if len(decoded) < keep:
@@ -370,12 +369,11 @@ def _at_input_scale(preprocessor: Any, image: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def _backbone_maps(
-    detector: Detector, preprocessor: Any, images: list[np.ndarray]
+    parts: FeatureParts, size: int, images: list[np.ndarray]
 ) -> list[list[torch.Tensor]]:
     """The backbone's layer maps of ``images``, a list per batch (kept for every candidate)."""
-    size = detector.config.batch_size
     return [
-        detector.backbone_maps(preprocessor(images[start : start + size]))
+        parts.backbone_maps(parts.preprocessor(images[start : start + size]))
         for start in range(0, len(images), size)
     ]
 

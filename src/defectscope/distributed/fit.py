@@ -26,7 +26,8 @@ from typing import Any
 
 from defectscope.config import DetectorConfig
 from defectscope.detector.detector import Detector, ProgressFn
-from defectscope.detector.fitting import FitPlan, FitShard, ShardStore
+from defectscope.detector.fitting import FitPlan
+from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.distributed.predict import check_data_access, read_source
 from defectscope.errors import DefectscopeError, ImageLoadError
 
@@ -42,7 +43,7 @@ class ShardWorker:
         torch.set_num_threads(max(1, threads))
         self.detector = Detector(DetectorConfig.from_dict(config))
         # Built now, once, rather than on the first shard: actors start while the driver plans.
-        self.detector._build_features()
+        self.detector.feature_parts()
 
     def extract(self, images: list[Any], plan: FitPlan, offset: int) -> FitShard | dict[str, str]:
         """The chunk's shard; unreadable images are skipped and listed (the driver decides
@@ -124,7 +125,7 @@ def fit_with_ray(
         try:
             results = pool.map(submit, chunks)
             # The driver needs the backbone too (model description, save): build it meanwhile.
-            detector._build_features()
+            detector.feature_parts()
             done = 0
             for (offset, stop), shard in zip(chunks, results, strict=True):
                 if isinstance(shard, dict):

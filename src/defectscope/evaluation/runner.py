@@ -458,7 +458,7 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def _context(detector: Any, dataset: Any, n_images: int) -> dict[str, Any]:
-    from defectscope import __version__
+    from defectscope.version import __version__
 
     context: dict[str, Any] = {
         "defectscope_version": __version__,

@@ -1,16 +1,17 @@
-"""Drift monitoring: reference statistics stored at fit time, drift tests and drift studies.
+"""Drift monitoring: drift tests against the reference a model stores at fit time
+(`defectscope.detector.reference`), and drift studies.
 
-``Detector.fit`` imports :mod:`.reference`, so this package must stay cheap to import: the
-drift tests (scipy, scikit-learn) and the study load on first use.
+The drift tests (scipy, scikit-learn) and the study load on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from defectscope.monitoring.reference import ReferenceStats, compute_reference, pool_embeddings
-
 _LAZY = {
+    "ReferenceStats": "defectscope.detector.reference",
+    "compute_reference": "defectscope.detector.reference",
+    "pool_embeddings": "defectscope.detector.reference",
     "DriftDetector": "defectscope.monitoring.drift",
     "DriftReport": "defectscope.monitoring.drift",
     "DriftThresholds": "defectscope.monitoring.drift",

@@ -12,7 +12,7 @@ Two tests decide the verdict, one per signal the model stores at fit time:
     median-heuristic bandwidth (:func:`sklearn.metrics.pairwise.rbf_kernel`) and a permutation
     p-value. Effect sizes: MMD² and the mean absolute standardised shift of channel means
     (``mean_abs_z``). The test only votes for warning/drift when ``mean_abs_z`` also reaches the
-    reference's effect-size floor (see :mod:`defectscope.monitoring.reference`): large windows
+    reference's effect-size floor (see :mod:`defectscope.detector.reference`): large windows
     make tiny, harmless differences significant, and a drift alarm should mean the images
     changed by more than good images vary among themselves.
 
@@ -51,8 +51,8 @@ from scipy import stats
 from scipy.spatial.distance import pdist
 from sklearn.metrics.pairwise import rbf_kernel
 
+from defectscope.detector.reference import ReferenceStats
 from defectscope.errors import DefectscopeError, ModelFileError
-from defectscope.monitoring.reference import ReferenceStats
 
 VERDICTS = ("ok", "warning", "drift")
 VOTING_TESTS = ("score_ks", "feature_mmd")
@@ -457,5 +457,5 @@ class DriftDetector:
                 f"drift window too small: {len(images)} image(s), need at least "
                 f"{self.thresholds.min_window}"
             )
-        pooled, scores = detector.pooled_embeddings(images, return_scores=True, progress=progress)
+        pooled, scores = detector.pooled_embeddings(images, progress=progress)
         return self.check(scores, pooled)

@@ -175,7 +175,7 @@ def run_drift_study(
 
     def measure(model: Any, transform: Transform | None) -> dict[str, Any]:
         shifted = images if transform is None else [transform(im, i) for i, im in enumerate(images)]
-        pooled, scores = model.pooled_embeddings(shifted, return_scores=True)
+        pooled, scores = model.pooled_embeddings(shifted)
         row: dict[str, Any] = {
             "image_auroc": _safe_auroc(labels, scores),
             "false_alarm_rate": float(np.mean(scores[good] >= model.threshold))

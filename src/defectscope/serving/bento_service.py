@@ -28,12 +28,12 @@ import bentoml
 import numpy as np
 from pydantic import AfterValidator
 
-from defectscope import __version__
 from defectscope.data.io import MAX_PIXELS, load_image
 from defectscope.detector.model_file import compact_metadata
 from defectscope.errors import ImageLoadError
 from defectscope.export.runtimes import load_detector
 from defectscope.serving.schemas import PredictionSummary
+from defectscope.version import __version__
 
 MAX_BATCH = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_BATCH", "16"))
 MAX_LATENCY_MS = int(os.environ.get("DEFECTSCOPE_BENTO_MAX_LATENCY_MS", "200"))

@@ -1,0 +1,68 @@
+"""`FeatureParts`: what turns a normalised image batch into patch embeddings, and where.
+
+Fit, auto mode and predict share one instance, so they embed images exactly alike; the staged
+fit takes it explicitly instead of reaching into a `Detector`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from defectscope.config import FeatureConfig
+from defectscope.features.backbones import FeatureBackbone
+from defectscope.features.patches import PatchFeatures
+from defectscope.features.preprocess import Preprocessor
+
+
+@dataclass
+class FeatureParts:
+    """The patch-feature extractor, its preprocessing, the device and the precision."""
+
+    features: PatchFeatures
+    preprocessor: Preprocessor
+    device: torch.device
+    half: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        backbone: FeatureBackbone,
+        config: FeatureConfig,
+        device: torch.device,
+        half_precision: bool = False,
+    ) -> FeatureParts:
+        """Parts for ``config`` on a shared ``backbone``. An undecided aspect ('auto', settled
+        by a fit from the images' sizes) becomes 'stretch': one shape is assumed."""
+        if config.aspect == "auto":
+            config.aspect = "stretch"
+        height, width = config.input_size
+        backbone.check_input_size((height, width))
+        features = PatchFeatures(
+            backbone, config.neighbourhood, config.embedding_dim, config.normalize
+        ).to(device)
+        half = half_precision and device.type == "cuda"
+        if half:
+            backbone.half()
+        preprocessor = Preprocessor(config.input_size, backbone.mean, backbone.std, config.aspect)
+        return cls(features, preprocessor, device, half)
+
+    @torch.inference_mode()
+    def backbone_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised input (B, 3, H, W) -> the backbone's layer maps, float32, on the device
+        (before aggregation: auto mode aggregates one pass in several ways)."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.half:
+            batch = batch.half()
+        return [m.float() for m in self.features.backbone(batch)]
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
+        return self.features.aggregate(self.backbone_maps(batch))
+
+
+def input_multiple(backbone: FeatureBackbone) -> int:
+    """Input sides must be a multiple of this for ``backbone`` (CNNs: of their largest stride)."""
+    return max(backbone.input_multiple, 32 if not backbone.is_vit else 1)
