@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.config import DetectorConfig
-from defectscope.detector.detector import Detector, ProgressFn
+from defectscope.detector.detector import Detector
 from defectscope.detector.fitting import FitPlan
+from defectscope.detector.progress import ProgressFn
 from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.distributed.predict import check_data_access, read_source
 from defectscope.errors import DefectscopeError, ImageLoadError

@@ -27,12 +27,12 @@ import numpy as np
 
 from defectscope.data import augment as A
 from defectscope.data.io import load_image
+from defectscope.detector.progress import ProgressFn
 from defectscope.errors import DatasetError, DefectscopeError
 from defectscope.evaluation.metrics import image_auroc
 from defectscope.monitoring.drift import DriftDetector, DriftError, DriftReport
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
