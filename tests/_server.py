@@ -1,4 +1,5 @@
-"""Real `defectscope serve` processes and raw-socket clients, for the abuse and hardening tests."""
+"""Serving test helpers: in-process app settings and error checks, real `defectscope serve`
+processes and raw-socket clients (the abuse and hardening tests)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,55 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from _images import free_port
 
+if TYPE_CHECKING:
+    from defectscope.serving.settings import ServingSettings
+
 KEY = "s3cret-key"
 AUTH = {"X-API-Key": KEY}
+
+# Limits of the in-process apps of `settings_for`: small, so the tests reach them cheaply.
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 300 * 300
+
+
+def assert_json_error(response: Any, status: int) -> dict:
+    """A JSON error answer with ``status`` and a detail, and no traceback in it."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    body = response.json()
+    assert body["detail"]
+    return body
+
+
+def settings_for(model_dir: Path | None, tmp: Path, **overrides: Any) -> ServingSettings:
+    """Settings of an in-process app serving ``model_dir``, logging to a SQLite file in ``tmp``."""
+    from defectscope.serving.settings import ServingSettings
+
+    values = {
+        "model_path": model_dir,
+        "max_upload_bytes": MAX_UPLOAD,
+        "max_pixels": MAX_PIXELS,
+        "max_batch_images": 4,
+        "prediction_log_url": f"sqlite:///{tmp / 'predictions.db'}",
+        **overrides,
+    }
+    return ServingSettings(**values)
+
+
+def wait_ready(get: Any, timeout: float = 60.0) -> None:
+    """Poll ``get("/readyz")`` (a test client's ``get``) until the model is loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the model did not load in time")
 
 
 @dataclass

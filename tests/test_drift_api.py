@@ -14,8 +14,8 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("httpx")
 
 from _images import png, texture_crops
+from _server import settings_for, wait_ready
 from fastapi.testclient import TestClient
-from test_serving import settings_for, wait_ready
 
 from defectscope.data import augment as A
 from defectscope.detector.detector import Detector

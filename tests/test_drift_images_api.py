@@ -13,8 +13,8 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
 from _images import png, texture_crops
+from _server import assert_json_error, settings_for, wait_ready
 from fastapi.testclient import TestClient
-from test_serving import assert_json_error, settings_for, wait_ready
 
 from defectscope.data import augment as A
 from defectscope.detector.detector import Detector

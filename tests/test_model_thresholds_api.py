@@ -13,8 +13,8 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
 from _images import FAST_CONFIG, png, texture_crops, with_defect
+from _server import assert_json_error, settings_for, wait_ready
 from fastapi.testclient import TestClient
-from test_serving import assert_json_error, settings_for, wait_ready
 
 from defectscope.detector.detector import Detector
 from defectscope.serving.app import create_app

@@ -25,24 +25,18 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
+from _server import (  # noqa: E402
+    MAX_UPLOAD,
+    assert_json_error,
+    settings_for,
+    wait_ready,
+)
 from fastapi.testclient import TestClient  # noqa: E402
 
 from defectscope.detector.detector import Detector  # noqa: E402
 from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.batching import MicroBatcher  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
-
-MAX_UPLOAD = 200_000
-MAX_PIXELS = 300 * 300
-
-
-def assert_json_error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    body = response.json()
-    assert body["detail"]
-    return body
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +56,6 @@ def reference(model_dir) -> Detector:
 def images() -> list[np.ndarray]:
     good = texture_crops(6, seed=7)
     return [*good, with_defect(good[0])[0], with_defect(good[1], seed=3)[0]]
-
-
-def settings_for(model_dir: Path, tmp: Path, **overrides) -> ServingSettings:
-    values = {
-        "model_path": model_dir,
-        "max_upload_bytes": MAX_UPLOAD,
-        "max_pixels": MAX_PIXELS,
-        "max_batch_images": 4,
-        "prediction_log_url": f"sqlite:///{tmp / 'predictions.db'}",
-        **overrides,
-    }
-    return ServingSettings(**values)
-
-
-def wait_ready(get, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the model did not load in time")
 
 
 @contextmanager

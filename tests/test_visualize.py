@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectscope.detector.prediction import Prediction
+from defectscope.prediction_writer import PredictionWriter
 from defectscope.visualize import (
     color_range,
     colorize,
     mask_outline,
     mask_to_png_array,
     overlay,
+    render_prediction,
     save_png,
+    shrink,
 )
 
 
@@ -102,3 +106,60 @@ def test_mask_to_png_array_and_save_png(tmp_path):
         save_png(np.zeros((2, 2), np.float32), tmp_path / "f.png")
     with pytest.raises(ValueError, match="shape"):
         save_png(np.zeros((2, 2, 2), np.uint8), tmp_path / "x.png")
+
+
+def _prediction(height: int = 40, width: int = 60, source: str | None = None) -> Prediction:
+    amap = np.zeros((height, width), np.float32)
+    amap[5:9, 7:12] = 3.0
+    return Prediction(
+        score=3.0,
+        normalized_score=0.8,
+        is_anomalous=True,
+        threshold=1.0,
+        anomaly_map=amap,
+        mask=amap >= 2.0,
+        pixel_threshold=2.0,
+        source=source,
+    )
+
+
+def test_render_prediction_uses_the_stored_threshold_scale():
+    prediction = _prediction()
+    image = np.full((40, 60, 3), 128, np.uint8)
+    pictures = render_prediction(prediction, image, 1.0)
+    assert set(pictures) == {"heatmap", "overlay", "mask"}
+    assert (pictures["heatmap"] == colorize(prediction.anomaly_map, threshold=1.0)).all()
+    assert (pictures["mask"] == mask_to_png_array(prediction.mask)).all()
+    expected = overlay(image, prediction.anomaly_map, threshold=1.0, mask=prediction.mask)
+    assert (pictures["overlay"] == expected).all()
+    # No image, no overlay; only what is asked for.
+    assert set(render_prediction(prediction, None, 1.0)) == {"heatmap", "mask"}
+    assert set(render_prediction(prediction, image, 1.0, pictures=("mask",))) == {"mask"}
+    with pytest.raises(ValueError, match="unknown pictures"):
+        render_prediction(prediction, image, 1.0, pictures=("contour",))
+
+
+def test_render_prediction_shrinks_large_images_and_keeps_small_defects():
+    prediction = _prediction(400, 600)
+    prediction.mask[:] = False
+    prediction.mask[3, 3] = True  # one pixel: must survive the shrinking
+    pictures = render_prediction(
+        prediction, np.zeros((400, 600, 3), np.uint8), 1.0, max_pixels=10_000
+    )
+    for array in pictures.values():
+        assert array.shape[0] * array.shape[1] <= 10_000
+    assert pictures["mask"].any()
+    assert shrink(prediction.mask, 1) is prediction.mask
+
+
+def test_prediction_writer_uses_the_image_it_is_given(tmp_path):
+    image = np.zeros((40, 60, 3), np.uint8)
+    paths = [tmp_path / "gone.png"]  # never written: the writer must not read it
+    detector = type("Stub", (), {"threshold": 1.0})()
+    with PredictionWriter(tmp_path / "out", paths, detector) as writer:
+        writer.write(0, _prediction(source=str(paths[0])), image=image)
+    files = {p.name for p in (tmp_path / "out" / "images").iterdir()}
+    assert files == {"gone_heatmap.png", "gone_overlay.png", "gone_mask.png"}
+    overlay_png = np.asarray(Image.open(tmp_path / "out" / "images" / "gone_overlay.png"))
+    expected = render_prediction(_prediction(), image, 1.0)["overlay"]
+    assert (overlay_png == expected).all()

@@ -1,8 +1,8 @@
 """Writes predictions to disk: one JSONL and one CSV row per image, plus heatmap/overlay/mask PNGs.
 
 File names come from each image's path relative to the inputs' common folder, so
-``broken_large/000.png`` and ``contamination/000.png`` never overwrite each other (the
-predecessor's bug).
+``broken_large/000.png`` and ``contamination/000.png`` never overwrite each other. The
+pictures are `visualize.render_prediction`'s, the same as the REST API answers with.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import numpy as np
 
 from defectscope.data.io import load_image
 from defectscope.detector.prediction import Prediction
@@ -107,7 +109,11 @@ class PredictionWriter:
         self._jsonl.close()
         self._csv_file.close()
 
-    def write(self, index: int, result: Prediction | Exception) -> None:
+    def write(
+        self, index: int, result: Prediction | Exception, image: np.ndarray | None = None
+    ) -> None:
+        """One result row; ``image`` is the decoded image the prediction was made from, for its
+        overlay (without it, the image is decoded again from ``result.source``)."""
         name = self.names[index]
         if isinstance(result, Exception):
             reason = result.reason if isinstance(result, ImageLoadError) else str(result)
@@ -120,29 +126,23 @@ class PredictionWriter:
             row = {**result.summary(), "output_name": name, "error": None}
             self.n_anomalous += int(result.is_anomalous)
             if self.write_images:
-                row["files"] = self._write_images(name, result)
+                row["files"] = self._write_images(name, result, image)
         row = json_safe(row)
         self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self._csv.writerow({key: csv_safe(value) for key, value in row.items()})
 
-    def _write_images(self, name: str, prediction: Prediction) -> dict[str, str]:
-        from defectscope.visualize import colorize, mask_to_png_array, overlay, save_png
+    def _write_images(
+        self, name: str, prediction: Prediction, image: np.ndarray | None
+    ) -> dict[str, str]:
+        from defectscope.visualize import render_prediction, save_png
 
+        if image is None and prediction.source:
+            image = load_image(prediction.source)
         # The stored threshold, not a --threshold override: one colour scale for every run.
-        vmax = 2.0 * self.detector.threshold
-        image = load_image(prediction.source) if prediction.source else None
-        files = {
-            "heatmap": f"images/{name}_heatmap.png",
-            "mask": f"images/{name}_mask.png",
-        }
-        save_png(
-            colorize(prediction.anomaly_map, vmin=0.0, vmax=vmax), self.out_dir / files["heatmap"]
-        )
-        save_png(mask_to_png_array(prediction.mask), self.out_dir / files["mask"])
-        if image is not None:
-            files["overlay"] = f"images/{name}_overlay.png"
-            save_png(
-                overlay(image, prediction.anomaly_map, vmin=0.0, vmax=vmax, mask=prediction.mask),
-                self.out_dir / files["overlay"],
-            )
+        pictures = render_prediction(prediction, image, self.detector.threshold)
+        files: dict[str, str] = {}
+        for picture in ("heatmap", "mask", "overlay"):  # the results' key order
+            if picture in pictures:
+                files[picture] = f"images/{name}_{picture}.png"
+                save_png(pictures[picture], self.out_dir / files[picture])
         return files

@@ -7,15 +7,23 @@ image and a clean part looks dark instead of having its noise stretched to full 
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+if TYPE_CHECKING:
+    from defectscope.detector.prediction import Prediction
+
 DEFAULT_CMAP = "jet"
 CONTOUR_COLOR = (0, 255, 0)
+PICTURES = ("heatmap", "overlay", "mask")
+# Rows shrunk per step: only one strip of the full-size array is ever copied.
+STRIP_BLOCKS = 256
 
 
 @lru_cache(maxsize=8)
@@ -168,3 +176,71 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8; got {image.dtype} (use data.io.load_image)")
     return image[..., :3]
+
+
+def shrink_factor(height: int, width: int, max_pixels: int | None) -> int:
+    """The smallest whole factor that brings an image to at most ``max_pixels`` (None: 1)."""
+    if max_pixels is None:
+        return 1
+    factor = max(1, math.ceil(math.sqrt(height * width / max_pixels)))
+    while math.ceil(height / factor) * math.ceil(width / factor) > max_pixels:
+        factor += 1
+    return factor
+
+
+def shrink(array: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average an (H, W) float or (H, W, 3) uint8 array by ``factor``; a bool mask keeps a
+    pixel where any pixel of its block is set, so a small defect never vanishes."""
+    if factor == 1:
+        return array
+    rows = factor * STRIP_BLOCKS
+    parts = []
+    for top in range(0, array.shape[0], rows):
+        strip = array[top : top + rows]
+        if strip.dtype == np.bool_:
+            parts.append(_any_pool(strip, factor))
+        else:
+            parts.append(np.asarray(Image.fromarray(np.ascontiguousarray(strip)).reduce(factor)))
+    return np.concatenate(parts)
+
+
+def _any_pool(mask: np.ndarray, factor: int) -> np.ndarray:
+    height, width = mask.shape
+    padded = np.zeros((-(-height // factor) * factor, -(-width // factor) * factor), bool)
+    padded[:height, :width] = mask
+    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor)
+    return np.asarray(blocks.any(axis=(1, 3)))
+
+
+def render_prediction(
+    prediction: Prediction,
+    image: np.ndarray | None,
+    threshold: float,
+    *,
+    pictures: tuple[str, ...] = PICTURES,
+    max_pixels: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The heatmap, overlay and mask of one prediction as uint8 arrays, keyed by picture name.
+
+    ``image`` is the decoded image the prediction was made from (no overlay without it).
+    ``threshold`` is the model's stored image threshold, not a per-request override (which may
+    be 0 or negative): one colour scale for every picture, see ``color_range``. With
+    ``max_pixels``, pictures of a larger image are shrunk by a whole factor before colouring,
+    which costs tens of bytes a pixel.
+    """
+    unknown = set(pictures) - set(PICTURES)
+    if unknown:
+        raise ValueError(f"unknown pictures {sorted(unknown)}; choose from {PICTURES}")
+    height, width = prediction.anomaly_map.shape[:2]
+    factor = shrink_factor(height, width, max_pixels)
+    anomaly_map = shrink(prediction.anomaly_map.astype(np.float32, copy=False), factor)
+    mask = shrink(prediction.mask, factor)
+    lo, hi = color_range(anomaly_map, threshold=threshold)
+    out: dict[str, np.ndarray] = {}
+    if "heatmap" in pictures:
+        out["heatmap"] = colorize(anomaly_map, vmin=lo, vmax=hi)
+    if "overlay" in pictures and image is not None:
+        out["overlay"] = overlay(shrink(image, factor), anomaly_map, vmin=lo, vmax=hi, mask=mask)
+    if "mask" in pictures:
+        out["mask"] = mask_to_png_array(mask)
+    return out

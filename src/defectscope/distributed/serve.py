@@ -23,8 +23,9 @@ APP_NAME = "defectscope"
 def build_app() -> Any:
     """ASGI builder run inside each replica: load the model, then build the app around it."""
     from defectscope.export.runtimes import load_detector
-    from defectscope.serving.app import create_app, file_fingerprint
+    from defectscope.serving.app import create_app
     from defectscope.serving.settings import ServingSettings
+    from defectscope.serving.thresholds import file_fingerprint
 
     set_threads_from_reservation()
     settings = ServingSettings()  # fields come from DEFECTSCOPE_*

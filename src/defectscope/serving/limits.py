@@ -14,11 +14,12 @@ import json
 import secrets
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from PIL import Image
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from defectscope.serving.settings import ServingSettings
@@ -62,6 +63,15 @@ class RequestError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+@contextmanager
+def as_http_error() -> Iterator[None]:
+    """A `RequestError` raised inside becomes an HTTP error answer of its status and detail."""
+    try:
+        yield
+    except RequestError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
 
 
 class BodyRefused(Exception):

@@ -1,8 +1,17 @@
-"""Prometheus metrics of the REST app."""
+"""Prometheus metrics of the REST app, and their exposition (summed over worker processes)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 
 class Metrics:
@@ -67,3 +76,38 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="min",
         )
+        self.model_identity: tuple[str, str, str] | None = None
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method, str(status)).observe(seconds)
+
+    def observe_prediction(self, normalized_score: float, is_anomalous: bool) -> None:
+        self.predictions.inc()
+        self.scores.observe(normalized_score)
+        if is_anomalous:
+            self.anomalies.inc()
+
+    def observe_drift(self, score_p_value: float | None, verdict: int) -> None:
+        # Always set for the KS test; only reported tests may lack a p-value.
+        if score_p_value is not None:
+            self.drift_score_p.set(score_p_value)
+        self.drift_verdict.set(verdict)
+
+    def set_model(self, identity: tuple[str, str, str]) -> None:
+        """One ``model_info`` series for the served model, labelled (fingerprint, backbone,
+        version); the model is ready."""
+        if identity != self.model_identity:
+            self.model_info.clear()
+            self.model_info.labels(*identity).set(1)
+            self.model_identity = identity
+        self.model_ready.set(1)
+
+    def exposition(self) -> bytes:
+        """Prometheus text format; with several workers, the sum over all of them."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Each worker writes its values to files in that folder; any worker can add them up.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return bytes(generate_latest(registry))

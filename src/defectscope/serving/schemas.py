@@ -134,6 +134,31 @@ class ErrorResponse(BaseModel):
     request_id: str | None = None
 
 
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of error statuses, each with the `ErrorResponse` body."""
+    return {
+        code: {"model": ErrorResponse, "description": text} for code, text in descriptions.items()
+    }
+
+
+# Every /v1 route may answer these (limits and the API key are checked for all of them).
+ERRORS = error_responses(
+    {
+        400: "The body is not valid JSON (or not parsable multipart).",
+        401: "Missing or wrong API key (checked before the body is read).",
+        408: "The request body did not arrive within the read timeouts.",
+        413: "Body, upload, image or request pixels over a limit.",
+        415: "Not an image (decoded by content).",
+        422: "Bad request: missing field, bad base64, bad query value, corrupt image.",
+        503: "The model is not loaded yet, or the worker stayed busy with other images.",
+        504: "The model did not answer within the request timeout.",
+    }
+)
+
+# FastAPI answers 400 itself when a multipart body cannot be parsed (routes with File()).
+UNPARSABLE_MULTIPART = error_responses({400: "The multipart body cannot be parsed."})
+
+
 class HealthResponse(BaseModel):
     status: str = Field(..., examples=["ok"])
 

@@ -26,7 +26,7 @@ from defectscope.serving.limits import RequestError
 from defectscope.serving.schemas import ThresholdUpdate
 
 if TYPE_CHECKING:
-    from defectscope.serving.app import ServingState
+    from defectscope.serving.state import ServingState
 
 log = logging.getLogger(__name__)
 

@@ -90,3 +90,10 @@ def check_request_pixels(settings: ServingSettings, sizes: Sequence[int]) -> Non
             f"the {len(sizes)} images of this request have {sum(sizes):,} pixels in all, over "
             f"the limit of {budget:,} per request; send fewer or smaller images",
         )
+
+
+def check_image_count(settings: ServingSettings, count: int) -> None:
+    if count > settings.max_batch_images:
+        raise RequestError(
+            413, f"{count} images sent; at most {settings.max_batch_images} per request"
+        )

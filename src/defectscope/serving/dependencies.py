@@ -1,0 +1,88 @@
+"""What routes receive through ``Depends``: the state, settings, detector, log and query values.
+
+Going through dependencies (never module globals) lets tests and other deployments swap them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Query, Request
+from pydantic import AfterValidator
+
+from defectscope.detector.detector import Detector
+from defectscope.serving.pictures import RenderFlags
+from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository
+from defectscope.serving.settings import ServingSettings
+from defectscope.serving.state import ServingState
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+def get_settings(state: Annotated[ServingState, Depends(get_state)]) -> ServingSettings:
+    return state.settings
+
+
+def get_detector(state: Annotated[ServingState, Depends(get_state)]) -> Detector:
+    detector = state.ready_detector()  # HTTP 503 until the model is loaded
+    state.follow_model_file()  # may update this detector's thresholds
+    return detector
+
+
+def get_log_repository(
+    state: Annotated[ServingState, Depends(get_state)],
+) -> PredictionLogRepository:
+    if state.repository is None:
+        raise HTTPException(404, "the prediction log is disabled on this server")
+    return state.repository
+
+
+def render_flags(
+    threshold: Annotated[
+        float | None, Query(description="Override the image threshold.", allow_inf_nan=False)
+    ] = None,
+    heatmap: Annotated[bool, Query(description="Include a base64 heatmap PNG.")] = False,
+    overlay: Annotated[bool, Query(description="Include a base64 overlay PNG.")] = False,
+    mask: Annotated[bool, Query(description="Include a base64 mask PNG.")] = False,
+) -> RenderFlags:
+    return RenderFlags(threshold, heatmap, overlay, mask)
+
+
+def to_utc(moment: datetime) -> datetime:
+    """Naive means UTC; a moment whose UTC time falls outside years 1-9999 is refused."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date out of range once converted to UTC (years 1 to 9999)") from None
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
+Since = Annotated[UtcDatetime | None, Query(description="ISO 8601; naive means UTC.")]
+Until = Annotated[UtcDatetime | None, Query(description="ISO 8601, exclusive.")]
+
+
+def log_query(
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
+    since: Since = None,
+    until: Until = None,
+    is_anomalous: bool | None = None,
+) -> LogQuery:
+    return LogQuery(limit, offset, since, until, is_anomalous)
+
+
+State = Annotated[ServingState, Depends(get_state)]
+Flags = Annotated[RenderFlags, Depends(render_flags)]
+ReadyDetector = Annotated[Detector, Depends(get_detector)]
+Repository = Annotated[PredictionLogRepository, Depends(get_log_repository)]
+LogFilter = Annotated[LogQuery, Depends(log_query)]
+
+
+def request_id(request: Request) -> str:
+    """The request's id (``X-Request-ID``), set by the app's ``observe`` middleware."""
+    return getattr(request.state, "request_id", "")

@@ -1,0 +1,173 @@
+"""What one worker process serves: the loaded detector, its identity, batcher and prediction log.
+
+`create_app` builds one `ServingState` per app; routes reach it through ``Depends(get_state)``.
+The model loads in the background after start-up, so /healthz answers (and /readyz says 503)
+meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import HTTPException
+
+from defectscope import __version__
+from defectscope.detector.detector import Detector
+from defectscope.detector.model_file import resolve_model_path
+from defectscope.detector.prediction import Prediction
+from defectscope.errors import DefectscopeError
+from defectscope.export.runtimes import load_detector
+from defectscope.serving.batching import MicroBatcher
+from defectscope.serving.limits import PixelBudget
+from defectscope.serving.metrics import Metrics
+from defectscope.serving.predictions_log import PredictionLogRepository
+from defectscope.serving.schemas import ThresholdUpdate
+from defectscope.serving.settings import ServingSettings
+from defectscope.serving.thresholds import (
+    bank_digest,
+    file_fingerprint,
+    follow_model_file,
+    save_thresholds,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingState:
+    settings: ServingSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    detector: Detector | None = None
+    load_error: str | None = None
+    model_fingerprint: str = ""
+    model_version: str = ""
+    repository: PredictionLogRepository | None = None
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    # PUT /v1/model/thresholds: one writer at a time; other workers follow the file's mtime.
+    threshold_lock: threading.Lock = field(default_factory=threading.Lock)
+    model_mtime_ns: int | None = None
+    model_checked_at: float = 0.0
+    bank_digest: str | None = None
+    batcher: MicroBatcher = field(init=False)
+    pixels: PixelBudget = field(init=False)
+    # Pictures cost tens of bytes a pixel while drawn: two at a time bounds that memory.
+    render_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2)
+    )
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.pixels = PixelBudget(settings.inflight_pixel_budget)
+        self.batcher = MicroBatcher(
+            self.predict,
+            max_size=settings.batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+            on_batch=self.metrics.batch_size.observe,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.detector is not None and self.detector.is_fitted
+
+    def ready_detector(self) -> Detector:
+        """The served detector; HTTP 503 (with the load error, if any) until it is ready."""
+        detector = self.detector
+        if detector is None or not detector.is_fitted:
+            raise HTTPException(503, self.load_error or "the model is still loading")
+        return detector
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None) -> list[Prediction]:
+        # Runs in the batcher's worker thread; looked up per call so a reload or test double
+        # takes effect at once.
+        detector = self.ready_detector()
+        return detector.predict(images, threshold=threshold, batch_size=len(images))
+
+    # ------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Start batching, open the prediction log, and load the model in the background."""
+        await self.batcher.start()
+        if self.settings.prediction_log_url:
+            try:
+                self.repository = await asyncio.to_thread(
+                    PredictionLogRepository, self.settings.prediction_log_url
+                )
+            except Exception as exc:
+                log.warning("prediction log disabled: cannot open it: %s", exc)
+        if not self.ready:
+            task = asyncio.create_task(self.load_model())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.batcher.stop()
+        if self.repository is not None:
+            self.repository.close()
+
+    async def load_model(self) -> None:
+        settings = self.settings
+        if settings.model_path is None:
+            self.load_error = "no model configured (set DEFECTSCOPE_MODEL_PATH)"
+            return
+        try:
+            # Before loading: a threshold saved meanwhile by another worker is then picked up.
+            self.model_mtime_ns = resolve_model_path(settings.model_path).stat().st_mtime_ns
+            detector = await asyncio.to_thread(
+                load_detector, settings.model_path, settings.runtime, settings.device
+            )
+            fingerprint = await asyncio.to_thread(file_fingerprint, settings.model_path)
+            digest = await asyncio.to_thread(bank_digest, detector)
+        except DefectscopeError as exc:
+            self.load_error = str(exc)
+            log.error("model not loaded: %s", exc)
+            return
+        except Exception:
+            self.load_error = "the model failed to load (see the server log)"
+            log.exception("model not loaded")
+            return
+        self.use_detector(detector, fingerprint, digest)
+
+    def use_detector(
+        self, detector: Detector, fingerprint: str | None = None, digest: str | None = None
+    ) -> None:
+        """Serve ``detector``; ``fingerprint`` is the model file's (default: the training's)."""
+        training = detector.info.get("training", {})
+        if self.detector is not detector:
+            self.bank_digest = digest or bank_digest(detector)
+        self.model_fingerprint = fingerprint or str(training.get("fingerprint", ""))[:16]
+        self.model_version = str(detector.info.get("defectscope_version", __version__))
+        self.detector = detector
+        self.load_error = None
+        # Labelled by the memory bank, not the file: a threshold save must not add a series
+        # (with several workers, a series once written stays in the shared metric files).
+        identity = (
+            (self.bank_digest or self.model_fingerprint)[:16],
+            detector.config.backbone.name,
+            self.model_version,
+        )
+        self.metrics.set_model(identity)
+
+    # ----------------------------------------------------------------------- thresholds
+    def follow_model_file(self) -> None:
+        follow_model_file(self)
+
+    def save_thresholds(self, update: ThresholdUpdate) -> None:
+        save_thresholds(self, update)
+
+    def record(self, records: list[dict]) -> None:
+        """Background task: a logging failure is a warning, never a failed request."""
+        if self.repository is None or not records:
+            return
+        try:
+            self.repository.add_many(records)
+        except Exception as exc:
+            log.warning("could not write %d prediction log rows: %s", len(records), exc)
