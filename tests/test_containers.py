@@ -89,7 +89,7 @@ def test_checker_catches_a_broken_dockerfile(tmp_path, old, new, problem) -> Non
 
 def test_dockerignore_rules() -> None:
     ignore = DockerIgnore((ROOT / ".dockerignore").read_text())
-    assert not ignore.excluded("src/defectscope/cli.py")
+    assert not ignore.excluded("src/defectscope/cli/__init__.py")
     assert not ignore.excluded("pyproject.toml")
     left_out = [
         "models/bottle/model.safetensors",

@@ -8,7 +8,14 @@ import pytest
 
 from defectscope.config import DetectorConfig
 from defectscope.errors import ConfigError
-from defectscope.experiment import PACKAGED_CONFIGS, Experiment, compose, config_dir, expand_sweep
+from defectscope.experiment import (
+    PACKAGED_CONFIGS,
+    Experiment,
+    compose,
+    config_dir,
+    expand_sweep,
+    plan_runs,
+)
 
 # ------------------------------------------------------------------ config_dir
 
@@ -375,3 +382,20 @@ def test_expand_sweep_bad_config_values(values: object) -> None:
 def test_expand_sweep_unparsable_override() -> None:
     with pytest.raises(ConfigError, match="cannot parse overrides"):
         expand_sweep(["a=1,"])
+
+
+def test_device_argument_beats_the_config() -> None:
+    assert compose(overrides=["detector.device=cpu"], device="cuda:1").detector.device == "cuda:1"
+    assert compose(overrides=["detector.device=cpu"]).detector.device == "cpu"
+
+
+def test_plan_runs_one_run_or_a_sweep() -> None:
+    one = ["detector.coreset.ratio=0.1", "detector.features.input_size=[128,128]"]
+    assert plan_runs(None, one, multirun=False) == [one]  # a bracketed list is one value
+    sweep = ["detector.coreset.ratio=0.1,0.2"]
+    with pytest.raises(ConfigError, match="--multirun"):
+        plan_runs(None, sweep, multirun=False)
+    assert plan_runs(None, sweep, multirun=True) == [
+        ["detector.coreset.ratio=0.1"],
+        ["detector.coreset.ratio=0.2"],
+    ]

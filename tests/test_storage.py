@@ -132,6 +132,36 @@ def test_file_uris_and_local_paths_stay_local(tmp_path) -> None:
     assert storage.read_bytes(f"file://{tmp_path}/a.txt") == b"x"
 
 
+def test_output_locations_are_local_paths_or_uris_below_the_destination(tmp_path) -> None:
+    assert storage.join(tmp_path, "model.onnx") == tmp_path / "model.onnx"
+    assert storage.join("s3://models/tiles/", "report") == "s3://models/tiles/report"
+    stage = tmp_path / "stage"
+    written = stage / "report" / "report.html"
+    assert storage.output_location(tmp_path / "out", stage, written) == written
+    remote = storage.output_location("s3:/results/run", stage, written)
+    assert remote == "s3://results/run/report/report.html"
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_refused(tmp_path) -> None:
+    (tmp_path / "taken").write_text("x")
+    storage.check_output_folder(tmp_path / "new" / "deeper", "--out")  # nothing there yet
+    storage.check_output_folder("s3://results/any", "--out")  # no files in the way remotely
+    with pytest.raises(DefectscopeError, match=r"^--out .*taken: not a folder$"):
+        storage.check_output_folder(tmp_path / "taken", "--out")
+    with pytest.raises(DefectscopeError, match=r"\(inside .*taken, a file\)$"):
+        storage.check_output_folder(tmp_path / "taken" / "sub", "--report")
+
+
+def test_remove_outputs_returns_what_was_there(tmp_path) -> None:
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.json").write_text("{}")
+    (tmp_path / "model.onnx").write_text("x")
+    (tmp_path / "model.safetensors").write_text("x")
+    removed = storage.remove_outputs(tmp_path, ("report", "model.onnx", "model.xml"))
+    assert removed == ["report", "model.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
 # ------------------------------------------------------------------------- cache and writes
 def test_localize_downloads_only_what_changed(s3_env, tmp_path) -> None:
     source = tmp_path / "src"

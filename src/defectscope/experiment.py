@@ -1,13 +1,16 @@
-"""Hydra-composed experiment configs: YAML files in ``configs/`` plus ``key=value`` overrides.
+"""Experiments: Hydra-composed configs, sweeps, and runs that fit, evaluate and report.
 
-The predecessor ran Hydra; we keep that workflow (config groups such as ``backbone=...``,
-``experiment=...``, dotted overrides, comma sweeps with ``--multirun``) but compose through
-Hydra's API so that the CLI stays a normal Typer program.
+Configs are YAML files in ``configs/`` plus ``key=value`` overrides. The predecessor ran Hydra;
+we keep that workflow (config groups such as ``backbone=...``, ``experiment=...``, dotted
+overrides, comma sweeps with ``--multirun``) but compose through Hydra's API so that the CLI
+stays a normal Typer program.
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -15,7 +18,11 @@ from typing import Any, cast
 import yaml
 
 from defectscope.config import DetectorConfig
+from defectscope.detector.progress import ProgressFn
 from defectscope.errors import ConfigError
+from defectscope.tracking import NullRun, log_evaluation, log_fit
+
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -45,8 +52,15 @@ def config_dir(path: str | Path | None) -> tuple[Path, str]:
     return path.parent, path.stem
 
 
-def compose(config: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
-    """Compose one experiment; bad keys, values or files raise ConfigError with the reason."""
+def compose(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    device: str | None = None,
+) -> Experiment:
+    """Compose one experiment; bad keys, values or files raise ConfigError with the reason.
+
+    ``device``, when given, wins over the config's ``detector.device``.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -67,6 +81,8 @@ def compose(config: str | Path | None = None, overrides: list[str] | None = None
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a mapping")
     detector = DetectorConfig.from_dict(raw.get("detector") or {})
+    if device is not None:
+        detector.device = device
     return Experiment(
         detector=detector,
         data=raw.get("data"),
@@ -104,6 +120,20 @@ def expand_sweep(overrides: list[str], sweep: dict[str, list] | None = None) -> 
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
+def plan_runs(config: str | Path | None, overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The overrides of each run asked for: every combination of the sweeps with ``multirun``
+    (the config's ``sweep:`` included), else the one run, whose overrides may not sweep."""
+    if multirun:
+        base = compose(config, [o for o in overrides if "," not in o.split("=", 1)[-1]])
+        return expand_sweep(overrides, base.raw.get("sweep"))
+    # A bracketed list is one value (e.g. input_size=[128,128]), not a sweep.
+    if any(
+        "," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides
+    ):
+        raise ConfigError("comma lists in overrides sweep several runs: add --multirun")
+    return [overrides]
+
+
 def _yaml_value(value: Any) -> str:
     if value is None:
         return "null"
@@ -115,3 +145,74 @@ def _yaml_value(value: Any) -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_experiment(
+    experiment: Experiment,
+    run_dir: Path,
+    progress: ProgressFn | None = None,
+    tracking: NullRun | None = None,
+) -> dict[str, Any]:
+    """Fit on the train split, evaluate on the test split; write model, report and config.
+
+    ``tracking`` (a run of `defectscope.tracking`) records the config, fit and evaluation.
+    """
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import DefectscopeError
+    from defectscope.evaluation.report import write_report
+    from defectscope.evaluation.runner import evaluate
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump({**experiment.raw, "overrides": experiment.overrides}, sort_keys=False)
+    )
+    if not experiment.data:
+        raise DefectscopeError("no dataset: set data=PATH or use an experiment=... config")
+    dataset = open_dataset(experiment.data)
+    if not dataset.test:
+        raise DefectscopeError(f"{experiment.data}: no labelled test images to evaluate on")
+    detector = Detector(experiment.detector)
+    detector.fit([s.path for s in dataset.train], progress=progress)
+    detector.save(run_dir / "model")
+    tracking = tracking or NullRun()
+    overrides = " ".join(experiment.overrides) or "(defaults)"
+    tracking.set_tags({"defectscope.dataset": experiment.data, "defectscope.overrides": overrides})
+    log_fit(tracking, detector, run_dir / "model", config=experiment.raw)
+    tracking.log_artifacts(run_dir / "config.yaml")
+    result = evaluate(
+        detector,
+        dataset,
+        progress=(lambda d, t: progress("evaluate", d, t)) if progress else None,
+    )
+    write_report(result, run_dir / "report")
+    summary = result.to_dict()
+    log_evaluation(tracking, summary, run_dir / "report")
+    summary["overrides"] = experiment.overrides
+    summary["fit_timings"] = detector.info["timings"]
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def write_sweep_summary(results: list[dict[str, Any]], out_dir: Path) -> Path:
+    """A CSV and a Markdown table of every run's overrides, metrics and fit time."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for result in results:
+        row = {"overrides": " ".join(result["overrides"]) or "(defaults)"}
+        row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
+        row["fit_s"] = result["fit_timings"]["total_s"]
+        row["run_dir"] = result["run_dir"]
+        rows.append(row)
+    with (out_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    for row in rows:
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    return out_dir / "summary.md"

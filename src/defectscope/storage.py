@@ -75,6 +75,14 @@ def location(value: str | os.PathLike[str]) -> str | Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
+def join(base: str | os.PathLike[str], name: str) -> str | Path:
+    """``name`` below ``base``: a Path inside a local folder, a URI below a remote one."""
+    target = location(base)
+    if isinstance(target, Path):
+        return target / name
+    return f"{target.rstrip('/')}/{name}"
+
+
 def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0]
 
@@ -412,3 +420,41 @@ def staged_output(uri: str | os.PathLike[str]) -> Iterator[Path]:
         upload_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def output_location(
+    uri: str | os.PathLike[str], local_root: Path, written: str | os.PathLike[str]
+) -> str | Path:
+    """Where ``written``, a file under the local folder of ``staged_output(uri)``, ends up:
+    itself for a local ``uri``, its URI below ``uri`` once a remote one is uploaded."""
+    if not is_remote(uri):
+        return location(written)
+    return join(uri, Path(written).relative_to(local_root).as_posix())
+
+
+def check_output_folder(uri: str | os.PathLike[str], label: str) -> None:
+    """A local output folder must be a folder or not exist yet: refused before any work.
+
+    ``label`` names the setting in the message (e.g. an option). Remote stores have no files
+    that could stand in a folder's way.
+    """
+    path = location(uri)
+    if not isinstance(path, Path):
+        return
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == path else f" (inside {candidate}, a file)"
+                raise DefectscopeError(f"{label} {uri}: not a folder{where}")
+            return
+
+
+def remove_outputs(folder: str | os.PathLike[str], names: tuple[str, ...]) -> list[str]:
+    """Delete the files or folders ``names`` below ``folder``; returns those that were there."""
+    removed = []
+    for name in names:
+        item = join(folder, name)
+        if exists(item):
+            remove(item)
+            removed.append(name)
+    return removed

@@ -1,0 +1,408 @@
+"""Model commands: fit, evaluate, predict, export and inspect."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from defectscope.cli.console import console, out, progress_bars
+from defectscope.cli.options import (
+    ConfigOpt,
+    DeviceOpt,
+    EngineOpt,
+    LabelledDataArg,
+    MlflowExperimentOpt,
+    MlflowOpt,
+    MlflowUriOpt,
+    ModelArg,
+    Overrides,
+    RayAddressOpt,
+    RayWorkersOpt,
+    RuntimeOpt,
+)
+
+if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
+
+# Outputs derived from a model; after a new fit in their place they would describe the old one.
+STALE_MODEL_OUTPUTS = ("report", "model.onnx", "model.xml", "model.bin")
+
+
+def model_destination(out: Path | str, overwrite: bool) -> Path | str | None:
+    """Check fit's --out before the fit: refuse a file in the way, or an existing model unless
+    ``overwrite``. Returns the folder whose stale outputs go once the new model is saved."""
+    from defectscope import storage
+    from defectscope.detector.model_file import MODEL_FILENAME
+    from defectscope.errors import DefectscopeError
+
+    target = storage.location(out)
+    named = str(target).endswith(".safetensors")
+    if isinstance(target, Path):
+        folder: Path | str = target.parent if named else target
+        storage.check_output_folder(folder, "--out")
+        if named and target.is_dir():
+            raise DefectscopeError(f"--out {out}: a folder, not a .safetensors file")
+    else:
+        folder = target.rsplit("/", 1)[0] if named else target.rstrip("/")
+    model_file = target if named else storage.join(folder, MODEL_FILENAME)
+    if not storage.exists(model_file):
+        return None
+    if not overwrite:
+        raise DefectscopeError(
+            f"{model_file} already exists; pass --overwrite to replace it (its report/ and "
+            "exported model files are then removed)"
+        )
+    # Exports and report/ belong to model.safetensors; another file name shares the folder.
+    return folder if str(model_file).endswith(f"/{MODEL_FILENAME}") else None
+
+
+def fit(
+    data: Annotated[
+        Path, typer.Argument(help="Dataset root, folder of good images, or one image.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images instead of stopping.")
+    ] = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: RayWorkersOpt = None,
+    mlflow: MlflowOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExperimentOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace an existing model (its report/ and exports are removed)."),
+    ] = False,
+    auto: Annotated[
+        bool | None,
+        typer.Option(
+            "--auto/--no-auto",
+            help="Choose the feature configuration from synthetic defects on held-out good "
+            "images (default: on, unless the config sets detector.auto.enabled).",
+        ),
+    ] = None,
+) -> None:
+    """Learn what good looks like from the good training images of DATA.
+
+    DATA and --out may be s3:// or gs:// URIs (the "cloud" extra).
+    """
+    from defectscope import storage
+    from defectscope.data.datasets import open_dataset
+    from defectscope.detector.detector import Detector
+    from defectscope.distributed.cluster import check_engine
+    from defectscope.experiment import compose
+    from defectscope.tracking import log_fit, open_tracker
+
+    check_engine(engine, ray_address)
+    experiment = compose(config, overrides, device)
+    if auto is not None:
+        experiment.detector.auto.enabled = auto
+    storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
+    stale_folder = model_destination(out_dir, overwrite)  # likewise an existing model
+    tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
+    started = time.time()
+    data_uri = storage.location(data)
+    dataset = open_dataset(storage.localize(data_uri))
+    paths = [sample.path for sample in dataset.train]
+    console.print(f"Fitting on {len(paths)} good images from {data_uri} ({dataset.layout} layout)")
+    detector = Detector(experiment.detector)
+    with progress_bars() as progress:
+        on_error = "skip" if skip_bad else "raise"
+        if engine == "ray":
+            from defectscope.distributed.fit import fit_on_cluster
+
+            detector = fit_on_cluster(
+                experiment.detector,
+                paths,
+                address=ray_address,
+                workers=workers,
+                on_error=on_error,
+                progress=progress,
+            )
+        else:
+            detector.fit(paths, on_error=on_error, progress=progress)
+    path = detector.save(out_dir)
+    if stale_folder is not None:
+        removed = storage.remove_outputs(stale_folder, STALE_MODEL_OUTPUTS)
+        if removed:
+            console.print(f"Removed the replaced model's {', '.join(removed)} from {stale_folder}")
+    print_fit_summary(detector, path)
+    tags = {"defectscope.command": "fit", "defectscope.dataset": str(data_uri)}
+    with tracker.run(Path(str(out_dir)).name, tags, started=started) as run:
+        log_fit(run, detector, storage.location(out_dir), config=experiment.raw)
+
+
+def print_fit_summary(detector: Detector, path: Path | str) -> None:
+    """The fitted model's file, backbone, bank, thresholds and timings as a table on stdout."""
+    assert detector.features is not None  # fitted: the features are built
+    info = detector.info
+    timings = info["timings"]
+    table = Table(title="Model", show_header=False)
+    table.add_row("file", str(path))
+    table.add_row("backbone", detector.features.backbone.name)
+    table.add_row(
+        "memory bank", f"{info['bank_size']:,} of {info['training']['n_patches']:,} patches"
+    )
+    table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
+    table.add_row(
+        "fit time",
+        f"{timings['total_s']:.1f} s ("
+        + (f"choosing {timings['selection_s']:.1f}, " if "selection_s" in timings else "")
+        + f"features {timings['features_s']:.1f}, coreset {timings['coreset_s']:.1f}, "
+        f"calibration {timings['calibration_s']:.1f})",
+    )
+    selection = info.get("selection") or {}
+    if selection:
+        table.add_row("configuration", selection["reason"])
+        if selection.get("geometry", {}).get("reason"):
+            table.add_row("geometry", selection["geometry"]["reason"])
+    if info["training"]["skipped"]:
+        table.add_row("skipped", f"{len(info['training']['skipped'])} unreadable images")
+    out.print(table)
+
+
+def evaluate(
+    model: ModelArg,
+    data: LabelledDataArg,
+    report: Annotated[Path, typer.Option("--report", "-r", help="Report folder.")] = Path(
+        "reports"
+    ),
+    set_threshold: Annotated[
+        str,
+        typer.Option(help="'none', or 'f1': store the F1-optimal image threshold in the model."),
+    ] = "none",
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    runtime: RuntimeOpt = "auto",
+    mlflow: MlflowOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExperimentOpt = None,
+) -> None:
+    """Score the test split of DATA, compute metrics and write a report.
+
+    MODEL, DATA and --report may be s3:// or gs:// URIs (the "cloud" extra).
+    """
+    from defectscope import storage
+    from defectscope.data.datasets import open_dataset
+    from defectscope.errors import DefectscopeError
+    from defectscope.evaluation.report import write_report
+    from defectscope.evaluation.runner import evaluate as run_evaluation
+    from defectscope.export.runtimes import load_detector, resolve_runtime
+    from defectscope.tracking import log_evaluation, open_tracker
+
+    if set_threshold not in ("none", "f1"):
+        raise DefectscopeError("--set-threshold must be 'none' or 'f1'")
+    if set_threshold != "none" and resolve_runtime(model, runtime) != "torch":
+        raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
+    storage.check_destination(report)
+    tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
+    started = time.time()
+    detector = load_detector(model, runtime, device)
+    data_uri = storage.location(data)
+    dataset = open_dataset(storage.localize(data_uri))
+    if not dataset.test:
+        raise DefectscopeError(f"{data_uri}: no labelled test images to evaluate on")
+    with progress_bars() as progress:
+        result = run_evaluation(
+            detector,
+            dataset,
+            batch_size=batch_size,
+            progress=lambda done, total: progress("evaluate", done, total),
+        )
+    with storage.staged_output(report) as local_report:
+        path = write_report(result, local_report)
+        tags = {"defectscope.command": "evaluate", "defectscope.dataset": str(data_uri)}
+        tags["defectscope.model"] = str(model)
+        with tracker.run(f"evaluate {model.name}", tags, started=started) as run:
+            settings = {"runtime": runtime, "batch_size": batch_size}
+            log_evaluation(run, result.to_dict(), local_report, detector, {"evaluate": settings})
+    print_metrics(result.to_dict())
+    out.print(f"Report: {storage.output_location(report, local_report, path)}")
+    if set_threshold == "f1":
+        threshold = store_f1_threshold(detector, result.to_dict()["metrics"], model)
+        out.print(f"Stored the F1-optimal threshold {threshold:.4f} in {model}")
+
+
+def store_f1_threshold(detector: Detector, metrics: dict[str, Any], model: Path) -> float:
+    """Make the evaluation's F1-optimal image threshold the model's and save it to ``model``."""
+    from defectscope.errors import DefectscopeError
+
+    threshold = metrics.get("f1_threshold")
+    if threshold is None:
+        raise DefectscopeError("no F1-optimal threshold: the test split has no defective images")
+    detector.set_thresholds(image=threshold, source="f1_validation")
+    detector.save(model)
+    return float(threshold)
+
+
+def print_metrics(result: dict[str, Any]) -> None:
+    """The headline metrics of an evaluation summary as a table on stdout."""
+    metrics = result["metrics"]
+    table = Table(title="Metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_threshold"):
+        if key in metrics and metrics[key] is not None:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    out.print(table)
+
+
+def predict(
+    model: ModelArg,
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
+        "predictions"
+    ),
+    threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
+    pixel_threshold: Annotated[
+        float | None, typer.Option(help="Override the mask threshold.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    device: DeviceOpt = None,
+    images: Annotated[bool, typer.Option(help="Write heatmap, overlay and mask PNGs.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Record unreadable images and go on.")] = True,
+    runtime: RuntimeOpt = "auto",
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: RayWorkersOpt = None,
+) -> None:
+    """Score images: a JSONL and CSV of results, and heatmap / overlay / mask PNGs.
+
+    MODEL, the inputs (files, folders or globs) and --out may be s3:// or gs:// URIs.
+    """
+    from contextlib import ExitStack
+
+    from defectscope import storage
+    from defectscope.data.io import expand_image_paths
+    from defectscope.distributed.cluster import check_engine
+    from defectscope.errors import DefectscopeError
+    from defectscope.export.runtimes import load_detector
+    from defectscope.prediction_writer import PredictionWriter
+
+    check_engine(engine, ray_address)
+    storage.check_destination(out_dir)
+    storage.check_output_folder(out_dir, "--out")
+    detector = load_detector(model, runtime, device)
+    paths = expand_image_paths([p for src in inputs for p in storage.localize_matches(src)])
+    if not paths:
+        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
+    stack = ExitStack()
+    local_out = stack.enter_context(storage.staged_output(out_dir))
+    writer = PredictionWriter(local_out, paths, detector, write_images=images)
+    failures = 0
+    with stack, writer, progress_bars() as progress:
+        if engine == "ray":
+            from defectscope.distributed.predict import predict_on_cluster
+
+            iterator = predict_on_cluster(
+                model,
+                paths,
+                address=ray_address,
+                workers=workers,
+                batch_size=batch_size,
+                runtime=runtime,
+                device=device,
+                threshold=threshold,
+                pixel_threshold=pixel_threshold,
+            )
+        else:
+            iterator = detector.iter_predict(
+                paths, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+            )
+        for done, (index, _, result) in enumerate(iterator, start=1):
+            if isinstance(result, Exception):
+                if not skip_bad:
+                    raise result
+                failures += 1
+                console.print(f"[yellow]skipped[/] {result}")
+            writer.write(index, result)
+            progress("predict", done, len(paths))
+    results = storage.output_location(out_dir, local_out, writer.jsonl_path)
+    out.print(
+        f"{len(paths) - failures} images scored, {writer.n_anomalous} anomalous, "
+        f"{failures} unreadable. Results: {results}"
+    )
+
+
+def export(
+    model: ModelArg,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="File to write (default: MODEL/model.onnx or .xml)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32; fp16 (weights and memory bank stored in fp16); int8 (OpenVINO only: "
+            "backbone quantized with NNCF on --calibration-images)."
+        ),
+    ] = "fp32",
+    calibration_images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of good images for INT8 calibration (e.g. the training set)."),
+    ] = None,
+    max_calibration: Annotated[
+        int, typer.Option(help="At most this many calibration images.")
+    ] = 64,
+) -> None:
+    """Export the whole detector (backbone, memory bank, thresholds) to one ONNX/OpenVINO file."""
+    from defectscope.detector.detector import Detector
+    from defectscope.errors import ConfigError
+    from defectscope.export.onnx import export_onnx, export_openvino
+
+    if fmt not in ("onnx", "openvino"):
+        raise ConfigError(f"--format must be 'onnx' or 'openvino', not {fmt!r}")
+    detector = Detector.load(model, device="cpu")
+    if out_file is None:
+        folder = model if model.is_dir() else model.parent
+        out_file = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
+    if precision == "int8" and fmt != "openvino":
+        raise ConfigError("int8 is available for --format openvino only")
+    if fmt == "onnx":
+        path = export_onnx(detector, out_file, precision=precision)
+    else:
+        images = None
+        if calibration_images is not None:
+            from defectscope.data.io import expand_image_paths
+
+            found = expand_image_paths([calibration_images])
+            images = found[:: max(1, len(found) // max_calibration)][:max_calibration]
+        path = export_openvino(detector, out_file, precision=precision, calibration_images=images)
+        if precision == "int8":
+            from defectscope.export.runtime import OpenVinoDetector
+
+            check = OpenVinoDetector.load(path).meta["export"]["int8_check"]
+            out.print(
+                f"INT8 check on {check['n_images']} calibration images: scores moved "
+                f"{100 * check['mean_rel_score_change']:.2f}% on average "
+                f"(max {100 * check['max_rel_score_change']:.2f}%), "
+                f"{check['decision_flips']} decision flips"
+            )
+    size = path.stat().st_size + (
+        path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
+    )
+    assert detector.preprocessor is not None  # Detector.load sets it
+    height, width = detector.preprocessor.input_size
+    out.print(
+        f"Exported {fmt} ({precision}, input batch x 3 x {height} x {width}, "
+        f"{size / 1e6:.1f} MB): {path}"
+    )
+
+
+def inspect(model: ModelArg) -> None:
+    """Print a model's metadata (reads the header only; does not load the backbone)."""
+    from defectscope.detector.model_file import compact_metadata, read_header, resolve_model_path
+
+    meta = read_header(resolve_model_path(model))
+    meta = compact_metadata(meta)
+    out.print_json(json.dumps(meta))

@@ -1,0 +1,272 @@
+"""Serving commands: serve (REST), ui (Streamlit), bento (BentoML) and the client group."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from defectscope.cli.console import console, out
+from defectscope.cli.options import EngineOpt, ModelArg, RayAddressOpt, RuntimeOpt
+
+# The Streamlit entry script of the ui package, a sibling of this one.
+UI_SCRIPT = Path(__file__).resolve().parents[1] / "ui" / "app.py"
+
+
+def model_environment(model: Path, runtime: str) -> dict[str, str]:
+    """The settings a server's worker processes read from the environment to load ``model``."""
+    return {"DEFECTSCOPE_MODEL_PATH": str(model.resolve()), "DEFECTSCOPE_RUNTIME": runtime}
+
+
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
+    runtime: RuntimeOpt = "auto",
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Evaluation report folder for /v1/model/report [default: MODEL/report]."),
+    ] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: Annotated[
+        int, typer.Option(help="With --engine ray: Ray Serve replicas (each loads the model).")
+    ] = 1,
+) -> None:
+    """Serve MODEL over HTTP (REST API, /docs, /metrics); needs the "serve" extra.
+
+    Other settings come from DEFECTSCOPE_* environment variables (see serving/settings.py).
+    """
+    import shutil
+    import tempfile
+
+    from defectscope.detector.model_file import resolve_model_path
+    from defectscope.distributed.cluster import check_engine
+    from defectscope.errors import DefectscopeError
+    from defectscope.export.runtimes import localize_model
+
+    check_engine(engine, ray_address)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise DefectscopeError(
+            "serving needs extra packages: pip install 'defectscope[serve]'"
+        ) from None
+    # A remote model is fetched once here into the local cache; the workers load that copy.
+    model = localize_model(model, runtime)
+    resolve_model_path(model)  # a missing or wrong path fails here, not in every worker
+    # Workers are separate processes: they get the settings through the environment and build
+    # the app with the factory.
+    os.environ.update(model_environment(model, runtime))
+    if report is not None:
+        if not (report / "metrics.json").is_file():
+            raise DefectscopeError(f"{report}: no metrics.json (write it with evaluate --report)")
+        os.environ["DEFECTSCOPE_REPORT_DIR"] = str(report.resolve())
+    if engine == "ray":
+        from defectscope.distributed.serve import serve_on_cluster
+
+        # Replicas on other nodes load this same path: it must be on a disk they all share.
+        serve_on_cluster(
+            model,
+            address=ray_address,
+            replicas=replicas,
+            runtime=runtime,
+            host=host,
+            port=port,
+            on_ready=lambda url: console.print(
+                f"Serving {model} on {url} ({replicas} Ray Serve replica(s)); Ctrl+C stops it"
+            ),
+        )
+        return
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Without a shared folder each worker would report only its own counts on /metrics.
+        metrics_dir = tempfile.mkdtemp(prefix="defectscope-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    console.print(f"Serving {model} on http://{host}:{port} ({workers} worker(s))")
+    try:
+        uvicorn.run(
+            "defectscope.serving.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            # Closes connections whose request headers stall (DEFECTSCOPE_READ_TIMEOUT_S).
+            http="defectscope.serving.protocol:HeaderTimeoutProtocol",
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def ui(
+    api: Annotated[str, typer.Option(help="URL of the REST API (defectscope serve).")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="API key, if the server wants one.", envvar="DEFECTSCOPE_API_KEY"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8501,
+    samples: Annotated[
+        Path | None, typer.Option(help="Folder of sample images to pick from (e.g. a dataset).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an API answer.")] = 60.0,
+) -> None:
+    """Web UI over the REST API (Streamlit): inspect, threshold, history, drift, model."""
+    import importlib.util
+    import subprocess
+
+    from defectscope.errors import DefectscopeError
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise DefectscopeError("the web UI needs: pip install 'defectscope[ui]'")
+    if not api.startswith(("http://", "https://")):
+        raise DefectscopeError(f"--api must be an http:// or https:// URL, not {api!r}")
+    if samples is not None and not samples.is_dir():
+        raise DefectscopeError(f"--samples {samples}: not a folder")
+    if timeout <= 0:
+        raise DefectscopeError("--timeout must be positive")
+    # The page scripts read these: Streamlit re-runs them in its own process.
+    env = {**os.environ, "DEFECTSCOPE_API_URL": api, "DEFECTSCOPE_UI_TIMEOUT": str(timeout)}
+    if api_key:
+        env["DEFECTSCOPE_API_KEY"] = api_key
+    if samples is not None:
+        env["DEFECTSCOPE_UI_SAMPLES"] = str(samples.resolve())
+    command = [sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT)]
+    command += ["--server.address", host, "--server.port", str(port), "--server.headless", "true"]
+    command += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    console.print(f"defectscope UI on http://{host}:{port} (API {api})")
+    sys.stdout.flush()
+    if os.name == "posix":
+        # Become the Streamlit process: a supervisor's SIGTERM then stops the UI itself, not a
+        # launcher that would leave it running.
+        os.execve(sys.executable, command, env)
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def bento(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    runtime: RuntimeOpt = "auto",
+) -> None:
+    """Serve MODEL with BentoML (adaptive batching); needs the "bentoml" extra.
+
+    Routes: POST /v1/predict (multipart field 'images'), /v1/model, /v1/health.
+    """
+    import importlib.util
+    import subprocess
+
+    from defectscope.detector.model_file import resolve_model_path
+    from defectscope.errors import DefectscopeError
+    from defectscope.export.runtimes import resolve_runtime
+
+    if importlib.util.find_spec("bentoml") is None:
+        raise DefectscopeError("BentoML serving needs: pip install 'defectscope[bentoml]'")
+    if resolve_runtime(model, runtime) == "torch":
+        resolve_model_path(model)  # fail here with a clear message, not inside a worker
+    elif not model.exists():
+        raise DefectscopeError(f"{model}: model file not found")
+    # BentoML workers are separate processes: they read the model through the environment.
+    env = {**os.environ, **model_environment(model, runtime)}
+    command = [sys.executable, "-m", "bentoml", "serve"]
+    command += ["defectscope.serving.bento_service:DefectscopeService"]
+    command += ["--host", host, "--port", str(port)]
+    console.print(f"Serving {model} with BentoML on http://{host}:{port}")
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 130
+    if code:
+        raise typer.Exit(code)
+
+
+client_app = typer.Typer(
+    help="Call a running defectscope REST server (defectscope serve).", no_args_is_help=True
+)
+
+
+@client_app.command("predict")
+def client_predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    url: Annotated[
+        str, typer.Option(envvar="DEFECTSCOPE_URL", help="Server URL.")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DEFECTSCOPE_API_KEY", help="X-API-Key header.")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write heatmap and overlay PNGs and results.jsonl here."),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 60.0,
+) -> None:
+    """Score images on a server; print a table and optionally save the returned PNGs."""
+    from defectscope.client import ClientError, DefectscopeClient, decode_png
+    from defectscope.data.io import expand_image_paths
+    from defectscope.errors import DefectscopeError
+    from defectscope.prediction_writer import unique_output_names
+
+    paths = expand_image_paths(inputs)
+    if not paths:
+        raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
+    names = unique_output_names(paths)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"{url}: {len(paths)} images")
+    for column in ("image", "score", "normalized", "decision", "defect area"):
+        table.add_column(column, justify="left" if column in ("image", "decision") else "right")
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with DefectscopeClient(url, api_key=api_key, timeout=timeout) as client:
+        for path, name in zip(paths, names, strict=True):
+            try:
+                result = client.predict(
+                    path,
+                    threshold=threshold,
+                    heatmap=out_dir is not None,
+                    overlay=out_dir is not None,
+                )
+            except ClientError as exc:
+                # A bad image is that image's problem; no server, a wrong key or a server error
+                # would fail every image, so they stop the command.
+                if exc.status is None or exc.status == 401 or exc.status >= 500:
+                    raise
+                failures += 1
+                table.add_row(str(path), "-", "-", f"[red]error {exc.status}[/]", "-")
+                rows.append({"source": str(path), "error": str(exc)})
+                continue
+            if out_dir is not None:
+                for key in ("heatmap", "overlay"):
+                    (out_dir / f"{name}_{key}.png").write_bytes(decode_png(result[f"{key}_png"]))
+            summary = {k: v for k, v in result.items() if not k.endswith("_png")}
+            rows.append({"source": str(path), "output_name": name, **summary})
+            table.add_row(
+                str(path),
+                f"{result['score']:.4f}",
+                f"{result['normalized_score']:.3f}",
+                result["label"],
+                f"{100 * result['defect_area_fraction']:.2f}%",
+            )
+    out.print(table)
+    if out_dir is not None:
+        jsonl = out_dir / "results.jsonl"
+        jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        out.print(f"Heatmaps, overlays and {jsonl.name}: {out_dir}")
+    if failures:
+        console.print(f"{failures} of {len(paths)} images failed")
+        raise typer.Exit(1)
