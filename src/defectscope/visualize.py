@@ -130,8 +130,9 @@ def mask_to_png_array(mask: np.ndarray) -> np.ndarray:
     return np.where(mask.astype(bool), np.uint8(255), np.uint8(0))
 
 
-def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) array, or a bool mask, as PNG.
+def save_png(array: np.ndarray, path: str | Path, compress_level: int = 6) -> Path:
+    """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) array, or a bool mask, as PNG (zlib
+    ``compress_level`` 0-9: lower is faster and larger).
 
     Parent folders are created. Returns the path.
     """
@@ -144,7 +145,9 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"cannot save an array of shape {array.shape} as PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(
+        path, format="PNG", compress_level=compress_level
+    )
     return path
 
 

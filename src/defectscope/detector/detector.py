@@ -323,6 +323,21 @@ class Detector:
         batch_size: int | None = None,
     ) -> Iterator[tuple[int, str | None, Prediction | ImageLoadError]]:
         """Yield (index, source, Prediction or the ImageLoadError) in input order."""
+        for index, source, outcome, _ in self.iter_predict_decoded(
+            images, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
+        ):
+            yield index, source, outcome
+
+    def iter_predict_decoded(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[int, str | None, Prediction | ImageLoadError, np.ndarray | None]]:
+        """As `iter_predict`, plus the decoded RGB image of each prediction (None for an
+        unreadable one), so that pictures drawn over it need not decode it again."""
         calibration, preprocessor = self._fitted_calibration, self._fitted_preprocessor
         image_threshold = self.threshold if threshold is None else float(threshold)
         mask_threshold = self.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
@@ -353,7 +368,7 @@ class Detector:
                     )
             for item in batch:
                 outcome = item.error if item.error is not None else results[item.index]
-                yield item.index, item.source, outcome
+                yield item.index, item.source, outcome, item.image
 
     def predict(
         self,

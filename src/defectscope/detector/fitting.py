@@ -451,16 +451,14 @@ def calibration_scores(
         embeddings = embeddings.to(device)
         if plan.method == "leave_one_out":
             # Each image is scored against the bank without its own patches: an out-of-sample
-            # score for every training image from a single bank. Always exact search.
-            for row, index in enumerate(ids):
-                banned = owner_on_device == index
-                maps, image_scores = scorer(embeddings[row : row + 1], banned=banned)
-                scores.append(image_scores.cpu())
-                maxima.append(maps.flatten(1).amax(1).cpu())
+            # score for every training image from a single bank. Always exact search, one
+            # search for the whole batch.
+            own = [(owner_on_device == index).nonzero().flatten() for index in ids]
+            maps, image_scores = scorer.score_excluding(embeddings, own)
         else:
             maps, image_scores = scorer(embeddings)
-            scores.append(image_scores.cpu())
-            maxima.append(maps.flatten(1).amax(1).cpu())
+        scores.append(image_scores.cpu())
+        maxima.append(maps.flatten(1).amax(1).cpu())
         done += len(ids)
         if progress:
             progress("calibration", done, total)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -31,6 +32,15 @@ def pairwise_sq_dist(
     return torch.addmm(query_sq + bank_sq, queries, bank.T, alpha=-2.0)
 
 
+class GroupExclusion(NamedTuple):
+    """Bank rows each group of queries must not find: group g is query rows
+    ``[g * rows, (g + 1) * rows)`` and may not find bank rows ``columns[g]`` (e.g. its own
+    image's patches, for leave-one-out scores of many images in one search)."""
+
+    rows: int
+    columns: Sequence[torch.Tensor]
+
+
 class TorchKnn:
     def __init__(self, bank: torch.Tensor, chunk_size: int = 1024) -> None:
         self.bank = bank
@@ -38,28 +48,49 @@ class TorchKnn:
         self.chunk_size = chunk_size
 
     def search(
-        self, queries: torch.Tensor, k: int, banned: torch.Tensor | None = None
+        self,
+        queries: torch.Tensor,
+        k: int,
+        banned: torch.Tensor | None = None,
+        exclude: GroupExclusion | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest bank rows for each query; ``banned`` (M,) bool excludes bank rows."""
+        """k nearest bank rows for each query; ``banned`` (M,) bool excludes bank rows for
+        every query, ``exclude`` excludes rows per group of queries."""
         k = min(k, self.bank.shape[0])
         if queries.shape[0] == 0:
             empty = queries.new_empty((0, k))
             return empty, empty.long()
         dists, indices = [], []
         for start in range(0, queries.shape[0], self.chunk_size):
-            block = pairwise_sq_dist(
-                queries[start : start + self.chunk_size], self.bank, self.bank_sq
-            )
+            chunk = queries[start : start + self.chunk_size]
+            # |q|^2 is the same for every bank row: it is added to the winners only, which
+            # saves a full pass over the block.
+            block = torch.addmm(self.bank_sq, chunk, self.bank.T, alpha=-2.0)
             if banned is not None:
                 block[:, banned] = float("inf")
+            if exclude is not None:
+                _exclude_groups(block, start, exclude)
             if k == 1:  # min is a cheaper pass than topk
                 values, idx = block.min(dim=1, keepdim=True)
             else:
                 values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
+            values += (chunk * chunk).sum(dim=1, keepdim=True)
             # Clamp only the winners: rounding can make a squared distance slightly negative.
             dists.append(values.clamp_(min=0.0).sqrt_())
             indices.append(idx)
         return torch.cat(dists), torch.cat(indices)
+
+
+def _exclude_groups(block: torch.Tensor, start: int, exclude: GroupExclusion) -> None:
+    """Set the excluded bank columns of every group inside ``block`` (query rows from
+    ``start``) to infinity."""
+    stop = start + block.shape[0]
+    for group in range(start // exclude.rows, (stop - 1) // exclude.rows + 1):
+        columns = exclude.columns[group]
+        if columns.numel():
+            first = max(group * exclude.rows, start) - start
+            last = min((group + 1) * exclude.rows, stop) - start
+            block[first:last].index_fill_(1, columns, float("inf"))
 
 
 def faiss_available() -> bool:

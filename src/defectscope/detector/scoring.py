@@ -3,18 +3,23 @@
 The map is the distance of each patch to its nearest memory-bank patches, upsampled to the input
 size and Gaussian-smoothed. The image score is a reduction of that map (so a mask drawn at the
 image threshold and the image decision agree), or PatchCore's re-weighted maximum.
+
+Upsampling and smoothing are both linear and separable, so `AnomalyScorer.to_input_maps` applies
+them as two small matrix products per map (``A_h @ P @ A_w.T``) instead of interpolating and
+convolving a full-size map; `gaussian_blur` is the reference it is built from.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from defectscope.config import ScoringConfig
-from defectscope.detector.knn import KnnIndex, TorchKnn, build_index
+from defectscope.detector.knn import GroupExclusion, KnnIndex, TorchKnn, build_index
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -36,6 +41,22 @@ def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
+def blur_mode(size: tuple[int, int], kernel: torch.Tensor) -> str:
+    """The border rule of `gaussian_blur` for maps of ``size``."""
+    return "reflect" if min(size) > kernel.numel() // 2 else "replicate"
+
+
+def axis_operator(n_in: int, n_out: int, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """(n_out, n_in) matrix of one axis of `to_input_maps`: linear upsampling (as bilinear with
+    ``align_corners=False`` does along each axis), then the 1-D blur with ``mode`` borders."""
+    basis = torch.eye(n_in, dtype=torch.float64)[:, None]
+    x = F.interpolate(basis, size=n_out, mode="linear", align_corners=False)
+    if kernel.numel() > 1:
+        radius = kernel.numel() // 2
+        x = F.conv1d(F.pad(x, (radius, radius), mode=mode), kernel.double().view(1, 1, -1))
+    return x[:, 0].T.contiguous()
+
+
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
@@ -55,6 +76,7 @@ class AnomalyScorer(nn.Module):
             "blur_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         )
         self._index: KnnIndex | None = None
+        self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def index(self) -> KnnIndex:
@@ -73,6 +95,7 @@ class AnomalyScorer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._index = None  # the index holds device copies; rebuild after .to()/.half()
+        self._operators = {}
         return super()._apply(fn, recurse)
 
     def patch_distances(
@@ -92,20 +115,45 @@ class AnomalyScorer(nn.Module):
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (anomaly maps (B, H, W) at input size, image scores (B,))."""
-        b, _, h, w = embeddings.shape
         queries, dist, idx = self.patch_distances(embeddings, banned)
+        return self._maps_and_scores(embeddings.shape, queries, dist, idx)
+
+    def score_excluding(
+        self, embeddings: torch.Tensor, own: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``forward``, but batch item i never finds the bank rows ``own[i]`` (leave-one-out
+        scores of a whole batch in one exact search, the same as one ``banned`` call each)."""
+        b, d, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+        index = self.index if isinstance(self.index, TorchKnn) else TorchKnn(self.bank)
+        dist, idx = index.search(queries, self.config.k, exclude=GroupExclusion(h * w, own))
+        return self._maps_and_scores(embeddings.shape, queries, dist, idx)
+
+    def _maps_and_scores(
+        self, shape: torch.Size, queries: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = shape
         patch_scores = dist.mean(dim=1).reshape(b, h, w)
         maps = self.to_input_maps(patch_scores)
         scores = self.reduce(maps, patch_scores, queries.reshape(b, h * w, -1), idx)
         return maps, scores
 
+    def map_operators(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_h (H, h), A_w (W, w)) with maps = A_h @ patch_scores @ A_w.T (cached per grid)."""
+        key = (h, w, self.blur_kernel.device)
+        if key not in self._operators:
+            kernel = self.blur_kernel.detach().cpu()
+            mode = blur_mode(self.input_size, kernel)
+            rows = axis_operator(h, self.input_size[0], kernel, mode)
+            cols = axis_operator(w, self.input_size[1], kernel, mode)
+            device = self.blur_kernel.device
+            self._operators[key] = (rows.float().to(device), cols.float().to(device))
+        return self._operators[key]
+
     def to_input_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        maps = F.interpolate(
-            patch_scores[:, None], size=self.input_size, mode="bilinear", align_corners=False
-        )[:, 0]
-        if self.blur_kernel.numel() > 1:
-            maps = gaussian_blur(maps, self.blur_kernel)
-        return maps
+        """Patch scores (B, h, w) -> maps (B, H, W): bilinear upsampling, then the blur."""
+        rows, cols = self.map_operators(patch_scores.shape[1], patch_scores.shape[2])
+        return rows @ (patch_scores.float() @ cols.T)
 
     def reduce(
         self,
