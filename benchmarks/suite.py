@@ -85,7 +85,49 @@ def run_category(
         for name, v in result.to_dict().get("per_defect", {}).items()
     }
     row["selection"] = detector.info.get("selection", {}).get("chosen")
+    if shots is not None:
+        row["calibration"] = detector.calibration.method
+        row["thresholds"] = calibration_check(detector, train, result.records)
     return row
+
+
+def calibration_check(detector: Any, train: list[Path], records: list[Any]) -> dict[str, Any]:
+    """Recall and false-alarm rate on the test split at the threshold of each few-shot
+    calibration: the fit's own, 'views' (jittered training views scored against the same
+    bank; the bank does not depend on the calibration) and, from one image, 'halves'."""
+    import numpy as np
+
+    from defectscope.data.io import load_image
+    from defectscope.detector.calibration import calibrate
+    from defectscope.detector.few_shot import jittered_views
+
+    config = detector.config
+    preprocessor = detector.preprocessor
+    scores = []
+    for i, path in enumerate(train):
+        batch = preprocessor([load_image(path)])
+        views = torch.cat(jittered_views(batch, config.few_shot.calibration_views, i))
+        scores.append(detector.score_batch(views)[1].float().cpu().numpy())
+    good = np.concatenate(scores)
+    rate = config.calibration.false_alarm_rate
+    thresholds = {
+        detector.calibration.method: detector.threshold,
+        "views": calibrate(good, good, rate, "views").threshold,
+    }
+    selection = detector.describe().get("selection") or {}
+    halves = selection.get("few_shot", {}).get("halves_scores")
+    if halves:
+        thresholds["halves"] = calibrate(np.array(halves), np.array(halves), rate, "h").threshold
+    out: dict[str, Any] = {}
+    for name, threshold in thresholds.items():
+        bad = [r.score >= threshold for r in records if r.label]
+        alarms = [r.score >= threshold for r in records if not r.label]
+        out[name] = {
+            "threshold": round(float(threshold), 4),
+            "recall": round(sum(bad) / max(1, len(bad)), 4),
+            "false_alarm_rate": round(sum(alarms) / max(1, len(alarms)), 4),
+        }
+    return out
 
 
 def shots_main(roots: dict[str, Path], shots: list[int], args: argparse.Namespace) -> None:
@@ -100,11 +142,22 @@ def shots_main(roots: dict[str, Path], shots: list[int], args: argparse.Namespac
                 if values:
                     summary[key] = round(sum(values) / len(values), 4)
                     summary[key + "_range"] = [min(values), max(values)]
+            methods = {m for r in runs for m in r.get("thresholds", {})}
+            summary["calibrations"] = {
+                m: {
+                    key: round(sum(r["thresholds"][m][key] for r in runs) / len(runs), 4)
+                    for key in ("recall", "false_alarm_rate")
+                }
+                for m in sorted(methods)
+                if all(m in r.get("thresholds", {}) for r in runs)
+            }
+            summary["views_chosen"] = [r.get("selection") for r in runs]
             out[f"{name}@{k}"] = {"runs": runs, **summary}
             print(
                 f"{name:10s} {k}-shot image {summary.get('image_auroc')} "
                 f"{summary.get('image_auroc_range')} pixel {summary.get('pixel_auroc')} "
-                f"recall {summary.get('recall')} fa {summary.get('false_alarm_rate')}",
+                f"recall {summary.get('recall')} fa {summary.get('false_alarm_rate')} "
+                f"{summary['views_chosen']} {summary['calibrations']}",
                 flush=True,
             )
     if args.json:

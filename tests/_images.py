@@ -14,6 +14,9 @@ FAST_CONFIG = {
     "coreset": {"ratio": 0.25},
     "batch_size": 8,
     "device": "cpu",
+    # Tests fit a dozen images: the plain fit, unless a test asks for the few-shot one
+    # (tests/test_few_shot.py), which compares view sets first and takes longer.
+    "few_shot": {"enabled": False},
 }
 
 

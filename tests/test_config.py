@@ -297,6 +297,7 @@ def test_to_dict_is_plain_json_types() -> None:
         "calibration",
         "fit",
         "auto",
+        "few_shot",
         "device",
         "batch_size",
         "half_precision",

@@ -80,9 +80,9 @@ def scores(detector: Detector, images: list[np.ndarray]) -> np.ndarray:
 
 def test_staged_fit_by_hand_equals_fit(one_pass: Detector) -> None:
     detector = Detector(FAST_CONFIG)
-    plan = FitPlan.create(len(TRAIN), detector.config)
+    detector.prepare(TRAIN)  # geometry, auto mode or few-shot views, as fit() settles them first
+    plan = FitPlan.create(len(TRAIN), detector.config, detector.selection)
     assert plan.chunks() == [(0, 10)] and plan.single_chunk
-    detector.prepare(TRAIN)  # geometry and auto mode, as fit() settles them first
     shard = detector.extract_shard(TRAIN, plan, 0)
     # Shards travel to and from workers: they must survive pickling.
     shard = pickle.loads(pickle.dumps(shard))
@@ -269,6 +269,6 @@ def test_max_size_caps_the_bank() -> None:
 
 def test_plan_refuses_what_cannot_be_calibrated() -> None:
     with pytest.raises(DefectscopeError, match="at least 2 good images"):
-        FitPlan.create(1, DetectorConfig())
+        FitPlan.create(1, DetectorConfig.from_dict({"few_shot": {"enabled": False}}))
     with pytest.raises(DefectscopeError, match="at least one good image"):
         FitPlan.create(0, DetectorConfig())

@@ -208,6 +208,61 @@ class AutoConfig(_Section):
     seed: int = 0
 
 
+class FewShotConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Fit sets of fewer than auto.min_images images the few-shot way: a bank of "
+        "every patch (up to bank_size), flipped/rotated views where synthetic defects show they "
+        "help (see defectscope.detector.few_shot), and thresholds that work from one image.",
+    )
+    augmentation: Literal["auto", "none", "flips", "rot90", "rot45", "rot30"] = Field(
+        "auto",
+        description="Views of each training image in the bank: 'auto' compares 'none' with "
+        "`candidates` on synthetic defects; 'flips' = mirror images and 180 degrees; 'rot90', "
+        "'rot45', 'rot30' = rotations in those steps (square inputs only).",
+    )
+    candidates: list[Literal["flips", "rot90", "rot45", "rot30"]] = Field(
+        ["flips", "rot90", "rot45"],
+        description="View sets compared with 'none' in order: each must beat the one kept so "
+        "far by `margin`.",
+    )
+    margin: float = Field(
+        0.02,
+        ge=0.0,
+        le=0.5,
+        description="Objective (mean of synthetic image and pixel AUROC) a view set must gain "
+        "over the one kept so far: more views also make defects easier to explain away.",
+    )
+    bank_size: int = Field(
+        16384,
+        ge=1,
+        description="Few-shot banks keep every patch up to this many rows, whatever "
+        "coreset.ratio and coreset.max_size say (a 2 % coreset of one image is 20 patches).",
+    )
+    calibration: Literal["auto", "leave_one_out", "views", "halves"] = Field(
+        "auto",
+        description="'leave_one_out' scores each image against the bank without any of its "
+        "views (needs 2 images); 'views' scores jittered views that are not in the bank; "
+        "'halves' (one image) scores each half of the image against the views of the rest "
+        "of it; 'auto' = leave_one_out from loo_min_images images, halves below.",
+    )
+    loo_min_images: int = Field(
+        2, ge=2, description="With 'auto' calibration: leave-one-out from this many images."
+    )
+    calibration_views: int = Field(
+        8, ge=1, le=64, description="Jittered views per training image for 'views' calibration."
+    )
+    folds: int = Field(
+        4,
+        ge=1,
+        le=19,
+        description="Held-out images for the choice of views (each one scored against the "
+        "others' views; with one image, its four halves against the rest of it).",
+    )
+    defects_per_image: int = Field(6, ge=1, le=20)
+    seed: int = 0
+
+
 class DetectorConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -216,6 +271,7 @@ class DetectorConfig(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
     auto: AutoConfig = Field(default_factory=AutoConfig)
+    few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     batch_size: int = Field(16, ge=1, le=1024)
     half_precision: bool = Field(False, description="fp16 backbone on CUDA.")

@@ -219,6 +219,8 @@ class Detector:
         plan = FitPlan.create(len(images), self.config)
         start = time.perf_counter()
         self.prepare(images, progress)
+        # A few-shot fit's views and calibration are settled by prepare.
+        plan = FitPlan.create(len(images), self.config, self._selection)
         with ShardStore.from_config(self.config.fit) as store:
             shards = [
                 store.keep(

@@ -48,6 +48,7 @@ import torch
 from defectscope.config import CoresetConfig, DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import LoadedImage, iter_loaded
+from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.parts import FeatureParts
@@ -68,6 +69,9 @@ class FitPlan:
 
     ``holdout``: images kept out of the bank (holdout calibration), ascending.
     ``calibration``: images whose out-of-sample scores set the thresholds, ascending.
+    Few-shot fits (`defectscope.detector.few_shot`): ``views`` of each bank image in the bank,
+    ``calibration_views`` jittered views per calibration image ('views' calibration) and
+    ``min_bank``, rows up to which the bank keeps every patch (0: the coreset config decides).
     """
 
     n_images: int
@@ -76,6 +80,9 @@ class FitPlan:
     holdout: list[int]
     calibration: list[int]
     seed: int = 0
+    views: tuple[str, ...] = ("id",)
+    calibration_views: int = 0
+    min_bank: int = 0
     _holdout_set: frozenset[int] = field(init=False, repr=False, compare=False)
     _calibration_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
@@ -84,15 +91,22 @@ class FitPlan:
         self._calibration_set = frozenset(self.calibration)
 
     @classmethod
-    def create(cls, n_images: int, config: DetectorConfig) -> FitPlan:
-        """The plan for ``n_images`` training images under ``config`` (deterministic)."""
+    def create(
+        cls, n_images: int, config: DetectorConfig, selection: SelectionResult | None = None
+    ) -> FitPlan:
+        """The plan for ``n_images`` training images under ``config`` (deterministic); a
+        few-shot ``selection`` sets the views and the calibration."""
         if n_images < 1:
             raise DefectscopeError("fit needs at least one good image")
         cal = config.calibration
-        if cal.method == "leave_one_out" and n_images < 2:
-            raise DefectscopeError("leave-one-out calibration needs at least 2 good images")
+        few = selection.few_shot if selection is not None else {}
+        method = few.get("calibration", cal.method)
+        if method == "leave_one_out" and n_images < 2 and not few_shot.applies(config, n_images):
+            raise DefectscopeError(
+                "leave-one-out calibration needs at least 2 good images (or few_shot.enabled)"
+            )
         holdout: list[int] = []
-        if cal.method == "holdout":
+        if method == "holdout":
             n_holdout = max(1, round(cal.holdout_fraction * n_images))
             if n_holdout >= n_images:
                 raise DefectscopeError(
@@ -101,7 +115,9 @@ class FitPlan:
             # The same split as the one-pass fit of before: seeded by coreset.seed.
             generator = torch.Generator().manual_seed(config.coreset.seed)
             holdout = sorted(torch.randperm(n_images, generator=generator)[:n_holdout].tolist())
-        pool = holdout if cal.method == "holdout" else list(range(n_images))
+        pool = holdout if method == "holdout" else list(range(n_images))
+        if method == "halves":
+            pool = []  # scored by the few-shot selection, which split the image
         if len(pool) > cal.max_images:
             generator = torch.Generator().manual_seed(config.coreset.seed + 1)
             picks = torch.randperm(len(pool), generator=generator)[: cal.max_images]
@@ -109,10 +125,13 @@ class FitPlan:
         return cls(
             n_images=n_images,
             chunk_images=config.fit.chunk_images,
-            method=cal.method,
+            method=method,
             holdout=holdout,
             calibration=pool,
             seed=config.coreset.seed,
+            views=tuple(few.get("views", ("id",))),
+            calibration_views=int(few["calibration_views"]) if method == "views" else 0,
+            min_bank=int(few.get("bank_size", 0)),
         )
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -193,15 +212,23 @@ def extract_shard(
             hashes.extend(batch.hashes)
             pooled.append(pool_embeddings(embeddings))
             rows = [r for r, i in enumerate(batch_ids) if plan.in_calibration(i)]
-            if rows:
+            if rows and plan.calibration_views:
+                for r in rows:
+                    image_id = batch_ids[r]
+                    seen = few_shot.jittered_embeddings(parts, _inputs(batch)[r], plan, image_id)
+                    calibration_ids.extend([image_id] * len(seen))
+                    calibration_parts.append(seen)
+            elif rows:
                 calibration_ids.extend(batch_ids[r] for r in rows)
                 calibration_parts.append(embeddings[rows].cpu())
             rows = [r for r, i in enumerate(batch_ids) if plan.in_bank(i)]
             if rows:
-                patches = embeddings[rows].flatten(2).permute(0, 2, 1)
-                bank_parts.append(patches.reshape(-1, embeddings.shape[1]).cpu())
+                # Every view of an image is owned by it: leave-one-out bans them together.
                 owners = torch.tensor([batch_ids[r] for r in rows], dtype=torch.long)
-                owner_parts.append(owners.repeat_interleave(grid[0] * grid[1]))
+                inputs = _inputs(batch)[rows] if len(plan.views) > 1 else None
+                for seen in few_shot.view_embeddings(parts, embeddings[rows], inputs, plan.views):
+                    bank_parts.append(seen.flatten(2).permute(0, 2, 1).reshape(-1, seen.shape[1]))
+                    owner_parts.append(owners.repeat_interleave(grid[0] * grid[1]))
         done += len(batch.items)
         if progress:
             progress("features", offset + done, plan.n_images)
@@ -250,6 +277,13 @@ class EmbeddedBatch:
     good: list[int]
     embeddings: torch.Tensor | None
     hashes: list[str]
+    inputs: torch.Tensor | None = None  # the preprocessed images (None for prepared maps)
+
+
+def _inputs(batch: EmbeddedBatch) -> torch.Tensor:
+    if batch.inputs is None:
+        raise DefectscopeError("a few-shot fit needs the images, not auto mode's prepared maps")
+    return batch.inputs
 
 
 def embedded_batches(
@@ -280,11 +314,13 @@ def embedded_batches(
     for batch in iter_loaded(images, size):
         good = [k for k, item in enumerate(batch) if item.image is not None]
         arrays = [image for item in batch if (image := item.image) is not None]
+        inputs = parts.preprocessor(arrays) if arrays else None
         yield EmbeddedBatch(
             batch,
             good,
-            parts.embed(parts.preprocessor(arrays)) if arrays else None,
+            parts.embed(inputs) if inputs is not None else None,
             [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays],
+            inputs,
         )
 
 
@@ -298,8 +334,8 @@ def shard_quota(
     """
     if plan.single_chunk or config.coreset.method == "none" or n_patches == 0:
         return n_patches
-    planned_patches = plan.n_bank_images * grid[0] * grid[1]
-    target = bank_target(planned_patches, config.coreset)
+    planned_patches = plan.n_bank_images * len(plan.views) * grid[0] * grid[1]
+    target = max(bank_target(planned_patches, config.coreset), min(planned_patches, plan.min_bank))
     share = target * n_patches / max(1, planned_patches)
     return min(n_patches, max(1, math.ceil(config.fit.oversample * share)))
 
@@ -347,7 +383,7 @@ def fit_from_shards(
     owners = torch.cat([s.candidate_owners for s in shards])
     n_patches = sum(s.n_patches for s in shards)
     report = (lambda d, t: progress("coreset", d, t)) if progress else None
-    target = bank_target(n_patches, config.coreset)
+    target = max(bank_target(n_patches, config.coreset), min(n_patches, plan.min_bank))
     chosen = select_coreset(candidates, config.coreset, report, n_select=target)
     bank = candidates[chosen].contiguous()
     bank_owner = owners[chosen.cpu()]
@@ -359,9 +395,16 @@ def fit_from_shards(
     scorer = AnomalyScorer(bank, config.scoring, config.features.input_size).to(device)
 
     t0 = time.perf_counter()
-    good_scores, good_maxima = calibration_scores(
-        scorer, config.batch_size, shards, bank_owner, plan, progress
-    )
+    if plan.method == "halves":
+        halves = (selection.few_shot if selection is not None else {}).get("halves_scores")
+        if not halves:
+            raise DefectscopeError("'halves' calibration needs the few-shot selection's scores")
+        # Image scores are map maxima inside each half: one list serves both thresholds.
+        good_scores = good_maxima = np.asarray(halves, dtype=np.float64)
+    else:
+        good_scores, good_maxima = calibration_scores(
+            scorer, config.batch_size, shards, bank_owner, plan, progress
+        )
     calibration = calibrate(
         good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
     )

@@ -80,6 +80,8 @@ class SelectionResult:
     n_defects: int = 0
     defect_kinds: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # A few-shot fit's views and calibration (`defectscope.detector.few_shot`); empty otherwise.
+    few_shot: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,7 +201,10 @@ def select_configuration(
     """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to ``config``.
     Returns what was measured (for the model's metadata) and the backbone maps of the images
     it embedded, by index, for the fit to reuse. ``progress("auto", done, total)`` counts
-    embedded images, then candidates."""
+    embedded images, then candidates. A set of fewer than ``auto.min_images`` gets the
+    few-shot choice instead (`defectscope.detector.few_shot`: views and calibration)."""
+    from defectscope.detector import few_shot  # imports this module
+
     start = time.perf_counter()
     auto = config.auto
     rng = np.random.default_rng(auto.seed)
@@ -208,6 +213,10 @@ def select_configuration(
     if config.features.aspect == "auto":
         probe = [probe_size(images[int(i)]) for i in order[: auto.size_probe_images]]
         geometry = resolve_geometry([s for s in probe if s], config, input_multiple(backbone))
+    if few_shot.applies(config, len(images)):
+        return few_shot.select_views(backbone, config, device, images, geometry, progress), (
+            PreparedMaps()
+        )
     if not auto.enabled:
         return SelectionResult(
             None, "auto mode off: configuration as given", geometry=geometry

@@ -85,6 +85,8 @@ def fit_with_ray(
     plan = FitPlan.create(len(paths), detector.config)
     # Geometry and auto mode are settled here, so that every worker gets the same config.
     detector.prepare(paths, progress, keep_maps=False)
+    # A few-shot fit's views and calibration come from prepare.
+    plan = FitPlan.create(len(paths), detector.config, detector.selection)
     chunks = plan.chunks()
     if workers is None:
         workers = max(1, int(cluster_cpus(ray) // cpus_per_worker))
