@@ -39,6 +39,13 @@ def iter_loaded(
         except ImageLoadError as exc:
             return LoadedImage(index, name, None, exc)
 
+    if all(isinstance(source, np.ndarray) for source in sources):
+        # Already decoded (e.g. by the server): checking and converting an array costs less
+        # than handing it to a thread.
+        for start in range(0, len(sources), batch_size):
+            indices = range(start, min(start + batch_size, len(sources)))
+            yield [load((index, sources[index])) for index in indices]
+        return
     pending: deque[Future[LoadedImage]] = deque()
     remaining = iter(enumerate(sources))
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -39,7 +39,10 @@ class Prediction:
             "label": self.label,
             "threshold": float(self.threshold),
             "pixel_threshold": float(self.pixel_threshold),
-            "defect_area_fraction": float(self.mask.mean()) if self.mask.size else 0.0,
+            # A count, not mask.mean(): the same number without a float copy of the mask.
+            "defect_area_fraction": (
+                np.count_nonzero(self.mask) / self.mask.size if self.mask.size else 0.0
+            ),
             "height": int(self.anomaly_map.shape[0]),
             "width": int(self.anomaly_map.shape[1]),
         }

@@ -1,6 +1,8 @@
 """What routes receive through ``Depends``: the state, settings, detector, log and query values.
 
 Going through dependencies (never module globals) lets tests and other deployments swap them.
+They are coroutines because they never block: FastAPI runs a plain ``def`` dependency in the
+thread pool, a thread hop per dependency on every request.
 """
 
 from __future__ import annotations
@@ -18,21 +20,21 @@ from defectscope.serving.settings import ServingSettings
 from defectscope.serving.state import ServingState
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
-def get_settings(state: Annotated[ServingState, Depends(get_state)]) -> ServingSettings:
+async def get_settings(state: Annotated[ServingState, Depends(get_state)]) -> ServingSettings:
     return state.settings
 
 
-def get_detector(state: Annotated[ServingState, Depends(get_state)]) -> Detector:
+async def get_detector(state: Annotated[ServingState, Depends(get_state)]) -> Detector:
     detector = state.ready_detector()  # HTTP 503 until the model is loaded
     state.follow_model_file()  # may update this detector's thresholds
     return detector
 
 
-def get_log_repository(
+async def get_log_repository(
     state: Annotated[ServingState, Depends(get_state)],
 ) -> PredictionLogRepository:
     if state.repository is None:
@@ -40,7 +42,7 @@ def get_log_repository(
     return state.repository
 
 
-def render_flags(
+async def render_flags(
     threshold: Annotated[
         float | None, Query(description="Override the image threshold.", allow_inf_nan=False)
     ] = None,
@@ -66,7 +68,7 @@ Since = Annotated[UtcDatetime | None, Query(description="ISO 8601; naive means U
 Until = Annotated[UtcDatetime | None, Query(description="ISO 8601, exclusive.")]
 
 
-def log_query(
+async def log_query(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
     since: Since = None,
