@@ -102,9 +102,9 @@ def run_benchmark(
         },
         "fit": {
             "wall_s": round(fit_wall, 2),
-            **detector.info["timings"],
-            "bank_size": detector.info["bank_size"],
-            "n_patches": detector.info["training"]["n_patches"],
+            **detector.info.timings,
+            "bank_size": detector.info.bank_size,
+            "n_patches": detector.info.training.n_patches,
         },
         "predict_batch1": lat1,
         "predict_batch16": lat16,

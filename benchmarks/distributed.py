@@ -97,7 +97,7 @@ def run_benchmark(
         "n_test": len(test),
         "workers": workers,
         "chunk_images": chunk,
-        "n_chunks": distributed.info["training"]["n_chunks"],
+        "n_chunks": distributed.info.training.n_chunks,
         "overrides": overrides,
         "order": "ray first" if ray_first else "local first",
         "local_fit_s": round(local_s, 2),
@@ -119,7 +119,7 @@ def run_benchmark(
                 )
             ),
         },
-        "timings": {"local": local.info["timings"], "ray": distributed.info["timings"]},
+        "timings": {"local": local.info.timings, "ray": distributed.info.timings},
     }
 
 

@@ -66,8 +66,8 @@ def main() -> None:
         state["cuda"] = detector
         return {
             "wall_s": round(wall, 3),
-            **detector.info["timings"],
-            "bank": detector.info["bank_size"],
+            **detector.info.timings,
+            "bank": detector.info.bank_size,
         }
 
     def evaluate_cuda() -> dict:

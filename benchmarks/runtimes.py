@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from defectscope import Detector
-from defectscope.export import OnnxDetector, OpenVinoDetector, export_onnx, export_openvino
+from defectscope.export import export_onnx, export_openvino, load_exported
 from defectscope.export.runtime import default_threads
 
 BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
@@ -71,7 +71,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="defectscope-bench-"))
     onnx_path = export_onnx(detector, work / "model.onnx")
     onnx16_path = export_onnx(detector, work / "model_fp16.onnx", precision="fp16")
-    runtimes: dict[str, Detector] = {"torch": detector, "onnxruntime": OnnxDetector.load(onnx_path)}
+    runtimes: dict[str, Detector] = {"torch": detector, "onnxruntime": load_exported(onnx_path)}
     sizes = {
         "safetensors (bank only)": detector.save(work / "torch").stat().st_size,
         "onnx fp32": onnx_path.stat().st_size,
@@ -79,7 +79,7 @@ def main() -> int:
     }
     try:
         xml = export_openvino(detector, work / "model.xml")
-        runtimes["openvino"] = OpenVinoDetector.load(xml)
+        runtimes["openvino"] = load_exported(xml, "openvino")
         sizes["openvino IR fp32"] = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
     except Exception as exc:  # openvino missing or failing must not lose the other numbers
         print(f"openvino skipped: {exc}", file=sys.stderr)

@@ -84,7 +84,7 @@ def run_category(
         name: {k: _finite(v.get(k)) for k in ("image_auroc", "pixel_auroc")}
         for name, v in result.to_dict().get("per_defect", {}).items()
     }
-    row["selection"] = detector.info.get("selection", {}).get("chosen")
+    row["selection"] = (detector.info.selection or {}).get("chosen")
     if shots is not None:
         row["calibration"] = detector.calibration.method
         row["thresholds"] = calibration_check(detector, train, result.records)

@@ -54,4 +54,4 @@ def test_saved_model_reproduces_scores(detector: Detector, subset: Dataset, tmp_
     a = [p.score for p in detector.predict(paths)]
     b = [p.score for p in loaded.predict(paths)]
     np.testing.assert_allclose(a, b, rtol=1e-6)
-    assert loaded.describe()["training"]["fingerprint"] == detector.info["training"]["fingerprint"]
+    assert loaded.describe()["training"]["fingerprint"] == detector.info.training.fingerprint

@@ -68,7 +68,7 @@ def test_holdout_calibration_uses_held_out_images() -> None:
     config = {**FAST_CONFIG, "calibration": {"method": "holdout", "holdout_fraction": 0.25}}
     detector = Detector(config).fit(texture_crops(12))
     assert len(detector.calibration.good_scores) == 3
-    assert detector.info["training"]["n_in_bank"] == 9
+    assert detector.info.training.n_in_bank == 9
 
 
 def test_save_load_roundtrip_gives_identical_predictions(fitted: Detector, tmp_path) -> None:
@@ -99,7 +99,7 @@ def test_fit_is_reproducible() -> None:
     images = texture_crops(8)
     a = Detector(FAST_CONFIG).fit(images)
     b = Detector(FAST_CONFIG).fit(list(reversed(images)))
-    assert a.info["training"]["fingerprint"] == b.info["training"]["fingerprint"]
+    assert a.info.training.fingerprint == b.info.training.fingerprint
     c = Detector(FAST_CONFIG).fit(images)
     np.testing.assert_array_equal(a.memory_bank.numpy(), c.memory_bank.numpy())
 
@@ -141,8 +141,8 @@ def test_fit_skips_bad_images_when_asked(tmp_path) -> None:
         Detector(FAST_CONFIG).fit(images)
     with pytest.warns(UserWarning, match="bad.jpg"):
         detector = Detector(FAST_CONFIG).fit(images, on_error="skip")
-    assert detector.info["training"]["n_images"] == 6
-    assert detector.info["training"]["skipped"][0]["source"].endswith("bad.jpg")
+    assert detector.info.training.n_images == 6
+    assert detector.info.training.skipped[0]["source"].endswith("bad.jpg")
 
 
 def test_unfitted_and_empty_inputs_fail_clearly() -> None:

@@ -113,20 +113,20 @@ def test_ray_fit_matches_local_fit(cluster, images, local_model) -> None:
         warnings.simplefilter("ignore")
         distributed = fit_with_ray(CONFIG, images["train"], workers=2, on_error="skip")
 
-    assert distributed.info["training"]["engine"] == {"name": "ray", "workers": 2}
-    assert distributed.info["training"]["n_chunks"] == 4
+    assert distributed.info.training.engine == {"name": "ray", "workers": 2}
+    assert distributed.info.training.n_chunks == 4
     assert distributed.memory_bank.shape == local.memory_bank.shape
     difference = (distributed.memory_bank - local.memory_bank).abs().max().item()
     assert difference <= BANK_ATOL, difference
     assert relative(distributed.threshold, local.threshold) <= REL_TOL
     assert relative(distributed.pixel_threshold, local.pixel_threshold) <= REL_TOL
     for key in ("n_images", "n_patches", "n_candidates", "fingerprint", "examples", "skipped"):
-        assert distributed.info["training"][key] == local.info["training"][key], key
+        assert getattr(distributed.info.training, key) == getattr(local.info.training, key), key
     # The unreadable image is named by its path on the driver, as in a local fit.
-    assert distributed.info["training"]["skipped"][0]["source"].endswith("05_broken.png")
+    assert distributed.info.training.skipped[0]["source"].endswith("05_broken.png")
     # Drift reference: same statistics (its sample is stored in float16).
-    ours = ReferenceStats.from_dict(distributed.info["reference"])
-    theirs = ReferenceStats.from_dict(local.info["reference"])
+    ours = ReferenceStats.from_dict(distributed.info.reference)
+    theirs = ReferenceStats.from_dict(local.info.reference)
     assert ours.n_images == theirs.n_images and ours.sample.shape == theirs.sample.shape
     np.testing.assert_allclose(ours.mean, theirs.mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ours.var, theirs.var, rtol=1e-3, atol=1e-7)

@@ -104,7 +104,8 @@ def test_python_reference_renders_the_public_classes(site: Path) -> None:
         "Detector",
         "DetectorConfig",
         "load_detector",
-        "OnnxDetector",
+        "load_exported",
+        "ExportedGraph",
         "DriftDetector",
         "DefectscopeClient",
     ):

@@ -164,10 +164,10 @@ def fast_detector() -> Detector:
 
 
 def test_fit_stores_reference_that_survives_save_and_load(fast_detector, tmp_path) -> None:
-    ref = fast_detector.info["reference"]
+    ref = fast_detector.info.reference
     assert ref["n_images"] == 12 and ref["dim"] == fast_detector.describe()["feature_dim"]
     loaded = Detector.load(fast_detector.save(tmp_path / "m"))
-    assert loaded.info["reference"] == json.loads(json.dumps(ref))
+    assert loaded.info.reference == json.loads(json.dumps(ref))
     # New images pooled by the public method match what fit stored for the same images.
     pooled, scores = loaded.pooled_embeddings(texture_crops(12, seed=0))
     np.testing.assert_allclose(pooled.mean(0), ref["mean"], rtol=1e-3, atol=1e-5)
@@ -178,13 +178,13 @@ def test_fit_stores_reference_that_survives_save_and_load(fast_detector, tmp_pat
 
 
 def test_model_without_reference_is_refused(fast_detector) -> None:
-    info = fast_detector.info
+    reference = fast_detector.info.reference
     try:
-        fast_detector.info = {k: v for k, v in info.items() if k != "reference"}
+        fast_detector.info.reference = None
         with pytest.raises(MissingReferenceError, match="refit"):
             DriftDetector.from_detector(fast_detector)
     finally:
-        fast_detector.info = info
+        fast_detector.info.reference = reference
 
 
 # ------------------------------------------------------------------------------ real data
@@ -264,7 +264,7 @@ def test_drift_cli_report_and_errors(fast_detector, tmp_path) -> None:
 
     # A model file written before drift monitoring existed: one clear line, exit status 2.
     old = Detector.load(model)
-    old.info.pop("reference")
+    old.info.reference = None
     old.save(tmp_path / "old")
     proc = subprocess.run(
         [

@@ -68,7 +68,7 @@ def test_drift_verdicts_errors_and_gauges(client) -> None:
 
 def test_model_without_reference_is_409(texture_model_dir, tmp_path) -> None:
     detector = Detector.load(texture_model_dir)
-    detector.info.pop("reference")
+    detector.info.reference = None
     app = create_app(settings_for(texture_model_dir, tmp_path), detector=detector)
     with TestClient(app, raise_server_exceptions=False) as c:
         wait_ready(c.get)

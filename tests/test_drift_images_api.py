@@ -72,7 +72,7 @@ def test_bad_windows_are_clear_4xx(client) -> None:
 
 def test_model_without_reference_is_409(texture_model_dir, tmp_path) -> None:
     detector = Detector.load(texture_model_dir)
-    detector.info.pop("reference")
+    detector.info.reference = None
     app = create_app(
         settings_for(texture_model_dir, tmp_path, max_batch_images=16), detector=detector
     )

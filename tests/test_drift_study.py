@@ -66,7 +66,7 @@ def test_study_refuses_unknown_shift_and_old_models(model: Path, data: Path, tmp
     detector = Detector.load(model)
     with pytest.raises(DefectscopeError, match="unknown shift"):
         run_drift_study(detector, open_dataset(data), tmp_path, shifts=["fog"])
-    detector.info.pop("reference")
+    detector.info.reference = None
     with pytest.raises(DefectscopeError, match="no drift reference"):
         run_drift_study(detector, open_dataset(data), tmp_path, shifts=["noise"])
     assert set(SHIFT_NAMES) == {

@@ -26,8 +26,10 @@ from defectscope.errors import ConfigError, ModelFileError, NotFittedError
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from defectscope.export import OnnxDetector, export_onnx  # noqa: E402
+from defectscope.detector.engine import TorchEngine  # noqa: E402
+from defectscope.export import export_onnx, load_exported  # noqa: E402
 from defectscope.export.onnx import ONNX_FORMAT_NAME  # noqa: E402
+from defectscope.export.runtime import ExportedGraph, exported_metadata  # noqa: E402
 
 # The parity contract of issue 4.
 SCORE_RTOL = 1e-4
@@ -88,7 +90,7 @@ def test_export_is_valid_onnx_with_our_metadata(onnx_file: Path, fitted: Detecto
 
 
 def test_onnx_predictions_match_torch(onnx_file: Path, fitted: Detector, images) -> None:
-    runtime = OnnxDetector.load(onnx_file)
+    runtime = load_exported(onnx_file)
     reference = fitted.predict(images)
     got = runtime.predict(images, batch_size=4)
     assert_parity(reference, got)
@@ -100,11 +102,12 @@ def test_onnx_predictions_match_torch(onnx_file: Path, fitted: Detector, images)
 
 
 def test_graph_outputs_and_dynamic_batch(onnx_file: Path, fitted: Detector, images) -> None:
-    runtime = OnnxDetector.load(onnx_file)
+    runtime = load_exported(onnx_file)
     tensor = fitted.preprocessor(images[:3])
     ref_maps, ref_scores = fitted.score_batch(tensor)
     for n in (1, 3):
-        maps, scores, normalized = runtime.run_graph(tensor[:n].numpy())
+        assert isinstance(runtime.engine, ExportedGraph)
+        maps, scores, normalized = runtime.engine.run_graph(tensor[:n].numpy())
         assert maps.shape == (n, 128, 128) and scores.shape == (n,)
         np.testing.assert_allclose(scores, ref_scores[:n].numpy(), rtol=SCORE_RTOL)
         np.testing.assert_allclose(maps, ref_maps[:n].numpy(), atol=MAP_ATOL)
@@ -122,8 +125,9 @@ def test_other_scoring_rules_export(
     # Same bank, other rules: the scorer alone changes, no refit needed.
     detector = copy.copy(fitted)
     config = fitted.config.scoring.model_copy(update=scoring)
-    detector.scorer = AnomalyScorer(fitted.scorer.bank, config, fitted.scorer.input_size)
-    runtime = OnnxDetector.load(export_onnx(detector, tmp_path / "m.onnx"))
+    scorer = AnomalyScorer(fitted.scorer.bank, config, fitted.scorer.input_size)
+    detector.engine = TorchEngine(fitted.feature_parts(), scorer)
+    runtime = load_exported(export_onnx(detector, tmp_path / "m.onnx"))
     tensor = detector.preprocessor(images)
     ref_maps, ref_scores = detector.score_batch(tensor)
     maps, scores = runtime.score_batch(tensor)
@@ -133,12 +137,12 @@ def test_other_scoring_rules_export(
 
 @pytest.mark.skipif(not has_openvino(), reason="openvino is not installed")
 def test_openvino_matches_torch(onnx_file: Path, fitted: Detector, images, tmp_path) -> None:
-    from defectscope.export import OpenVinoDetector, export_openvino
+    from defectscope.export import export_openvino
 
     reference = fitted.predict(images)
     # From the ONNX file directly, and from an exported OpenVINO IR.
     for source in (onnx_file, export_openvino(fitted, tmp_path / "model.xml")):
-        runtime = OpenVinoDetector.load(source)
+        runtime = load_exported(source, "openvino")
         assert_parity(reference, runtime.predict(images, batch_size=4))
         maps, scores = runtime.score_batch(fitted.preprocessor(images[:1]))
         assert scores.shape == (1,)
@@ -157,15 +161,15 @@ def has_nncf() -> bool:
 def test_openvino_int8_keeps_ranking_and_reports_its_score_shift(
     fitted: Detector, images, tmp_path: Path
 ) -> None:
-    from defectscope.export import OpenVinoDetector, export_openvino
+    from defectscope.export import export_openvino
 
     with pytest.raises(ConfigError, match="calibration images"):
         export_openvino(fitted, tmp_path / "none.xml", precision="int8")
     path = export_openvino(
         fitted, tmp_path / "int8.xml", precision="int8", calibration_images=texture_crops(8)
     )
-    runtime = OpenVinoDetector.load(path)
-    check = runtime.meta["export"]["int8_check"]
+    runtime = load_exported(path, "openvino")
+    check = exported_metadata(path, "openvino")["export"]["int8_check"]
     assert check["n_images"] == 8 and check["max_rel_score_change"] >= 0.0
     reference = fitted.predict(images)
     got = runtime.predict(images)
@@ -182,7 +186,7 @@ def test_fp16_export_is_smaller_and_keeps_clear_decisions(
     onnx.checker.check_model(onnx.load(str(half)))
     assert half.stat().st_size < 0.6 * onnx_file.stat().st_size
     reference = fitted.predict(images)
-    got = OnnxDetector.load(half).predict(images)
+    got = load_exported(half).predict(images)
     for ref, pred in zip(reference, got, strict=True):
         assert abs(pred.score - ref.score) <= FP16_SCORE_RTOL * ref.score
         assert np.abs(pred.anomaly_map - ref.anomaly_map).max() <= FP16_MAP_ATOL
@@ -194,17 +198,17 @@ def test_bad_inputs_give_clear_errors(onnx_file: Path, fitted: Detector, tmp_pat
     with pytest.raises(NotFittedError):
         export_onnx(Detector(FAST_CONFIG), tmp_path / "x.onnx")
     with pytest.raises(ModelFileError, match="not found"):
-        OnnxDetector.load(tmp_path / "missing.onnx")
+        load_exported(tmp_path / "missing.onnx")
     with pytest.raises(ModelFileError, match=r"no model\.onnx"):
-        OnnxDetector.load(tmp_path)
+        load_exported(tmp_path)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(ModelFileError, match="not a loadable ONNX"):
-        OnnxDetector.load(junk)
+        load_exported(junk)
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(onnx_file.read_bytes()[:100_000])
     with pytest.raises(ModelFileError):
-        OnnxDetector.load(truncated)
+        load_exported(truncated)
     foreign = tmp_path / "foreign.onnx"
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["y"])],
@@ -214,17 +218,15 @@ def test_bad_inputs_give_clear_errors(onnx_file: Path, fitted: Detector, tmp_pat
     )
     onnx.save_model(onnx.helper.make_model(graph), str(foreign))
     with pytest.raises(ModelFileError, match="not a defectscope export"):
-        OnnxDetector.load(foreign)
-    runtime = OnnxDetector.load(onnx_file)
+        load_exported(foreign)
+    runtime = load_exported(onnx_file)
     with pytest.raises(ConfigError, match=r"\(batch, 3, 128, 128\)"):
         runtime.score_batch(torch.zeros(1, 3, 96, 96))
     if has_openvino():
-        from defectscope.export import OpenVinoDetector
-
         with pytest.raises(ModelFileError):
-            OpenVinoDetector.load(junk)
+            load_exported(junk, "openvino")
         with pytest.raises(ModelFileError, match="not a defectscope export"):
-            OpenVinoDetector.load(foreign)
+            load_exported(foreign, "openvino")
 
 
 @pytest.mark.needs_shared
@@ -243,11 +245,9 @@ def test_bottle_default_model_parity(bottle_root: Path, tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)))
     queries = arrays[len(train) :]
     reference = detector.predict(queries)
-    assert_parity(reference, OnnxDetector.load(path).predict(queries))
+    assert_parity(reference, load_exported(path).predict(queries))
     if has_openvino():
-        from defectscope.export import OpenVinoDetector
-
-        assert_parity(reference, OpenVinoDetector.load(path).predict(queries))
+        assert_parity(reference, load_exported(path, "openvino").predict(queries))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

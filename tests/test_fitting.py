@@ -91,29 +91,29 @@ def test_staged_fit_by_hand_equals_fit(one_pass: Detector) -> None:
     assert detector.threshold == one_pass.threshold
     assert detector.pixel_threshold == one_pass.pixel_threshold
     assert detector.calibration.good_scores == one_pass.calibration.good_scores
-    assert detector.info["reference"] == one_pass.info["reference"]
-    assert detector.info["training"]["fingerprint"] == one_pass.info["training"]["fingerprint"]
+    assert detector.info.reference == one_pass.info.reference
+    assert detector.info.training.fingerprint == one_pass.info.training.fingerprint
 
 
 def test_single_chunk_keeps_every_patch_as_candidate(one_pass: Detector) -> None:
-    training = one_pass.info["training"]
-    assert training["n_chunks"] == 1
-    assert training["n_candidates"] == training["n_patches"] == 10 * 16 * 16
-    assert one_pass.info["bank_size"] == 640  # ratio 0.25 of all patches, as before
+    training = one_pass.info.training
+    assert training.n_chunks == 1
+    assert training.n_candidates == training.n_patches == 10 * 16 * 16
+    assert one_pass.info.bank_size == 640  # ratio 0.25 of all patches, as before
 
 
 # ---------------------------------------------------------------------------------- chunks
 
 
 def test_chunked_fit_thins_per_chunk_and_keeps_the_bank_size(chunked: Detector) -> None:
-    training = chunked.info["training"]
-    assert training["n_chunks"] == 4
-    assert training["n_patches"] == 2560
+    training = chunked.info.training
+    assert training.n_chunks == 4
+    assert training.n_patches == 2560
     # Each chunk keeps oversample (2) x its share of the 640-row bank: 1280 candidates.
-    assert 640 < training["n_candidates"] <= 1280 + 4
-    assert chunked.info["bank_size"] == 640
-    assert training["n_calibration"] == 10
-    assert set(chunked.info["timings"]) >= {"features_s", "coreset_s", "calibration_s"}
+    assert 640 < training.n_candidates <= 1280 + 4
+    assert chunked.info.bank_size == 640
+    assert training.n_calibration == 10
+    assert set(chunked.info.timings) >= {"features_s", "coreset_s", "calibration_s"}
 
 
 def test_chunked_fit_scores_close_to_one_pass(one_pass: Detector, chunked: Detector) -> None:
@@ -241,8 +241,8 @@ def test_plan_holdout_sample_comes_from_held_out_images() -> None:
 def test_fit_calibrates_on_the_sample_only() -> None:
     detector = Detector(config(calibration={"max_images": 4}, fit={"chunk_images": 4})).fit(TRAIN)
     assert len(detector.calibration.good_scores) == 4
-    assert detector.info["training"]["n_calibration"] == 4
-    assert detector.info["training"]["n_images"] == 10
+    assert detector.info.training.n_calibration == 4
+    assert detector.info.training.n_images == 10
 
 
 @pytest.mark.parametrize(
@@ -263,8 +263,8 @@ def test_bad_fit_settings_are_config_errors(sections: dict, field: str) -> None:
 
 def test_max_size_caps_the_bank() -> None:
     detector = Detector(config(coreset={"max_size": 100}, fit={"chunk_images": 5})).fit(TRAIN)
-    assert detector.info["bank_size"] == 100
-    assert detector.info["training"]["n_candidates"] <= 2 * 100 + 2
+    assert detector.info.bank_size == 100
+    assert detector.info.training.n_candidates <= 2 * 100 + 2
 
 
 def test_plan_refuses_what_cannot_be_calibrated() -> None:

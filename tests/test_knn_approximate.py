@@ -121,7 +121,7 @@ def test_model_with_approximate_index_keeps_exact_calibration_and_scores_close(
 
 def test_onnx_export_of_an_approximate_model_searches_exactly(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from defectscope.export import OnnxDetector, export_onnx
+    from defectscope.export import export_onnx, load_exported
 
     cfg = copy.deepcopy(FAST_CONFIG)
     cfg["scoring"] = {"knn_backend": "faiss_ivfpq"}
@@ -129,8 +129,7 @@ def test_onnx_export_of_an_approximate_model_searches_exactly(tmp_path) -> None:
     images = [*texture_crops(3, seed=5), with_defect(texture_crops(1, seed=6)[0])[0]]
     approximate = [p.score for p in detector.predict(images)]
     exported = [
-        p.score
-        for p in OnnxDetector.load(export_onnx(detector, tmp_path / "m.onnx")).predict(images)
+        p.score for p in load_exported(export_onnx(detector, tmp_path / "m.onnx")).predict(images)
     ]
     detector.scorer.config = detector.scorer.config.model_copy(update={"knn_backend": "torch"})
     detector.scorer._index = None

@@ -89,7 +89,7 @@ def test_saved_model_loads_and_scores_the_same(fitted: Detector, saved: Path) ->
     assert loaded.threshold == fitted.threshold
     assert loaded.pixel_threshold == fitted.pixel_threshold
     assert loaded.config == fitted.config
-    assert loaded.info["defectscope_version"] == __version__
+    assert loaded.info.defectscope_version == __version__
     image = texture_crops(1, seed=42)[0]
     (a,) = fitted.predict(image)
     (b,) = loaded.predict(image)
@@ -110,7 +110,7 @@ def test_compatible_patch_version_loads(saved: Path, tmp_path: Path) -> None:
         tmp_path / "patch",
         lambda m: m.update(defectscope_version=f"{major}.{minor}.99"),
     )
-    assert Detector.load(path).info["defectscope_version"] == f"{major}.{minor}.99"
+    assert Detector.load(path).info.defectscope_version == f"{major}.{minor}.99"
 
 
 # ------------------------------------------------------------------- refusals

@@ -142,17 +142,17 @@ def test_a_candidate_that_separates_synthetic_defects_beats_a_blind_one(monkeypa
 def test_the_choice_is_applied_and_recorded_in_the_saved_model(tmp_path: Path) -> None:
     images = texture_crops(16, seed=5)
     detector = Detector(AUTO_CONFIG).fit(images)
-    chosen = detector.info["selection"]["chosen"]
+    chosen = detector.info.selection["chosen"]
     assert chosen in ("raw", "l2")
     expected = {"raw": "none", "l2": "l2"}[chosen]
     assert detector.config.features.normalize == expected
     assert detector.features.normalize == expected
-    assert detector.info["timings"]["selection_s"] > 0
+    assert detector.info.timings["selection_s"] > 0
     detector.save(tmp_path)
     loaded = Detector.load(tmp_path)
     assert loaded.config.features.normalize == expected
-    assert loaded.info["selection"]["chosen"] == chosen
-    assert [r["name"] for r in loaded.info["selection"]["candidates"]] == ["raw", "l2"]
+    assert loaded.info.selection["chosen"] == chosen
+    assert [r["name"] for r in loaded.info.selection["candidates"]] == ["raw", "l2"]
     # The loaded model scores exactly as the fitted one.
     a, b = detector.predict(images[:2]), loaded.predict(images[:2])
     assert [p.score for p in a] == pytest.approx([p.score for p in b], rel=1e-5)
@@ -236,7 +236,7 @@ def test_fit_reuses_the_backbone_pass_of_auto_mode(monkeypatch) -> None:
     images = texture_crops(16, seed=8)
     config = {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "bank_images": 400}}
     detector = Detector(config).fit(images)
-    selection_info = detector.info["selection"]
+    selection_info = detector.info.selection
     extra = selection_info["n_holdout_images"] + selection_info["n_defects"]
     # Every training image once, plus the held-out images and their synthetic defects.
     assert sum(seen) == len(images) + extra
@@ -287,7 +287,7 @@ def test_maps_come_back_at_each_images_size_and_a_defect_lights_up_where_it_is(
     config = {**FAST_CONFIG, "auto": {"enabled": False}}
     detector = Detector(config).fit(_strip_crops(train_shapes, seed=1))
     assert detector.config.features.aspect == expected_aspect
-    assert detector.info["selection"]["geometry"]["aspect"] == expected_aspect
+    assert detector.info.selection["geometry"]["aspect"] == expected_aspect
     if expected_aspect == "stretch":
         height, width = detector.config.features.input_size
         assert width / height >= 3  # the images' 4:1, not a 1:1 squeeze

@@ -189,7 +189,7 @@ def test_broken_artefact_store_after_the_fit_warns_and_keeps_the_model(
     assert "could not log artefacts" in caplog.text
     (found,) = runs_of(uri, "broken")
     assert found.info.status == "FINISHED"
-    assert found.data.metrics["bank_size"] == detector.info["bank_size"]  # the rest is recorded
+    assert found.data.metrics["bank_size"] == detector.info.bank_size  # the rest is recorded
     assert found.data.params["detector.coreset.ratio"] == "0.25"
 
 

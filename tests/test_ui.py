@@ -329,7 +329,7 @@ def test_drift_page_window_too_small_then_a_verdict(ui_env) -> None:
 
 def test_drift_page_without_reference(model_dir, tmp_path, monkeypatch) -> None:
     detector = Detector.load(model_dir)
-    detector.info.pop("reference")
+    detector.info.reference = None
     settings = ServingSettings(model_path=None, prediction_log_url=f"sqlite:///{tmp_path}/l.db")
     with running_server(settings, detector) as (url, _):
         monkeypatch.setenv("DEFECTSCOPE_API_URL", url)

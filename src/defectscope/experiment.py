@@ -190,7 +190,7 @@ def run_experiment(
     summary = result.to_dict()
     log_evaluation(tracking, summary, run_dir / "report")
     summary["overrides"] = experiment.overrides
-    summary["fit_timings"] = detector.info["timings"]
+    summary["fit_timings"] = detector.info.timings
     summary["run_dir"] = str(run_dir)
     return summary
 

@@ -295,14 +295,14 @@ def log_fit(
             "defectscope.model": str(model_path),
         }
     )
-    training = info.get("training", {})
-    run.log_metrics({f"fit_{key}": value for key, value in info.get("timings", {}).items()})
+    training = info.training
+    run.log_metrics({f"fit_{key}": value for key, value in info.timings.items()})
     run.log_metrics(
         {
-            "bank_size": info.get("bank_size"),
-            "n_train_images": training.get("n_images"),
-            "n_train_patches": training.get("n_patches"),
-            "n_skipped_images": len(training.get("skipped") or []),
+            "bank_size": info.bank_size,
+            "n_train_images": training.n_images,
+            "n_train_patches": training.n_patches,
+            "n_skipped_images": len(training.skipped),
             "threshold": detector.threshold,
             "pixel_threshold": detector.pixel_threshold,
         }

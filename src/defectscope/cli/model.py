@@ -145,13 +145,11 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
     """The fitted model's file, backbone, bank, thresholds and timings as a table on stdout."""
     assert detector.features is not None  # fitted: the features are built
     info = detector.info
-    timings = info["timings"]
+    timings = info.timings
     table = Table(title="Model", show_header=False)
     table.add_row("file", str(path))
     table.add_row("backbone", detector.features.backbone.name)
-    table.add_row(
-        "memory bank", f"{info['bank_size']:,} of {info['training']['n_patches']:,} patches"
-    )
+    table.add_row("memory bank", f"{info.bank_size:,} of {info.training.n_patches:,} patches")
     table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
     table.add_row(
         "fit time",
@@ -160,13 +158,13 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
         + f"features {timings['features_s']:.1f}, coreset {timings['coreset_s']:.1f}, "
         f"calibration {timings['calibration_s']:.1f})",
     )
-    selection = info.get("selection") or {}
+    selection = info.selection or {}
     if selection:
         table.add_row("configuration", selection["reason"])
         if selection.get("geometry", {}).get("reason"):
             table.add_row("geometry", selection["geometry"]["reason"])
-    if info["training"]["skipped"]:
-        table.add_row("skipped", f"{len(info['training']['skipped'])} unreadable images")
+    if info.training.skipped:
+        table.add_row("skipped", f"{len(info.training.skipped)} unreadable images")
     out.print(table)
 
 
@@ -379,9 +377,9 @@ def export(
             images = found[:: max(1, len(found) // max_calibration)][:max_calibration]
         path = export_openvino(detector, out_file, precision=precision, calibration_images=images)
         if precision == "int8":
-            from defectscope.export.runtime import OpenVinoDetector
+            from defectscope.export.runtime import exported_metadata
 
-            check = OpenVinoDetector.load(path).meta["export"]["int8_check"]
+            check = exported_metadata(path, "openvino")["export"]["int8_check"]
             out.print(
                 f"INT8 check on {check['n_images']} calibration images: scores moved "
                 f"{100 * check['mean_rel_score_change']:.2f}% on average "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -20,16 +20,20 @@ from defectscope.config import DetectorConfig, FeatureConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration
+from defectscope.detector.engine import ScoringEngine, TorchEngine
+from defectscope.detector.fit_info import FitInfo
 from defectscope.detector.fitting import FitPlan, FitResult, extract_shard, fit_from_shards
 from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
 from defectscope.detector.parts import FeatureParts, input_multiple
 from defectscope.detector.prediction import Prediction
+from defectscope.detector.progress import ProgressFn
 from defectscope.detector.reference import pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.errors import (
     ConfigError,
+    DefectscopeError,
     ImageLoadError,
     ModelFileError,
     NotFittedError,
@@ -42,10 +46,6 @@ from defectscope.version import __version__
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-ProgressFn = Callable[[str, int, int], None]
-"""progress(stage, done, total): stages are 'auto', 'features', 'coreset', 'calibration',
-'predict'."""
 
 
 class PooledEmbeddings(NamedTuple):
@@ -73,9 +73,9 @@ class Detector:
         self.device = resolve_device(config.device)
         self.parts: FeatureParts | None = None
         self.preprocessor: Preprocessor | None = None
-        self.scorer: AnomalyScorer | None = None
+        self.engine: ScoringEngine | None = None
         self.calibration: Calibration | None = None
-        self.info: dict[str, Any] = {}
+        self.info = FitInfo()
         self._backbone_module: FeatureBackbone | None = None
         self._selection: SelectionResult | None = None
         self._prepared = PreparedMaps()
@@ -87,8 +87,19 @@ class Detector:
         return self.parts.features if self.parts is not None else None
 
     @property
+    def scorer(self) -> AnomalyScorer | None:
+        """The memory bank and its scoring rules (None before a fit, and for exported graphs,
+        which hold the bank inside)."""
+        return self.engine.scorer if isinstance(self.engine, TorchEngine) else None
+
+    @property
+    def runtime(self) -> str:
+        """What scores images: 'torch', or the runtime of an exported graph."""
+        return self.engine.runtime if self.engine is not None else "torch"
+
+    @property
     def is_fitted(self) -> bool:
-        return self.scorer is not None and self.calibration is not None
+        return self.engine is not None and self.calibration is not None
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -112,6 +123,8 @@ class Detector:
 
     @property
     def _fitted_scorer(self) -> AnomalyScorer:
+        if self.is_fitted and self.runtime != "torch":
+            raise DefectscopeError("the memory bank is embedded in the exported graph")
         return self._fitted(self.scorer)
 
     @property
@@ -154,6 +167,11 @@ class Detector:
 
     def feature_parts(self) -> FeatureParts:
         """The feature extractor and preprocessor, built from the config on first use."""
+        if self.runtime != "torch":
+            raise DefectscopeError(
+                "an exported model gives anomaly maps and scores, not embeddings: "
+                "fit, embed and save need the PyTorch model it was exported from"
+            )
         if self.parts is None:
             self.parts = FeatureParts.build(
                 self._backbone(), self.config.features, self.device, self.config.half_precision
@@ -236,7 +254,7 @@ class Detector:
             ]
             self.fit_from_shards(shards, plan, progress=progress)
         self._prepared = PreparedMaps()
-        self.info["timings"]["total_s"] = round(time.perf_counter() - start, 4)
+        self.info.timings["total_s"] = round(time.perf_counter() - start, 4)
         return self
 
     def extract_shard(
@@ -271,7 +289,7 @@ class Detector:
         return self
 
     def _keep(self, result: FitResult) -> None:
-        self.scorer = result.scorer
+        self.engine = TorchEngine(self.feature_parts(), result.scorer)
         self.calibration = result.calibration
         self.info = result.info
 
@@ -279,8 +297,7 @@ class Detector:
     @torch.inference_mode()
     def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised input (B, 3, H, W) -> (anomaly maps at input size, image scores)."""
-        scorer = self._fitted_scorer
-        return scorer(self.embed(batch))
+        return self._fitted(self.engine).score_batch(batch)
 
     @torch.inference_mode()
     def pooled_embeddings(
@@ -399,11 +416,14 @@ class Detector:
     # ------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:
         """Everything a person or an adapter needs to know about this model (JSON-able)."""
+        if self.runtime != "torch":
+            engine = self._fitted(self.engine)
+            return {**engine.describe(), "calibration": self._fitted_calibration.to_dict()}
         scorer, calibration = self._fitted_scorer, self._fitted_calibration
         features, preprocessor = self._fitted_features, self._fitted_preprocessor
         backbone = features.backbone
         return {
-            "defectscope_version": self.info.get("defectscope_version", __version__),
+            "defectscope_version": self.info.defectscope_version,
             "config": self.config.to_dict(),
             "backbone": {
                 "name": backbone.name,
@@ -417,7 +437,7 @@ class Detector:
             "feature_dim": int(scorer.bank.shape[1]),
             "grid_size": list(features.grid_size(preprocessor.input_size)),
             "calibration": calibration.to_dict(),
-            **{k: v for k, v in self.info.items() if k != "defectscope_version"},
+            **{k: v for k, v in self.info.to_dict().items() if k != "defectscope_version"},
         }
 
     def save(self, path: str | Path) -> Path | str:
@@ -450,27 +470,15 @@ class Detector:
                 f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
                 f"match the feature size {features.dim} of this configuration"
             )
-        detector.scorer = scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
-        scorer.to(detector.device)
+        scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
+        detector.engine = TorchEngine(detector.feature_parts(), scorer.to(detector.device))
         try:
             detector.calibration = Calibration.from_dict(meta["calibration"])
         except (KeyError, TypeError) as exc:
             raise ModelFileError(
                 f"{file}: calibration data is missing or invalid ({exc})"
             ) from None
-        detector.info = {
-            k: meta[k]
-            for k in (
-                "created_at",
-                "defectscope_version",
-                "training",
-                "bank_size",
-                "timings",
-                "reference",
-                "selection",
-            )
-            if k in meta
-        }
+        detector.info = FitInfo.from_metadata(meta)
         return detector
 
 

@@ -37,7 +37,7 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,15 +51,14 @@ from defectscope.data.loading import LoadedImage, iter_loaded
 from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
 from defectscope.detector.coreset import coreset_size, select_coreset
+from defectscope.detector.fit_info import FitInfo, TrainingInfo
 from defectscope.detector.parts import FeatureParts
+from defectscope.detector.progress import ProgressFn
 from defectscope.detector.reference import compute_reference, pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult
 from defectscope.detector.shards import FitShard, read_rows
 from defectscope.errors import DefectscopeError
-from defectscope.version import __version__
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -112,7 +111,7 @@ class FitPlan:
                 raise DefectscopeError(
                     f"holdout calibration needs more images: {n_images} given, {n_holdout} held out"
                 )
-            # The same split as the one-pass fit of before: seeded by coreset.seed.
+            # Seeded by coreset.seed, so a plan is reproducible from the config alone.
             generator = torch.Generator().manual_seed(config.coreset.seed)
             holdout = sorted(torch.randperm(n_images, generator=generator)[:n_holdout].tolist())
         pool = holdout if method == "holdout" else list(range(n_images))
@@ -348,7 +347,7 @@ class FitResult:
 
     scorer: AnomalyScorer
     calibration: Calibration
-    info: dict[str, Any]
+    info: FitInfo
 
 
 def fit_from_shards(
@@ -412,23 +411,21 @@ def fit_from_shards(
 
     hashes = [h for s in shards for h in s.hashes]
     names = [n for s in shards for n in s.names]
-    info: dict[str, Any] = {
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "defectscope_version": __version__,
-        "training": {
-            "n_images": n_images,
-            "n_in_bank": n_in_bank,
-            "n_patches": n_patches,
-            # Order-independent: the same set of images gives the same fingerprint.
-            "fingerprint": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()[:32],
-            "skipped": [entry for s in shards for entry in s.skipped],
-            "examples": [n for n in names[:5] if n],
-            "n_chunks": len(shards),
-            "n_candidates": n_candidates,
-            "n_calibration": int(good_scores.shape[0]),
-        },
-        "bank_size": int(bank.shape[0]),
-    }
+    info = FitInfo(
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        training=TrainingInfo(
+            n_images=n_images,
+            n_in_bank=n_in_bank,
+            n_patches=n_patches,
+            fingerprint=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()[:32],
+            skipped=[entry for s in shards for entry in s.skipped],
+            examples=[n for n in names[:5] if n],
+            n_chunks=len(shards),
+            n_candidates=n_candidates,
+            n_calibration=int(good_scores.shape[0]),
+        ),
+        bank_size=int(bank.shape[0]),
+    )
     t0 = time.perf_counter()
     pooled = np.concatenate([s.pooled for s in shards])
     reference = None
@@ -439,11 +436,10 @@ def fit_from_shards(
     timings["total_s"] = timings["features_s"] + timings["shard_coreset_s"]
     timings["total_s"] += time.perf_counter() - start
     if selection is not None:
-        info["selection"] = selection.to_dict()
+        info.selection = selection.to_dict()
         timings["selection_s"] = selection.seconds
-    info["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    if reference is not None:
-        info["reference"] = reference
+    info.timings = {k: round(v, 4) for k, v in timings.items()}
+    info.reference = reference
     return FitResult(scorer, calibration, info)
 
 

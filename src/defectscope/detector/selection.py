@@ -32,6 +32,7 @@ from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.parts import FeatureParts, input_multiple
+from defectscope.detector.progress import ProgressFn
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
@@ -196,7 +197,7 @@ def select_configuration(
     config: DetectorConfig,
     device: torch.device,
     images: Sequence[ImageInput],
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[SelectionResult, PreparedMaps]:
     """Resolve the geometry and, with ``auto.enabled``, apply the best candidate to ``config``.
     Returns what was measured (for the model's metadata) and the backbone maps of the images

@@ -149,8 +149,8 @@ def fit_with_ray(
             for actor in actors:
                 ray.kill(actor)
         detector.fit_from_shards(shards, plan, progress=progress)
-    detector.info["timings"]["total_s"] = round(time.perf_counter() - start, 4)
-    detector.info["training"]["engine"] = {"name": "ray", "workers": workers}
+    detector.info.timings["total_s"] = round(time.perf_counter() - start, 4)
+    detector.info.training.engine = {"name": "ray", "workers": workers}
     return detector
 
 

@@ -47,7 +47,6 @@ def load_detector(path: str | Path, runtime: str = "auto", device: str | None = 
     if runtime == "torch":
         return Detector.load(path, device=device)
     # Imported only here: the torch runtime must not need the export extra.
-    from defectscope.export.runtime import OnnxDetector, OpenVinoDetector
+    from defectscope.export.runtime import load_exported
 
-    exported = OnnxDetector if runtime == "onnx" else OpenVinoDetector
-    return exported.load(path, device=device)
+    return load_exported(path, runtime, device)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
@@ -52,6 +52,9 @@ from scipy.spatial.distance import pdist
 from sklearn.metrics.pairwise import rbf_kernel
 
 from defectscope.detector.reference import ReferenceStats
+
+if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
 from defectscope.errors import DefectscopeError, ModelFileError
 
 VERDICTS = ("ok", "warning", "drift")
@@ -243,10 +246,10 @@ class DriftDetector:
 
     @classmethod
     def from_detector(
-        cls, detector: Any, thresholds: DriftThresholds | None = None, seed: int = 0
+        cls, detector: Detector, thresholds: DriftThresholds | None = None, seed: int = 0
     ) -> DriftDetector:
         """From a fitted or loaded ``Detector``; a model without reference stats is refused."""
-        data = getattr(detector, "info", {}).get("reference")
+        data = detector.info.reference
         if not data:
             raise MissingReferenceError(
                 "this model has no drift reference statistics (it was saved by a defectscope "
@@ -257,6 +260,8 @@ class DriftDetector:
         except ModelFileError as exc:
             raise MissingReferenceError(str(exc)) from None
         calibration = detector.calibration
+        if calibration is None:
+            raise MissingReferenceError("the detector is not fitted: call fit() or load() first")
         return cls(
             reference,
             calibration.good_scores,

@@ -93,11 +93,10 @@ class DefectscopeService:
 
     @bentoml.api(route="/v1/health")
     def health(self) -> dict[str, Any]:
-        training = self.detector.info.get("training", {})
         return {
             "status": "ok" if self.detector.is_fitted else "not ready",
             "runtime": self.runtime,
             "model_path": self.model_path,
-            "model_fingerprint": str(training.get("fingerprint", ""))[:16],
+            "model_fingerprint": self.detector.info.training.fingerprint[:16],
             "defectscope_version": __version__,
         }

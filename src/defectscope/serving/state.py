@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from fastapi import HTTPException
 
-from defectscope import __version__
 from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import resolve_model_path
 from defectscope.detector.prediction import Prediction
@@ -140,11 +139,10 @@ class ServingState:
         self, detector: Detector, fingerprint: str | None = None, digest: str | None = None
     ) -> None:
         """Serve ``detector``; ``fingerprint`` is the model file's (default: the training's)."""
-        training = detector.info.get("training", {})
         if self.detector is not detector:
             self.bank_digest = digest or bank_digest(detector)
-        self.model_fingerprint = fingerprint or str(training.get("fingerprint", ""))[:16]
-        self.model_version = str(detector.info.get("defectscope_version", __version__))
+        self.model_fingerprint = fingerprint or detector.info.training.fingerprint[:16]
+        self.model_version = detector.info.defectscope_version
         self.detector = detector
         self.load_error = None
         # Labelled by the memory bank, not the file: a threshold save must not add a series

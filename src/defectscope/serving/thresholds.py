@@ -41,7 +41,7 @@ def file_fingerprint(path: str | Path) -> str:
 
 def bank_digest(detector: Detector) -> str | None:
     """The memory bank's checksum as the model file records it; None for exported runtimes."""
-    if getattr(detector, "runtime", "torch") != "torch":
+    if detector.runtime != "torch":
         return None
     return tensor_digest(detector.memory_bank)
 
@@ -55,7 +55,7 @@ def same_model(stored: dict[str, Any], digest: str | None) -> bool:
 def save_thresholds(state: ServingState, update: ThresholdUpdate) -> None:
     """Apply new thresholds and persist them to the served model file, or change nothing."""
     detector, path = state.ready_detector(), state.settings.model_path
-    runtime = getattr(detector, "runtime", "torch")
+    runtime = detector.runtime
     if runtime != "torch":
         raise RequestError(
             409,
@@ -110,7 +110,7 @@ def follow_model_file(state: ServingState) -> None:
         return
     state.model_checked_at = now
     detector = state.ready_detector()
-    if getattr(detector, "runtime", "torch") != "torch":
+    if detector.runtime != "torch":
         return
     try:
         file = resolve_model_path(path)
