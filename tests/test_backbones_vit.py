@@ -17,15 +17,15 @@ import torch
 
 from defectscope.config import BackboneConfig
 from defectscope.errors import BackboneError, ConfigError
-from defectscope.features import backbones
+from defectscope.features import backbones, checkpoints
 from defectscope.features.backbones import (
     META_ALIASES,
     FeatureBackbone,
     create_backbone,
     default_layers,
-    load_checkpoint_state,
     resolve_name,
 )
+from defectscope.features.checkpoints import load_checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_NAME = "fixtures/dinov3_meta_state_dict_shapes.json"
@@ -389,7 +389,7 @@ def test_dinov3_vitb16_meta_conversion() -> None:
     """ViT-B in memory: timm's filter after our preparation fits the _qkvb model strictly."""
     state = meta_dinov3_state("dinov3_vitb16", seed=1)
     model = timm.create_model(resolve_name("dinov3_vitb16"))
-    converted = backbones.convert_checkpoint(model, dict(state), "in-memory dinov3_vitb16")
+    converted = checkpoints.convert_checkpoint(model, dict(state), "in-memory dinov3_vitb16")
     own = model.state_dict()
     assert set(converted) == set(own)
     assert all(converted[k].shape == own[k].shape for k in own)

@@ -31,9 +31,8 @@ from defectscope.features.backbones import (
     FeatureBackbone,
     PackagedOnnxEncoder,
     _read_weights_file,
-    check_sha256,
-    load_checkpoint_state,
 )
+from defectscope.features.checkpoints import check_sha256, load_checkpoint_state
 
 # timm's arguments for vit_small_patch14_dinov2 (img_size 518: the 37 x 37 trained grid).
 VITS14_ARGS: dict[str, Any] = {
