@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from defectscope.data import augment as aug
-from defectscope.data.augment import Augmentation, Op, spec_from_options, write_augmented_dataset
+from defectscope.data.augment import Augmentation, Op, spec_from_options
+from defectscope.data.augmented_copy import write_augmented_dataset
 from defectscope.data.datasets import load_mask, open_dataset
 from defectscope.data.io import load_image
 from defectscope.data.synthetic import make_synthetic_dataset

@@ -115,7 +115,8 @@ def augment(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
 ) -> None:
     """Write an augmented copy of a dataset (same layout, masks moved with the image)."""
-    from defectscope.data.augment import spec_from_options, write_augmented_dataset
+    from defectscope.data.augment import spec_from_options
+    from defectscope.data.augmented_copy import write_augmented_dataset
 
     spec = spec_from_options(
         rotate=rotate,
