@@ -39,11 +39,13 @@ def run(root: Path) -> dict:
     dataset = open_dataset(root)
     detector = Detector({})
     choice = detector.prepare([s.path for s in dataset.train])
-    features, preprocessor = detector._build_features()
+    parts = detector.feature_parts()
+    features, preprocessor = parts.features, parts.preprocessor
     config = detector.config
-    train = _backbone_maps(detector, preprocessor, [load_image(s.path) for s in dataset.train])
+    size = config.batch_size
+    train = _backbone_maps(parts, size, [load_image(s.path) for s in dataset.train])
     images = [load_image(s.path) for s in dataset.test]
-    test = _backbone_maps(detector, preprocessor, images)
+    test = _backbone_maps(parts, size, images)
     labels = np.array([s.label for s in dataset.test])
     has_masks = all(s.mask_path is not None for s in dataset.test if s.label == 1)
     truths = (
