@@ -18,7 +18,7 @@ from defectscope.detector.few_shot import (
     calibration_method,
     view_origins,
 )
-from defectscope.detector.fitting import FitPlan
+from defectscope.detector.plan import FitPlan
 from defectscope.errors import ConfigError, DefectscopeError
 
 # Small and quick: one candidate view set, two folds.

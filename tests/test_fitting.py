@@ -15,7 +15,7 @@ from _images import FAST_CONFIG, texture_crops, with_defect
 
 import defectscope.detector.detector as detector_module
 from defectscope import Detector, DetectorConfig
-from defectscope.detector.fitting import FitPlan
+from defectscope.detector.plan import FitPlan
 from defectscope.detector.shards import FitShard, ShardStore, SpilledArray, read_rows
 from defectscope.errors import ConfigError, DefectscopeError
 

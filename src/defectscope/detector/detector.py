@@ -22,9 +22,15 @@ from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration
 from defectscope.detector.engine import ScoringEngine, TorchEngine
 from defectscope.detector.fit_info import FitInfo
-from defectscope.detector.fitting import FitPlan, FitResult, extract_shard, fit_from_shards
-from defectscope.detector.model_file import read_model_file, resolve_model_path, write_model_file
+from defectscope.detector.fitting import FitResult, extract_shard, fit_from_shards
+from defectscope.detector.model_file import (
+    config_from_metadata,
+    read_model_file,
+    resolve_model_path,
+    write_model_file,
+)
 from defectscope.detector.parts import FeatureParts, input_multiple
+from defectscope.detector.plan import FitPlan
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.progress import ProgressFn
 from defectscope.detector.reference import pool_embeddings
@@ -41,7 +47,6 @@ from defectscope.errors import (
 from defectscope.features.backbones import FeatureBackbone, create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
-from defectscope.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -480,31 +485,3 @@ class Detector:
             ) from None
         detector.info = FitInfo.from_metadata(meta)
         return detector
-
-
-def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
-    """The configuration stored in a model's metadata, after checking its version."""
-    _check_version(file, meta.get("defectscope_version", "0"))
-    try:
-        return DetectorConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
-
-
-def _check_version(file: Path, saved: str) -> None:
-    """Models are compatible within a major version (0.x: within a minor version)."""
-
-    def parts(version: str) -> tuple[int, int]:
-        try:
-            major, minor = (int(p) for p in version.split(".")[:2])
-        except ValueError:
-            return (-1, -1)
-        return major, minor
-
-    ours, theirs = parts(__version__), parts(saved)
-    compatible = ours[0] == theirs[0] and (ours[0] > 0 or ours[1] == theirs[1])
-    if not compatible:
-        raise ModelFileError(
-            f"{file}: written by defectscope {saved}, which is not compatible with this "
-            f"defectscope {__version__}; refit the model or use a matching version"
-        )

@@ -23,7 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defectscope import storage
-from defectscope.errors import ModelFileError
+from defectscope.config import DetectorConfig
+from defectscope.errors import ConfigError, ModelFileError
+from defectscope.version import __version__
 
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
@@ -255,3 +257,31 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise ModelFileError(f"{path}: tensor {name!r} is corrupt (checksum mismatch)")
     check_model_contents(path, tensors, meta)
     return tensors, meta
+
+
+def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
+    """The configuration stored in a model's metadata, after checking its version."""
+    _check_version(file, meta.get("defectscope_version", "0"))
+    try:
+        return DetectorConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
+
+
+def _check_version(file: Path, saved: str) -> None:
+    """Models are compatible within a major version (0.x: within a minor version)."""
+
+    def parts(version: str) -> tuple[int, int]:
+        try:
+            major, minor = (int(p) for p in version.split(".")[:2])
+        except ValueError:
+            return (-1, -1)
+        return major, minor
+
+    ours, theirs = parts(__version__), parts(saved)
+    compatible = ours[0] == theirs[0] and (ours[0] > 0 or ours[1] == theirs[1])
+    if not compatible:
+        raise ModelFileError(
+            f"{file}: written by defectscope {saved}, which is not compatible with this "
+            f"defectscope {__version__}; refit the model or use a matching version"
+        )

@@ -26,7 +26,7 @@ from typing import Any
 
 from defectscope.config import DetectorConfig
 from defectscope.detector.detector import Detector
-from defectscope.detector.fitting import FitPlan
+from defectscope.detector.plan import FitPlan
 from defectscope.detector.progress import ProgressFn
 from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.distributed.predict import check_data_access, read_source

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from defectscope.detector.calibration import Calibration
-from defectscope.detector.detector import Detector, config_from_metadata
+from defectscope.detector.detector import Detector
 from defectscope.detector.fit_info import FitInfo
+from defectscope.detector.model_file import config_from_metadata
 from defectscope.errors import ConfigError, ModelFileError
 from defectscope.export.onnx import (
     INPUT_NAME,
