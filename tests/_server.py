@@ -1,5 +1,5 @@
-"""Serving test helpers: in-process app settings and error checks, real `defectscope serve`
-processes and raw-socket clients (the abuse and hardening tests)."""
+"""Serving test helpers: in-process app settings and error checks, an in-process uvicorn server,
+real `defectscope serve` processes and raw-socket clients (the abuse and hardening tests)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import httpx
 from _images import free_port
 
 if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
     from defectscope.serving.settings import ServingSettings
 
 KEY = "s3cret-key"
@@ -63,6 +64,32 @@ def wait_ready(get: Any, timeout: float = 60.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the model did not load in time")
+
+
+@contextmanager
+def running_server(settings: ServingSettings, detector: Detector) -> Iterator[tuple[str, Any]]:
+    """A real uvicorn server on a free localhost port, in a background thread: (url, app)."""
+    import threading
+
+    import uvicorn
+
+    from defectscope.serving.app import create_app
+
+    app = create_app(settings, detector=detector)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise AssertionError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @dataclass

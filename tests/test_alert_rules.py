@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -14,10 +15,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-from _images import FAST_CONFIG, png, texture_crops  # noqa: E402
+from _images import png, texture_crops  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from defectscope.detector.detector import Detector  # noqa: E402
 from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
 
@@ -38,9 +38,9 @@ MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)")
 
 
 @pytest.fixture(scope="module")
-def exposed() -> dict[str, set[str]]:
+def exposed(fitted) -> dict[str, set[str]]:
     """Sample name -> label names, from a real /metrics after some real traffic."""
-    detector = Detector(FAST_CONFIG).fit(texture_crops(4, seed=0))
+    detector = copy.deepcopy(fitted)  # the app's own: the session's model stays as it is
     app = create_app(ServingSettings(model_path=None, prediction_log_url=None), detector=detector)
     with TestClient(app, raise_server_exceptions=False) as client:
         image = png(texture_crops(1, seed=5)[0])

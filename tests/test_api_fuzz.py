@@ -13,6 +13,7 @@ tested against real server processes in test_hardening_server.py and test_harden
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -21,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 schemathesis = pytest.importorskip("schemathesis")
 
-from _images import FAST_CONFIG, texture_crops  # noqa: E402
+from _images import texture_crops  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from PIL import Image  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
@@ -32,7 +33,6 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from defectscope.detector.detector import Detector  # noqa: E402
 from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
 
@@ -55,8 +55,8 @@ def image_png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    detector = Detector(FAST_CONFIG).fit(texture_crops(6, seed=0))
+def app(fitted, tmp_path_factory):
+    detector = copy.deepcopy(fitted)  # fuzzed writes must not reach the session's model
     log_dir = tmp_path_factory.mktemp("fuzz-log")
     app_settings = ServingSettings(
         model_path=None,

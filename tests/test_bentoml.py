@@ -20,7 +20,8 @@ pytest.importorskip(
 )
 httpx = pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
+from _images import free_port, png, texture_crops, with_defect  # noqa: E402
+from _models import copy_model  # noqa: E402
 
 from defectscope.detector.detector import Detector  # noqa: E402
 
@@ -28,11 +29,9 @@ START_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> tuple[Detector, Path]:
-    detector = Detector(FAST_CONFIG).fit(texture_crops(8, seed=0))
-    folder = tmp_path_factory.mktemp("bento_model")
-    detector.save(folder)
-    return detector, folder
+def detector(fitted, texture_model_dir, tmp_path_factory) -> tuple[Detector, Path]:
+    """The session's model, and a folder of this module's own holding its model file."""
+    return fitted, copy_model(texture_model_dir, tmp_path_factory.mktemp("bento_model"))
 
 
 @contextmanager
@@ -168,14 +167,10 @@ def test_model_and_health(server, detector):
     assert httpx.get(f"{server}/livez", timeout=10).status_code == 200
 
 
-def test_onnx_runtime_serves_the_same_scores(detector, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from defectscope.export import export_onnx
-
-    reference, _ = detector
-    exported = export_onnx(reference, tmp_path / "model.onnx")
+def test_onnx_runtime_serves_the_same_scores(detector, onnx_file, tmp_path):
+    reference, _ = detector  # onnx_file is its export
     image = texture_crops(1, seed=42)[0]
-    with bento_server(exported, "onnx", tmp_path) as url:
+    with bento_server(onnx_file, "onnx", tmp_path) as url:
         files = [("images", ("a.png", png(image), "image/png"))]
         response = httpx.post(f"{url}/v1/predict", files=files, timeout=60)
         assert response.status_code == 200, response.text

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,39 +19,20 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect  # noqa: E402
+from _images import free_port, png, texture_crops, with_defect  # noqa: E402
+from _server import running_server  # noqa: E402
 
 from defectscope.client import ClientError, DefectscopeClient  # noqa: E402
 from defectscope.detector.detector import Detector  # noqa: E402
-from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
 
 
-@contextmanager
-def running_server(settings: ServingSettings, detector: Detector) -> Iterator[tuple[str, object]]:
-    """A real uvicorn server on a free localhost port, in a background thread."""
-    app = create_app(settings, detector=detector)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise AssertionError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def detector() -> Detector:
-    return Detector(FAST_CONFIG).fit(texture_crops(8, seed=0))
+def detector(fitted) -> Detector:
+    """The served model: a copy of the session's, which what the servers do cannot reach."""
+    return copy.deepcopy(fitted)
 
 
 @pytest.fixture(scope="module")

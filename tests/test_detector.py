@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _images import FAST_CONFIG, texture_crops, with_defect
+from _models import FAST_TRAIN_SIZE, fast_train_images, with_scoring
 from PIL import Image
 
-from defectscope import Detector, DetectorConfig
+from defectscope import Detector
 from defectscope.errors import DefectscopeError, ImageLoadError, NotFittedError
 
-
-@pytest.fixture(scope="module")
-def fitted() -> Detector:
-    return Detector(FAST_CONFIG).fit(texture_crops(16))
+# `fitted` (conftest.py): Detector(FAST_CONFIG) fitted on fast_train_images(), once a session.
+# Tests here fit themselves only where the fit is what they test.
 
 
 def test_defect_scores_above_good_and_threshold(fitted: Detector) -> None:
@@ -57,11 +56,11 @@ def test_threshold_override_changes_decision_not_score(fitted: Detector) -> None
 
 def test_leave_one_out_calibration_is_out_of_sample(fitted: Detector) -> None:
     in_sample = Detector({**FAST_CONFIG, "calibration": {"method": "in_sample"}}).fit(
-        texture_crops(16)
+        fast_train_images()
     )
     # Scoring an image against a bank holding its own patches underestimates its score.
     assert np.median(fitted.calibration.good_scores) > np.median(in_sample.calibration.good_scores)
-    assert len(fitted.calibration.good_scores) == 16
+    assert len(fitted.calibration.good_scores) == FAST_TRAIN_SIZE
 
 
 def test_holdout_calibration_uses_held_out_images() -> None:
@@ -95,9 +94,9 @@ def test_set_thresholds_persist(fitted: Detector, tmp_path) -> None:
         detector.set_thresholds(image=float("nan"))
 
 
-def test_fit_is_reproducible() -> None:
-    images = texture_crops(8)
-    a = Detector(FAST_CONFIG).fit(images)
+def test_fit_is_reproducible(fitted: Detector) -> None:
+    images = fast_train_images()
+    a = fitted  # Detector(FAST_CONFIG).fit(images), earlier in this session
     b = Detector(FAST_CONFIG).fit(list(reversed(images)))
     assert a.info.training.fingerprint == b.info.training.fingerprint
     c = Detector(FAST_CONFIG).fit(images)
@@ -156,9 +155,10 @@ def test_unfitted_and_empty_inputs_fail_clearly() -> None:
 
 
 @pytest.mark.parametrize("reduction", ["max", "topk_mean", "patchcore"])
-def test_reductions_rank_defects_above_good(reduction: str) -> None:
-    config = DetectorConfig.from_dict({**FAST_CONFIG, "scoring": {"reduction": reduction, "k": 3}})
-    detector = Detector(config).fit(texture_crops(12))
+def test_reductions_rank_defects_above_good(fitted: Detector, reduction: str) -> None:
+    # The reduction and k only change scoring: the same memory bank, scored by other rules.
+    detector = with_scoring(fitted, reduction=reduction, k=3)
+    assert detector.scorer.config.reduction == reduction and detector.scorer.config.k == 3
     good = [p.score for p in detector.predict(texture_crops(4, seed=50))]
     bad = [
         p.score for p in detector.predict([with_defect(i)[0] for i in texture_crops(4, seed=51)])

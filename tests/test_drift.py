@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+from _images import texture_crops
+from _models import FAST_TRAIN_SIZE, fast_train_images
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,7 +37,6 @@ from defectscope.monitoring.drift import (
     mmd_test,
     psi,
 )
-from tests._images import FAST_CONFIG, texture_crops
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -158,33 +159,25 @@ def test_detector_rejects_bad_windows() -> None:
 
 
 # ----------------------------------------------------------------------- detector + model
-@pytest.fixture(scope="module")
-def fast_detector() -> Detector:
-    return Detector(FAST_CONFIG).fit(texture_crops(12, seed=0))
-
-
-def test_fit_stores_reference_that_survives_save_and_load(fast_detector, tmp_path) -> None:
-    ref = fast_detector.info.reference
-    assert ref["n_images"] == 12 and ref["dim"] == fast_detector.describe()["feature_dim"]
-    loaded = Detector.load(fast_detector.save(tmp_path / "m"))
+# `fitted` (conftest.py): the session's quick model, fitted on fast_train_images().
+def test_fit_stores_reference_that_survives_save_and_load(fitted, tmp_path) -> None:
+    ref = fitted.info.reference
+    assert ref["n_images"] == FAST_TRAIN_SIZE and ref["dim"] == fitted.describe()["feature_dim"]
+    loaded = Detector.load(fitted.save(tmp_path / "m"))
     assert loaded.info.reference == json.loads(json.dumps(ref))
     # New images pooled by the public method match what fit stored for the same images.
-    pooled, scores = loaded.pooled_embeddings(texture_crops(12, seed=0))
+    pooled, scores = loaded.pooled_embeddings(fast_train_images())
     np.testing.assert_allclose(pooled.mean(0), ref["mean"], rtol=1e-3, atol=1e-5)
-    assert scores.shape == (12,)
+    assert scores.shape == (FAST_TRAIN_SIZE,)
     np.testing.assert_allclose(
-        scores, [p.score for p in loaded.predict(texture_crops(12, seed=0))], rtol=1e-5
+        scores, [p.score for p in loaded.predict(fast_train_images())], rtol=1e-5
     )
 
 
-def test_model_without_reference_is_refused(fast_detector) -> None:
-    reference = fast_detector.info.reference
-    try:
-        fast_detector.info.reference = None
-        with pytest.raises(MissingReferenceError, match="refit"):
-            DriftDetector.from_detector(fast_detector)
-    finally:
-        fast_detector.info.reference = reference
+def test_model_without_reference_is_refused(fitted_copy) -> None:
+    fitted_copy.info.reference = None
+    with pytest.raises(MissingReferenceError, match="refit"):
+        DriftDetector.from_detector(fitted_copy)
 
 
 # ------------------------------------------------------------------------------ real data
@@ -239,9 +232,8 @@ def test_alarm_on_clearly_shifted_bottles(bottle, transform) -> None:
 
 
 # ------------------------------------------------------------------------------------- CLI
-def test_drift_cli_report_and_errors(fast_detector, tmp_path) -> None:
-    model = tmp_path / "model"
-    fast_detector.save(model)
+def test_drift_cli_report_and_errors(texture_model_dir, tmp_path) -> None:
+    model = texture_model_dir  # read-only here: the model without reference goes elsewhere
     images = tmp_path / "images"
     images.mkdir()
     for i, crop in enumerate(texture_crops(12, seed=7)):

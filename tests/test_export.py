@@ -6,7 +6,6 @@ texture crops at 128 px, and MVTec AD bottle at the default 256 px when ../share
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -17,19 +16,18 @@ import numpy as np
 import pytest
 import torch
 from _images import FAST_CONFIG, texture_crops, with_defect
+from _models import with_scoring
 from PIL import Image
 
 from defectscope import Detector
-from defectscope.detector.scoring import AnomalyScorer
 from defectscope.errors import ConfigError, ModelFileError, NotFittedError
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from defectscope.detector.engine import TorchEngine  # noqa: E402
 from defectscope.export import export_onnx, load_exported  # noqa: E402
+from defectscope.export.graph import ExportedGraph, exported_metadata  # noqa: E402
 from defectscope.export.onnx import ONNX_FORMAT_NAME  # noqa: E402
-from defectscope.export.runtime import ExportedGraph, exported_metadata  # noqa: E402
 
 # The parity contract of issue 4.
 SCORE_RTOL = 1e-4
@@ -47,11 +45,7 @@ def has_openvino() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def fitted() -> Detector:
-    return Detector(FAST_CONFIG).fit(texture_crops(10, seed=0))
-
-
+# `fitted` and its export `onnx_file`: the session's quick model (conftest.py).
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
     goods = texture_crops(3, seed=11)
@@ -59,11 +53,6 @@ def images() -> list[np.ndarray]:
     goods.append(texture_crops(1, size=160, seed=12)[0][:, :150])
     defects = [with_defect(img, seed=s)[0] for s, img in enumerate(texture_crops(3, seed=13))]
     return goods + defects
-
-
-@pytest.fixture(scope="module")
-def onnx_file(fitted: Detector, tmp_path_factory) -> Path:
-    return export_onnx(fitted, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def assert_parity(reference, candidate, score_rtol=SCORE_RTOL, map_atol=MAP_ATOL) -> None:
@@ -123,10 +112,7 @@ def test_other_scoring_rules_export(
     scoring: dict, fitted: Detector, images, tmp_path: Path
 ) -> None:
     # Same bank, other rules: the scorer alone changes, no refit needed.
-    detector = copy.copy(fitted)
-    config = fitted.config.scoring.model_copy(update=scoring)
-    scorer = AnomalyScorer(fitted.scorer.bank, config, fitted.scorer.input_size)
-    detector.engine = TorchEngine(fitted.feature_parts(), scorer)
+    detector = with_scoring(fitted, **scoring)
     runtime = load_exported(export_onnx(detector, tmp_path / "m.onnx"))
     tensor = detector.preprocessor(images)
     ref_maps, ref_scores = detector.score_batch(tensor)
@@ -263,10 +249,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_export_then_predict_with_onnx_runtime(
-    fitted: Detector, images, tmp_path: Path
+    fitted: Detector, texture_model_dir: Path, images, tmp_path: Path
 ) -> None:
-    model_dir = tmp_path / "model"
-    fitted.save(model_dir)
+    model_dir = texture_model_dir  # fitted, saved; the export goes to tmp_path
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for i, image in enumerate(images):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from _images import png, texture_crops
-from _models import rewritten_model
+from _models import copy_model, rewritten_model
 
 FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25"]
 
@@ -56,10 +55,7 @@ def good_images(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def model_copy(texture_model_dir, tmp_path) -> Path:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copy(texture_model_dir / "model.safetensors", folder)
-    return folder
+    return copy_model(texture_model_dir, tmp_path / "model")
 
 
 # --------------------------------------------------------------------------------- outputs

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ pytest.importorskip("psutil")
 httpx = pytest.importorskip("httpx")
 
 from _images import png, texture_crops  # noqa: E402
-from _models import rewritten_model  # noqa: E402
+from _models import copy_model, rewritten_model  # noqa: E402
 from _server import (  # noqa: E402
     AUTH,
     Server,
@@ -53,8 +52,7 @@ def server(texture_model_dir, tmp_path_factory) -> Iterator[Server]:
         "DEFECTSCOPE_BODY_TIMEOUT_S": "5",
     }
     # A copy: a regression that saved a threshold must not change the session's shared model.
-    model = tmp_path_factory.mktemp("abuse-model")
-    shutil.copy(texture_model_dir / "model.safetensors", model)
+    model = copy_model(texture_model_dir, tmp_path_factory.mktemp("abuse-model"))
     with served(model, env) as running:
         yield running
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import stat
 import time
 
@@ -18,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from _models import copy_model  # noqa: E402
 from _server import AUTH, served  # noqa: E402
 
 from defectscope.detector.model_file import read_header  # noqa: E402
@@ -26,10 +26,8 @@ ROUNDS = 8
 
 
 def test_concurrent_saves_on_two_workers_keep_every_field(texture_model_dir, tmp_path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
+    model = copy_model(texture_model_dir, tmp_path / "model")
     file = model / "model.safetensors"
-    shutil.copy(texture_model_dir / "model.safetensors", file)
     file.chmod(0o640)  # a mode the operator chose: a save must keep it
     env = {"DEFECTSCOPE_PREDICTION_LOG_URL": "none"}
     with served(model, env, workers=2) as server:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from _images import FAST_CONFIG, texture_crops, with_defect
+from _models import fast_train_images, with_scoring
 
 from defectscope import Detector, DetectorConfig
 from defectscope.config import ScoringConfig
@@ -97,14 +98,16 @@ def test_missing_faiss_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_model_with_approximate_index_keeps_exact_calibration_and_scores_close(
-    tmp_path,
+    fitted: Detector, tmp_path
 ) -> None:
+    exact = fitted  # FAST_CONFIG (exact search) on fast_train_images(), from conftest.py
     cfg = copy.deepcopy(FAST_CONFIG)
-    exact = Detector(cfg).fit(texture_crops(8))
     cfg["scoring"] = {"knn_backend": "faiss_hnsw"}
     approx = Detector(cfg)
-    approx.parts, approx.preprocessor = exact.parts, exact.preprocessor
-    approx.fit(texture_crops(8))
+    # The backbone already built, in a copy: this fit must not touch the session's model.
+    approx.parts = copy.deepcopy(exact.feature_parts())
+    approx.preprocessor = approx.parts.preprocessor
+    approx.fit(fast_train_images())
     # Leave-one-out calibration bans rows, which only exact search can: same thresholds.
     assert approx.threshold == pytest.approx(exact.threshold, rel=1e-6)
     assert torch.equal(approx.memory_bank, exact.memory_bank)
@@ -119,13 +122,12 @@ def test_model_with_approximate_index_keeps_exact_calibration_and_scores_close(
     assert isinstance(loaded.scorer.index, FaissKnn)
 
 
-def test_onnx_export_of_an_approximate_model_searches_exactly(tmp_path) -> None:
+def test_onnx_export_of_an_approximate_model_searches_exactly(fitted: Detector, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     from defectscope.export import export_onnx, load_exported
 
-    cfg = copy.deepcopy(FAST_CONFIG)
-    cfg["scoring"] = {"knn_backend": "faiss_ivfpq"}
-    detector = Detector(cfg).fit(texture_crops(8))
+    # The search backend only changes scoring: the session's model, searched by IVF-PQ.
+    detector = with_scoring(fitted, knn_backend="faiss_ivfpq")
     images = [*texture_crops(3, seed=5), with_defect(texture_crops(1, seed=6)[0])[0]]
     approximate = [p.score for p in detector.predict(images)]
     exported = [

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _images import FAST_CONFIG, texture_crops
+from _images import texture_crops
+from _models import FAST_TRAIN_SIZE
 
 import defectscope.detector.detector as detector_module
 from defectscope import Detector, __version__
@@ -24,14 +25,9 @@ from defectscope.errors import ModelFileError
 
 
 @pytest.fixture(scope="module")
-def fitted() -> Detector:
-    """The only real backbone of this module (built once)."""
-    return Detector(FAST_CONFIG).fit(texture_crops(6))
-
-
-@pytest.fixture(scope="module")
-def saved(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fitted.save(tmp_path_factory.mktemp("compat") / "good")
+def saved(texture_model_dir: Path) -> Path:
+    """The session's model file (conftest.py's `fitted`); read-only, edits go to copies."""
+    return texture_model_dir / MODEL_FILENAME
 
 
 @pytest.fixture(autouse=True)
@@ -231,5 +227,5 @@ def test_read_header_without_backbone_or_tensors(
     assert meta["bank_size"] == fitted.memory_bank.shape[0]
     assert meta["config"] == fitted.config.to_dict()
     assert meta["calibration"]["threshold"] == fitted.threshold
-    assert meta["training"]["n_images"] == 6
+    assert meta["training"]["n_images"] == FAST_TRAIN_SIZE
     assert set(meta["tensor_sha256"]) == {"memory_bank"}

@@ -12,7 +12,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, png, texture_crops, with_defect
+from _images import png, texture_crops, with_defect
+from _models import copy_model
 from _server import assert_json_error, settings_for, wait_ready
 from fastapi.testclient import TestClient
 
@@ -22,16 +23,10 @@ from defectscope.serving.app import create_app
 KEY = {"X-API-Key": "s3cret"}
 
 
-@pytest.fixture(scope="module")
-def fitted() -> Detector:
-    return Detector(FAST_CONFIG).fit(texture_crops(8, seed=0))
-
-
 @pytest.fixture
-def model_dir(fitted, tmp_path) -> Path:
+def model_dir(texture_model_dir, tmp_path) -> Path:
     # A fresh copy per test: these tests rewrite the model file.
-    fitted.save(tmp_path / "model")
-    return tmp_path / "model"
+    return copy_model(texture_model_dir, tmp_path / "model")
 
 
 def started(settings) -> TestClient:
@@ -116,15 +111,15 @@ def test_bad_thresholds_are_422_and_change_nothing(model_dir, tmp_path, body) ->
 
 
 def test_thresholds_that_cannot_be_persisted_are_409(
-    fitted, model_dir, tmp_path, monkeypatch
+    fitted_copy, model_dir, tmp_path, monkeypatch
 ) -> None:
     # No model file behind the served detector (embedded use): nothing to persist to.
-    app = create_app(settings_for(None, tmp_path), detector=fitted)
+    app = create_app(settings_for(None, tmp_path), detector=fitted_copy)
     with TestClient(app, raise_server_exceptions=False) as c:
         wait_ready(c.get)
         detail = assert_json_error(c.put("/v1/model/thresholds", json={"image": 1.0}), 409)
         assert "no model file" in detail["detail"]
-        assert fitted.threshold != 1.0
+        assert fitted_copy.threshold != 1.0
 
     # The file cannot be written (a full disk; root ignores permissions, so simulate the write
     # error): the live thresholds stay as they were, so memory and file never disagree.
@@ -142,12 +137,8 @@ def test_thresholds_that_cannot_be_persisted_are_409(
         assert c.get("/v1/model").json()["calibration"]["threshold"] == threshold
 
 
-def test_exported_model_thresholds_are_409(fitted, tmp_path) -> None:
-    pytest.importorskip("onnxruntime")
-    from defectscope.export.onnx import export_onnx
-
-    path = export_onnx(fitted, tmp_path / "model.onnx")
-    settings = settings_for(path, tmp_path, runtime="onnx")
+def test_exported_model_thresholds_are_409(onnx_file, tmp_path) -> None:
+    settings = settings_for(onnx_file, tmp_path, runtime="onnx")
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         wait_ready(c.get)
         detail = assert_json_error(c.put("/v1/model/thresholds", json={"image": 1.0}), 409)

@@ -273,18 +273,17 @@ def test_postgresql_url_is_used_as_given(postgres_url):
 
 
 # --------------------------------------------------------------------------- end to end
-def test_app_logs_predictions_to_the_database(db_url, tmp_path, monkeypatch):
+def test_app_logs_predictions_to_the_database(db_url, fitted_copy, tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    from _images import FAST_CONFIG, texture_crops
+    from _images import texture_crops
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from defectscope.detector.detector import Detector
     from defectscope.serving.app import create_app
     from defectscope.serving.settings import ServingSettings
 
-    detector = Detector(FAST_CONFIG).fit(texture_crops(6, seed=0))
+    detector = fitted_copy
     buffer = io.BytesIO()
     Image.fromarray(texture_crops(1, seed=5)[0]).save(buffer, format="PNG")
     data = buffer.getvalue()

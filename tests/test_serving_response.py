@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
-from _images import FAST_CONFIG, png, texture_crops, with_defect
+from _images import png, texture_crops, with_defect
 from _server import settings_for, wait_ready
 from fastapi.testclient import TestClient
 
@@ -41,11 +41,9 @@ FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    detector = Detector({**FAST_CONFIG, "auto": {"enabled": False}}).fit(texture_crops(6))
-    out = tmp_path_factory.mktemp("model")
-    detector.save(out)
-    return out
+def model_dir(texture_model_dir: Path) -> Path:
+    """The session's quick model on disk (conftest.py), served read-only here."""
+    return texture_model_dir
 
 
 @pytest.fixture(scope="module")

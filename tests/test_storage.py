@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _images import FAST_CONFIG, free_port, texture_crops
+from _images import free_port, texture_crops
 
 from defectscope import storage
 from defectscope.data.synthetic import make_synthetic_dataset
@@ -226,12 +226,12 @@ def test_missing_objects_and_buckets_are_clear_errors(s3_env, uri, message) -> N
 
 
 # ------------------------------------------------------------------------- the Detector API
-def test_detector_saves_to_and_loads_from_s3(s3_env, tmp_path) -> None:
+def test_detector_saves_to_and_loads_from_s3(s3_env, fitted, tmp_path) -> None:
     from defectscope.detector.detector import Detector
     from defectscope.export.runtimes import load_detector
 
-    images = texture_crops(6, seed=3)
-    detector = Detector(FAST_CONFIG).fit(images)
+    images = texture_crops(2, seed=3)
+    detector = fitted
     assert detector.save("s3://models/api") == "s3://models/api/model.safetensors"
     assert keys("models", "api/") == {"api/model.safetensors"}
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _images import FAST_CONFIG, free_port, texture_crops
+from _images import free_port
 
 from defectscope.data.synthetic import make_synthetic_dataset
 from defectscope.detector.detector import Detector
@@ -171,7 +171,7 @@ def test_unknown_tracking_scheme_is_a_clear_error() -> None:
 
 
 def test_broken_artefact_store_after_the_fit_warns_and_keeps_the_model(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fitted: Detector, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     blocker = tmp_path / "not_a_folder"
@@ -180,7 +180,7 @@ def test_broken_artefact_store_after_the_fit_warns_and_keeps_the_model(
         "broken", artifact_location=(blocker / "mlruns").as_uri()
     )
     tracker = open_tracker(True, uri, "broken")  # the store itself answers: no error here
-    detector = Detector(FAST_CONFIG).fit(texture_crops(6))
+    detector = fitted
     model = tmp_path / "model"
     detector.save(model)
     with caplog.at_level("WARNING", logger="defectscope.tracking"), tracker.run("x") as run:

@@ -19,9 +19,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("streamlit")
 pytest.importorskip("uvicorn")
 
-from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect
+from _images import free_port, png, texture_crops, with_defect
+from _models import copy_model
+from _server import running_server
 from streamlit.testing.v1 import AppTest
-from test_client import running_server
 
 from defectscope.client import ClientError, DefectscopeClient
 from defectscope.detector.detector import Detector
@@ -127,10 +128,9 @@ def test_friendly_messages_say_what_to_do() -> None:
 
 # ------------------------------------------------------------------- pages against an API
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    Detector(FAST_CONFIG).fit(texture_crops(12, seed=0)).save(out)
-    return out
+def model_dir(texture_model_dir, tmp_path_factory) -> Path:
+    # This module's own copy of the session's model: the pages save thresholds and reports.
+    return copy_model(texture_model_dir, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("playwright.sync_api")
 
 from _browser import CHROMIUM, api_and_ui, chromium_page, upload_and_score
-from _images import FAST_CONFIG, png, texture_crops, with_defect
+from _images import png, texture_crops, with_defect
+from _models import copy_model
 from conftest import BOTTLE_ROOT
 
 from defectscope.client import DefectscopeClient
@@ -37,10 +38,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    Detector(FAST_CONFIG).fit(texture_crops(10, seed=0)).save(out)
-    return out
+def model(texture_model_dir, tmp_path_factory) -> Path:
+    # This module's own copy of the session's model: the UI may save thresholds to it.
+    return copy_model(texture_model_dir, tmp_path_factory.mktemp("model"))
 
 
 def test_upload_in_chromium_shows_score_and_heatmap(model, tmp_path) -> None:
