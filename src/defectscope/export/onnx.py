@@ -40,8 +40,9 @@ class ExportableDetector(nn.Module):
 
     The kNN is one distance matrix per batch (no chunk loop, no index object) with the same
     ``addmm`` formula as `knn.pairwise_sq_dist`, then min/topk, clamp and sqrt; the maps and the
-    image score come from the detector's own `AnomalyScorer.to_input_maps` and `.reduce`, so the
-    scoring rules exist once and exported numbers match the eager scorer. A model fitted with an
+    image score come from the detector's own `AnomalyScorer.map_operators` (the operators
+    `to_input_maps` applies) and `.reduce`, so the scoring rules exist once and exported numbers
+    match the eager scorer. A model fitted with an
     approximate ``scoring.knn_backend`` (faiss IVF/HNSW/PQ) exports with this exact search: its
     exported scores are the exact ones, at most as high as the approximate eager scores.
     """
@@ -49,6 +50,8 @@ class ExportableDetector(nn.Module):
     # Registered buffers, declared so type checkers see tensors.
     bank_t: torch.Tensor
     bank_sq: torch.Tensor
+    map_rows: torch.Tensor
+    map_cols: torch.Tensor
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
@@ -58,6 +61,12 @@ class ExportableDetector(nn.Module):
         self.register_buffer("bank_t", bank.T.contiguous())
         self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
         self.k = min(int(self.scorer.config.k), bank.shape[0])
+        # The scorer's upsampling + blur operators for this model's grid, built now: built while
+        # tracing, their construction (an interpolation) would land in the graph.
+        grid = detector.features.grid_size(detector.preprocessor.input_size)
+        rows, cols = self.scorer.map_operators(*grid)
+        self.register_buffer("map_rows", rows.detach().float().cpu().clone())
+        self.register_buffer("map_cols", cols.detach().float().cpu().clone())
         self.threshold = float(detector.calibration.threshold)
         self.scale = float(detector.calibration.scale)
 
@@ -73,7 +82,7 @@ class ExportableDetector(nn.Module):
             values, idx = torch.topk(sq, self.k, dim=1, largest=False, sorted=True)
         dist = values.clamp(min=0.0).sqrt()
         patch_scores = dist.mean(dim=1).reshape(-1, h, w)
-        maps = self.scorer.to_input_maps(patch_scores)
+        maps = self.map_rows @ (patch_scores @ self.map_cols.T)
         scores = self.scorer.reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
         z = ((scores - self.threshold) / self.scale).clamp(-60.0, 60.0)
         return maps, scores, torch.sigmoid(z)
