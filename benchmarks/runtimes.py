@@ -28,7 +28,7 @@ from PIL import Image
 
 from defectscope import Detector
 from defectscope.export import export_onnx, export_openvino, load_exported
-from defectscope.export.runtime import default_threads
+from defectscope.export.graph import default_threads
 
 BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 

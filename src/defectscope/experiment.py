@@ -1,9 +1,8 @@
 """Experiments: Hydra-composed configs, sweeps, and runs that fit, evaluate and report.
 
-Configs are YAML files in ``configs/`` plus ``key=value`` overrides. The predecessor ran Hydra;
-we keep that workflow (config groups such as ``backbone=...``, ``experiment=...``, dotted
-overrides, comma sweeps with ``--multirun``) but compose through Hydra's API so that the CLI
-stays a normal Typer program.
+Configs are YAML files in ``configs/`` plus ``key=value`` overrides, in Hydra's workflow (config
+groups such as ``backbone=...``, ``experiment=...``, dotted overrides, comma sweeps with
+``--multirun``), composed through Hydra's API so that the CLI stays a normal Typer program.
 """
 
 from __future__ import annotations

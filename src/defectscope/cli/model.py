@@ -377,7 +377,7 @@ def export(
             images = found[:: max(1, len(found) // max_calibration)][:max_calibration]
         path = export_openvino(detector, out_file, precision=precision, calibration_images=images)
         if precision == "int8":
-            from defectscope.export.runtime import exported_metadata
+            from defectscope.export.graph import exported_metadata
 
             check = exported_metadata(path, "openvino")["export"]["int8_check"]
             out.print(

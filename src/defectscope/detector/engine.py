@@ -1,7 +1,7 @@
 """Scoring engines: what turns a normalised batch into anomaly maps and image scores.
 
 A `Detector` owns one. `TorchEngine` runs the backbone and the memory bank in PyTorch;
-exported graphs (`defectscope.export.runtime.ExportedGraph`) run in onnxruntime or OpenVINO.
+exported graphs (`defectscope.export.graph.ExportedGraph`) run in onnxruntime or OpenVINO.
 Everything around the engine (decoding, preprocessing, maps at the original size,
 thresholds) is the detector's own code, the same for every runtime.
 """

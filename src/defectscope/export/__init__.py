@@ -6,8 +6,8 @@ runs it with onnxruntime (or OpenVINO), with the same ``predict``. Needs
 ``pip install 'defectscope[export]'``.
 """
 
+from defectscope.export.graph import ExportedGraph, load_exported
 from defectscope.export.onnx import ExportableDetector, export_onnx, export_openvino
-from defectscope.export.runtime import ExportedGraph, load_exported
 from defectscope.export.runtimes import load_detector
 
 __all__ = [

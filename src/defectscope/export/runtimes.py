@@ -47,6 +47,6 @@ def load_detector(path: str | Path, runtime: str = "auto", device: str | None = 
     if runtime == "torch":
         return Detector.load(path, device=device)
     # Imported only here: the torch runtime must not need the export extra.
-    from defectscope.export.runtime import load_exported
+    from defectscope.export.graph import load_exported
 
     return load_exported(path, runtime, device)
