@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.table import Table
@@ -298,6 +299,8 @@ def predict(
     writer = PredictionWriter(local_out, paths, detector, write_images=images)
     failures = 0
     with stack, writer, progress_bars() as progress:
+        # (index, source, result[, decoded image]): only a local run has the decoded image.
+        iterator: Iterator[tuple[Any, ...]]
         if engine == "ray":
             from defectscope.distributed.predict import predict_on_cluster
 
@@ -313,16 +316,18 @@ def predict(
                 pixel_threshold=pixel_threshold,
             )
         else:
-            iterator = detector.iter_predict(
+            iterator = detector.iter_predict_decoded(
                 paths, threshold=threshold, pixel_threshold=pixel_threshold, batch_size=batch_size
             )
-        for done, (index, _, result) in enumerate(iterator, start=1):
+        for done, item in enumerate(cast("Iterator[tuple[Any, ...]]", iterator), start=1):
+            index, result = item[0], item[2]
+            image = item[3] if len(item) > 3 else None
             if isinstance(result, Exception):
                 if not skip_bad:
                     raise result
                 failures += 1
                 console.print(f"[yellow]skipped[/] {result}")
-            writer.write(index, result)
+            writer.write(index, result, image)
             progress("predict", done, len(paths))
     results = storage.output_location(out_dir, local_out, writer.jsonl_path)
     out.print(
