@@ -29,7 +29,7 @@ from defectscope.export import export_onnx, load_exported  # noqa: E402
 from defectscope.export.graph import ExportedGraph, exported_metadata  # noqa: E402
 from defectscope.export.onnx import ONNX_FORMAT_NAME  # noqa: E402
 
-# The parity contract of issue 4.
+# The parity contract.
 SCORE_RTOL = 1e-4
 MAP_ATOL = 1e-3
 # fp16 storage of weights and bank: rounding of ~3 significant digits in every weight.

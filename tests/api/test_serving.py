@@ -1,4 +1,4 @@
-"""REST serving (issue 3): routes, limits, errors, micro-batching, prediction log, metrics."""
+"""REST serving: routes, limits, errors, micro-batching, prediction log, metrics."""
 
 from __future__ import annotations
 

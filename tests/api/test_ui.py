@@ -1,4 +1,4 @@
-"""The web UI (issue 5): its logic as plain functions, and its pages run by Streamlit's AppTest
+"""The web UI: its logic as plain functions, and its pages run by Streamlit's AppTest
 against a real uvicorn API server (no browser here; see test_ui_e2e.py for that)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from defectscope.serving.settings import ServingSettings
 from defectscope.ui import analysis
 from defectscope.ui.api import UiSettings, friendly, sample_sets, score_images
 
-UI = Path(__file__).parents[1] / "src" / "defectscope" / "ui"
+UI = Path(__file__).parents[2] / "src" / "defectscope" / "ui"
 RUN_TIMEOUT = 60  # a page run that scores images waits for the model
 
 

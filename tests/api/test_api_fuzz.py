@@ -1,4 +1,4 @@
-"""Schema fuzzing of the REST API with schemathesis (issue 3, part 9).
+"""Schema fuzzing of the REST API with schemathesis.
 
 Every operation of the app's own OpenAPI schema gets generated requests, valid and invalid, in
 process over ASGI against a small fitted model. Whatever arrives, the server must never answer

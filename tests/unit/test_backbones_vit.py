@@ -27,7 +27,7 @@ from defectscope.features.backbones import (
 )
 from defectscope.features.checkpoints import load_checkpoint_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPES_NAME = "fixtures/dinov3_meta_state_dict_shapes.json"
 SHAPES_CANDIDATES = (ROOT / "shared" / SHAPES_NAME, ROOT.parent / "shared" / SHAPES_NAME)
 SHAPES_FILE = next((p for p in SHAPES_CANDIDATES if p.is_file()), None)

@@ -1,4 +1,4 @@
-"""End to end (issue 5): `defectscope serve` and `defectscope ui` as real processes, driven by
+"""End to end: `defectscope serve` and `defectscope ui` as real processes, driven by
 headless Chromium (Debian's /usr/bin/chromium through Playwright; never a downloaded browser).
 
 Uploads a real image (an MVTec AD bottle test image when ../shared has it, else a texture
@@ -27,7 +27,7 @@ from conftest import BOTTLE_ROOT
 from defectscope.client import DefectscopeClient
 from defectscope.detector.detector import Detector
 
-ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""The prediction log on SQLite and on a real PostgreSQL server (issue 3, part 4).
+"""The prediction log on SQLite and on a real PostgreSQL server.
 
 The PostgreSQL server is started by the test session itself from the Debian packages
 (``/usr/lib/postgresql/*/bin``): a throwaway cluster in a temporary folder, on a free localhost

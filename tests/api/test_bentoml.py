@@ -1,4 +1,4 @@
-"""BentoML service (issue 3): a real `defectscope bento` server, adaptive batching, same scores."""
+"""BentoML service: a real `defectscope bento` server, adaptive batching, same scores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus alert rules (issue 3): every metric and label they use is exposed by the app."""
+"""Prometheus alert rules: every metric and label they use is exposed by the app."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from defectscope.serving.app import create_app  # noqa: E402
 from defectscope.serving.settings import ServingSettings  # noqa: E402
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = DEPLOY / "alerts.yml"
 # Made by Prometheus itself for every scrape target, not by the app.
 SCRAPE_METRICS = {"up"}

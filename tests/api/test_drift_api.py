@@ -1,4 +1,4 @@
-"""GET /v1/drift (issue 6): score drift over the prediction log, errors and Prometheus gauges."""
+"""GET /v1/drift: score drift over the prediction log, errors and Prometheus gauges."""
 
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def test_no_alarm_on_held_out_good_bottles(bottle) -> None:
 
 @pytest.mark.needs_shared
 def test_no_feature_alarm_on_unshifted_bottle_test_images(bottle, bottle_root) -> None:
-    """The real false alarm of issue 6: test-split good bottles differ slightly from the
+    """The real false alarm: test-split good bottles differ slightly from the
     training ones (significant MMD, mean |z| ~0.4), which must not count as feature drift."""
     detector, _, _, _ = bottle
     good = [s.path for s in open_dataset(bottle_root).test if s.label == 0]

@@ -1,4 +1,4 @@
-"""The REST client and `defectscope client predict`, against a real uvicorn server (issue 3)."""
+"""The REST client and `defectscope client predict`, against a real uvicorn server."""
 
 from __future__ import annotations
 

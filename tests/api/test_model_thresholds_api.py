@@ -1,4 +1,4 @@
-"""PUT /v1/model/thresholds and GET /v1/model/report (issue 5): what the web UI saves and reads."""
+"""PUT /v1/model/thresholds and GET /v1/model/report: what the web UI saves and reads."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from defectscope.data.datasets import image_size, load_mask, open_dataset
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "categories.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "categories.py"
 
 
 def _load():

@@ -20,7 +20,7 @@ pytest.importorskip("material", reason="the docs extra (mkdocs-material) is not 
 pytest.importorskip("mkdocstrings", reason="the docs extra (mkdocstrings) is not installed")
 pytest.importorskip("fastapi", reason="the REST reference needs the serve extra")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

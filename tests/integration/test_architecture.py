@@ -8,7 +8,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "defectscope"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "defectscope"
 
 # Lower numbers sit lower: a unit may import only from its own layer or below.
 LAYERS = {

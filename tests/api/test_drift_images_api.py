@@ -1,4 +1,4 @@
-"""POST /v1/drift/images (issues 5 and 6): a window of uploaded images gets the score tests and
+"""POST /v1/drift/images: a window of uploaded images gets the score tests and
 the feature test (MMD) that the prediction log cannot give, for the UI's Drift page."""
 
 from __future__ import annotations
