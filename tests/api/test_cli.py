@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+from _cli import run_cli as _run_cli
 
 from defectscope.data.synthetic import make_synthetic_dataset
 
@@ -19,21 +19,7 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "120"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
+run_cli = partial(_run_cli, check=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ import base64
 import copy
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+from _cli import run_cli as _run_cli
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -137,17 +136,9 @@ def test_api_key(detector, images):
                 assert client.health() == {"status": "ok"}  # health stays open
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("DEFECTSCOPE_URL", None)
-    env.pop("DEFECTSCOPE_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+run_cli = partial(
+    _run_cli, columns=200, unset=("DEFECTSCOPE_URL", "DEFECTSCOPE_API_KEY"), timeout=120
+)
 
 
 def test_cli_client_predict_writes_pngs(server, detector, images, tmp_path):

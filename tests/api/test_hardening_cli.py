@@ -6,33 +6,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import stat
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli as _run_cli
 from _images import png, texture_crops
 from _models import copy_model, rewritten_model
 
 FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, umask: int = 0o022) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("DEFECTSCOPE_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-        umask=umask,
-    )
+run_cli = partial(_run_cli, columns=200, unset=("DEFECTSCOPE_DEBUG",), umask=0o022)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:

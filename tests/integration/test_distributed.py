@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli as _run_cli
 from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect
 
 from defectscope.detector.detector import Detector
@@ -90,14 +92,7 @@ def local_model(images, tmp_path_factory) -> tuple[Detector, Path]:
     return detector, path
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        timeout=300,
-    )
+run_cli = partial(_run_cli, columns=200, timeout=300)
 
 
 def relative(a: float, b: float) -> float:

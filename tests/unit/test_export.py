@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli as _run_cli
 from _images import FAST_CONFIG, texture_crops, with_defect
 from _models import with_scoring
 from PIL import Image
@@ -236,16 +236,7 @@ def test_bottle_default_model_parity(bottle_root: Path, tmp_path: Path) -> None:
         assert_parity(reference, load_exported(path, "openvino").predict(queries))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "120"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+run_cli = partial(_run_cli, check=True, timeout=300)
 
 
 def test_cli_export_then_predict_with_onnx_runtime(

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _cli import run_cli as _run_cli
 from _images import free_port, texture_crops
 
 from defectscope import storage
@@ -70,19 +71,7 @@ def keys(bucket: str, prefix: str = "") -> set[str]:
 def run_cli(
     env: dict[str, str], *args: str, check: bool = True, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env, "COLUMNS": "160"}
-    for name in unset:
-        full_env.pop(name, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return _run_cli(*args, env=env, unset=unset, columns=160, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _cli import run_cli as _run_cli
 from _images import free_port
 
 from defectscope.data.synthetic import make_synthetic_dataset
@@ -33,15 +33,7 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "120", **(env or {})},
-        cwd=cwd,
-        timeout=600,
-    )
+run_cli = _run_cli
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -1,0 +1,44 @@
+"""`defectscope` run as a user runs it: a subprocess of this interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    columns: int = 120,
+    umask: int | None = None,
+    check: bool = False,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``python -m defectscope.cli ARGS``; ``columns`` fixes rich's line width so output can be
+    matched, ``unset`` drops variables the caller's environment may hold, ``check`` raises with
+    both streams on a non-zero exit."""
+    full_env = {**os.environ, "COLUMNS": str(columns), **(env or {})}
+    for name in unset:
+        full_env.pop(name, None)
+    extra: dict[str, Any] = {} if umask is None else {"umask": umask}
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+        **extra,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
