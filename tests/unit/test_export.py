@@ -20,7 +20,7 @@ from _models import with_scoring
 from PIL import Image
 
 from defectscope import Detector
-from defectscope.errors import ConfigError, ModelFileError, NotFittedError
+from defectscope.errors import ConfigError, DefectscopeError, ModelFileError, NotFittedError
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -178,6 +178,29 @@ def test_fp16_export_is_smaller_and_keeps_clear_decisions(
         assert np.abs(pred.anomaly_map - ref.anomaly_map).max() <= FP16_MAP_ATOL
         if abs(ref.score - ref.threshold) > 0.02 * ref.threshold:
             assert pred.is_anomalous == ref.is_anomalous
+
+
+def test_wrong_runtime_or_device_and_torch_only_calls_give_clear_errors(
+    onnx_file: Path, images
+) -> None:
+    from defectscope.export import load_detector
+
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        load_detector(onnx_file, runtime="tensorrt")
+    with pytest.raises(ConfigError, match="exported runtimes are"):
+        load_exported(onnx_file, "torch")
+    with pytest.raises(ConfigError, match="CPU only"):
+        load_exported(onnx_file, device="cuda")
+    runtime = load_exported(onnx_file)
+    assert runtime.runtime == "onnx" and runtime.scorer is None
+    # A graph holds its bank inside: what needs the PyTorch model says so, and nothing changes.
+    with pytest.raises(DefectscopeError, match="embedded in the exported graph"):
+        runtime.save(onnx_file.parent / "copy")
+    with pytest.raises(DefectscopeError, match="PyTorch model it was exported from"):
+        runtime.fit(images)
+    with pytest.raises(DefectscopeError, match="not embeddings"):
+        runtime.embed(torch.zeros(1, 3, 128, 128))
+    assert runtime.is_fitted and len(runtime.predict(images[:2])) == 2
 
 
 def test_bad_inputs_give_clear_errors(onnx_file: Path, fitted: Detector, tmp_path: Path) -> None:

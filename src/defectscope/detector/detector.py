@@ -170,13 +170,16 @@ class Detector:
         self.parts = None
         self.preprocessor = None
 
-    def feature_parts(self) -> FeatureParts:
-        """The feature extractor and preprocessor, built from the config on first use."""
+    def _require_torch(self) -> None:
         if self.runtime != "torch":
             raise DefectscopeError(
                 "an exported model gives anomaly maps and scores, not embeddings: "
                 "fit, embed and save need the PyTorch model it was exported from"
             )
+
+    def feature_parts(self) -> FeatureParts:
+        """The feature extractor and preprocessor, built from the config on first use."""
+        self._require_torch()
         if self.parts is None:
             self.parts = FeatureParts.build(
                 self._backbone(), self.config.features, self.device, self.config.half_precision
@@ -204,6 +207,7 @@ class Detector:
         in auto mode, the feature configuration (`defectscope.detector.selection`). The
         backbone maps auto mode computed are kept for this process's fit to reuse, unless
         ``keep_maps`` is false (shards extracted elsewhere)."""
+        self._require_torch()  # before anything is reset: a refused call changes nothing
         if self._requested_features is None:
             self._requested_features = self.config.features.model_copy(deep=True)
         else:
