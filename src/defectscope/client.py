@@ -13,7 +13,7 @@ Every failure is a `ClientError` carrying the server's message and HTTP status (
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,24 @@ class DefectscopeClient:
         heatmap: bool = False,
         overlay: bool = False,
         mask: bool = False,
+        *,
+        part_id: str | None = None,
+        line: str | None = None,
+        station: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Score one image (a path or the encoded file's bytes)."""
+        """Score one image (a path or the encoded file's bytes); the part fields are logged with
+        the prediction (``part_id`` defaults to the file name); the answer has its
+        ``prediction_id``."""
         name, data = _read(image)
         params = _flags(threshold, heatmap, overlay, mask)
-        return self._request("POST", "/v1/predict", params=params, files={"file": (name, data)})
+        return self._request(
+            "POST",
+            "/v1/predict",
+            params=params,
+            files={"file": (name, data)},
+            data=_part_fields(part_id, line, station, tags),
+        )
 
     def predict_batch(
         self,
@@ -90,24 +103,108 @@ class DefectscopeClient:
         heatmap: bool = False,
         overlay: bool = False,
         mask: bool = False,
+        *,
+        part_id: str | None = None,
+        line: str | None = None,
+        station: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Score several images in one request; each item has ``result`` or ``error``."""
+        """Score several images in one request; each item has ``result`` or ``error``. The part
+        fields apply to every image."""
         files = [("files", _read(image)) for image in images]
         if not files:
             return []
         params = _flags(threshold, heatmap, overlay, mask)
-        body = self._request("POST", "/v1/predict/batch", params=params, files=files)
+        data = _part_fields(part_id, line, station, tags)
+        body = self._request("POST", "/v1/predict/batch", params=params, files=files, data=data)
         return body["items"]
 
     def model_info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/model")
 
     def set_thresholds(
-        self, image: float | None = None, pixel: float | None = None
+        self,
+        image: float | None = None,
+        pixel: float | None = None,
+        *,
+        reset: bool = False,
+        reason: str | None = None,
+        reviewer: str | None = None,
     ) -> dict[str, Any]:
-        """Store new thresholds in the served model (saved to its file); returns /v1/model."""
-        body = {"image": image, "pixel": pixel}
+        """Store new thresholds in the served model (saved to its file, audited); ``reset``
+        restores the calibrated ones. Returns /v1/model."""
+        body: dict[str, Any] = {"image": image, "pixel": pixel}
+        if reset:
+            body = {"reset": True}
+        body.update({k: v for k, v in (("reason", reason), ("reviewer", reviewer)) if v})
         return self._request("PUT", "/v1/model/thresholds", json=body)
+
+    def calibration(self, threshold: float | None = None) -> dict[str, Any]:
+        """The good calibration scores and the expected false-alarm rate at ``threshold``."""
+        return self._request(
+            "GET", "/v1/model/calibration", params=_query({"threshold": threshold})
+        )
+
+    # --------------------------------------------------------------------- review loop
+    def prediction(self, prediction_id: int) -> dict[str, Any]:
+        """One logged prediction, with its review and picture URLs."""
+        return self._request("GET", f"/v1/predictions/{int(prediction_id)}")
+
+    def prediction_picture(self, prediction_id: int, kind: str = "thumbnail") -> bytes:
+        """A stored picture (PNG bytes): 'thumbnail', 'overlay' or 'image'."""
+        return self._request_bytes("GET", f"/v1/predictions/{int(prediction_id)}/{kind}.png")
+
+    def review(
+        self,
+        prediction_id: int,
+        verdict: str,
+        note: str | None = None,
+        reviewer: str | None = None,
+    ) -> dict[str, Any]:
+        """Store a verdict ('correct', 'false_alarm', 'missed_defect'); replaces an earlier one."""
+        body = {"verdict": verdict, "note": note, "reviewer": reviewer}
+        path = f"/v1/predictions/{int(prediction_id)}/review"
+        return self._request("POST", path, json={k: v for k, v in body.items() if v is not None})
+
+    def review_queue(self, scope: str = "flagged", **window: Any) -> dict[str, Any]:
+        """What to review: 'flagged' or 'audit'; since, until, limit, seed."""
+        return self._request("GET", "/v1/reviews/queue", params=_query({"scope": scope, **window}))
+
+    def reviews_csv(self, **filters: Any) -> bytes:
+        """Reviewed predictions as CSV (the list's filters apply)."""
+        return self._request_bytes("GET", "/v1/reviews.csv", params=_query(filters))
+
+    def reviews_zip(self, since: Any = None, until: Any = None) -> bytes:
+        """Reviewed images, overlays and labels.csv as a ZIP that ``evaluate`` reads."""
+        window = _query({"since": since, "until": until})
+        return self._request_bytes("GET", "/v1/reviews.zip", params=window)
+
+    def teach_preview(
+        self,
+        prediction_ids: Sequence[int] | None = None,
+        since: Any = None,
+        flagged_since: Any = None,
+    ) -> dict[str, Any]:
+        """What teaching the reviewed false alarms would clear, without changing the model."""
+        body = _teach_body(prediction_ids, since, None, flagged_since)
+        return self._request("POST", "/v1/model/teach/preview", json=body)
+
+    def teach(
+        self,
+        prediction_ids: Sequence[int] | None = None,
+        since: Any = None,
+        reviewer: str | None = None,
+    ) -> dict[str, Any]:
+        """Teach the reviewed false alarms: a new model version, served at once."""
+        body = _teach_body(prediction_ids, since, reviewer, None)
+        return self._request("POST", "/v1/model/teach", json=body)
+
+    def versions(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/model/versions")
+
+    def activate(self, version: str | int) -> dict[str, Any]:
+        """Serve another model version (undo a teach: activate its parent)."""
+        return self._request("POST", f"/v1/model/versions/{version}/activate")
 
     def model_report(self) -> dict[str, Any] | None:
         """The model's evaluation report (``{"source", "report"}``), or None when it has none."""
@@ -157,6 +254,18 @@ class DefectscopeClient:
 
     # ------------------------------------------------------------------------- plumbing
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"{method} {path}: the server sent a non-JSON answer", response.status_code
+            ) from None
+
+    def _request_bytes(self, method: str, path: str, **kwargs: Any) -> bytes:
+        return self._send(method, path, **kwargs).content
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
@@ -167,12 +276,7 @@ class DefectscopeClient:
         except httpx.TransportError as exc:
             raise ClientError(f"the server at {self.url} is unreachable ({exc})") from None
         if response.is_success:
-            try:
-                return response.json()
-            except ValueError:
-                raise ClientError(
-                    f"{method} {path}: the server sent a non-JSON answer", response.status_code
-                ) from None
+            return response
         detail = _error_detail(response)
         raise ClientError(
             f"{method} {path} failed with HTTP {response.status_code}: {_describe(detail)}",
@@ -192,6 +296,27 @@ def _read(image: ImageArg) -> tuple[str, bytes]:
         return path.name, path.read_bytes()
     except OSError as exc:
         raise ClientError(f"{path}: cannot read the image file ({exc.strerror or exc})") from None
+
+
+def _part_fields(
+    part_id: str | None, line: str | None, station: str | None, tags: Sequence[str] | None
+) -> dict[str, str]:
+    fields = {"part_id": part_id, "line": line, "station": station}
+    data = {k: v for k, v in fields.items() if v is not None}
+    if tags:
+        data["tags"] = ",".join(tags)
+    return data
+
+
+def _teach_body(
+    prediction_ids: Sequence[int] | None, since: Any, reviewer: str | None, flagged_since: Any
+) -> dict[str, Any]:
+    body = {
+        "prediction_ids": list(prediction_ids) if prediction_ids is not None else None,
+        "reviewer": reviewer,
+        **_query({"since": since, "flagged_since": flagged_since}),
+    }
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def _query(values: dict[str, Any]) -> dict[str, Any]:

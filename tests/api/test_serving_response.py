@@ -33,6 +33,8 @@ FIELDS = {
     "width",
     "model_version",
     "model_fingerprint",
+    "served_version",
+    "prediction_id",
     "timing_ms",
     "heatmap_png",
     "overlay_png",

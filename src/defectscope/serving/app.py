@@ -20,7 +20,15 @@ from defectscope import __version__
 from defectscope.detector.detector import Detector
 from defectscope.serving import handlers
 from defectscope.serving.limits import RequestGuard
-from defectscope.serving.routes import drift, health, model, predict, predictions
+from defectscope.serving.routes import (
+    drift,
+    health,
+    model,
+    predict,
+    predictions,
+    reviews,
+    versions,
+)
 from defectscope.serving.settings import ServingSettings
 from defectscope.serving.state import ServingState
 
@@ -30,7 +38,14 @@ from defectscope.serving.thresholds import file_fingerprint
 __all__ = ["app_from_env", "create_app", "file_fingerprint"]
 
 # In this order in the OpenAPI document.
-V1_ROUTERS = (predict.router, model.router, predictions.router, drift.router)
+V1_ROUTERS = (
+    predict.router,
+    model.router,
+    versions.router,
+    predictions.router,
+    reviews.router,
+    drift.router,
+)
 
 
 def create_app(

@@ -8,7 +8,7 @@ thread pool, a thread hop per dependency on every request.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Query, Request
 from pydantic import AfterValidator
@@ -68,14 +68,45 @@ Since = Annotated[UtcDatetime | None, Query(description="ISO 8601; naive means U
 Until = Annotated[UtcDatetime | None, Query(description="ISO 8601, exclusive.")]
 
 
+Text64 = Annotated[str | None, Query(min_length=1, max_length=64)]
+
+
 async def log_query(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQL BIGINT range
     since: Since = None,
     until: Until = None,
     is_anomalous: bool | None = None,
+    decision: Annotated[
+        Literal["anomalous", "normal"] | None, Query(description="Same as is_anomalous.")
+    ] = None,
+    tag: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[^,]+$")] = None,
+    station: Text64 = None,
+    line: Text64 = None,
+    part_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    model_version: Text64 = None,
+    reviewed: bool | None = None,
+    verdict: Annotated[Literal["correct", "false_alarm", "missed_defect"] | None, Query()] = None,
 ) -> LogQuery:
-    return LogQuery(limit, offset, since, until, is_anomalous)
+    if decision is not None:
+        wanted = decision == "anomalous"
+        if is_anomalous is not None and is_anomalous != wanted:
+            raise HTTPException(422, "decision and is_anomalous disagree")
+        is_anomalous = wanted
+    return LogQuery(
+        limit,
+        offset,
+        since,
+        until,
+        is_anomalous,
+        tag=tag,
+        station=station,
+        line=line,
+        part_id=part_id,
+        reviewed=reviewed,
+        verdict=verdict,
+        model_version=model_version,
+    )
 
 
 State = Annotated[ServingState, Depends(get_state)]

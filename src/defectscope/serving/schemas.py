@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Base64Image(BaseModel):
@@ -69,6 +69,10 @@ class PredictionResult(PredictionSummary):
 
     model_version: str
     model_fingerprint: str
+    served_version: str = Field(
+        "", description="The model version that scored it ('' when the model is unversioned)."
+    )
+    prediction_id: int | None = Field(None, description="Its row in the log (None: no log).")
     timing_ms: Timing
     heatmap_png: str | None = Field(None, description="Base64 PNG, when ?heatmap=true.")
     overlay_png: str | None = Field(None, description="Base64 PNG, when ?overlay=true.")
@@ -123,6 +127,13 @@ class ThresholdUpdate(BaseModel):
     pixel: float | None = Field(
         None, gt=0, allow_inf_nan=False, strict=True, description="Mask threshold."
     )
+    reset: bool = Field(
+        False, strict=True, description="Restore the calibrated thresholds (image and pixel)."
+    )
+    reason: str | None = Field(None, max_length=500, description="Why (kept in the audit trail).")
+    reviewer: str | None = Field(
+        None, min_length=1, max_length=64, description="Who (else 'anonymous')."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -169,6 +180,13 @@ class ReadyResponse(BaseModel):
     detail: str | None = None
 
 
+class Review(BaseModel):
+    verdict: str
+    note: str | None = None
+    reviewer: str | None = None
+    reviewed_at: datetime
+
+
 class PredictionLogEntry(BaseModel):
     id: int
     created_at: datetime
@@ -183,6 +201,60 @@ class PredictionLogEntry(BaseModel):
     is_anomalous: bool
     threshold: float
     latency_ms: float
+    part_id: str | None = None
+    line: str | None = None
+    station: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    model_version: str | None = Field(None, description="Version (or fingerprint) that scored.")
+    taught_version: str | None = Field(None, description="Version this image was taught into.")
+    has_pictures: bool = False
+    review: Review | None = None
+
+
+class PredictionDetail(PredictionLogEntry):
+    thumbnail_url: str | None = None
+    overlay_url: str | None = None
+    image_url: str | None = None
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["correct", "false_alarm", "missed_defect"]
+    note: str | None = Field(None, max_length=1000)
+    reviewer: str | None = Field(None, min_length=1, max_length=64)
+
+
+class ReviewQueue(BaseModel):
+    total: int
+    items: list[PredictionLogEntry]
+
+
+def utc(moment: datetime) -> datetime:
+    """Naive means UTC; a moment outside years 1-9999 once in UTC is refused."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date out of range once converted to UTC (years 1 to 9999)") from None
+
+
+UtcMoment = Annotated[datetime, AfterValidator(utc)]
+RowId = Annotated[int, Field(ge=1, le=2**62)]
+
+
+class TeachRequest(BaseModel):
+    """Which reviewed false alarms to teach: the given ids, or all not taught yet (since)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_ids: list[RowId] | None = Field(None, min_length=1, max_length=10_000)
+    since: UtcMoment | None = None
+    reviewer: str | None = Field(None, min_length=1, max_length=64)
+    flagged_since: UtcMoment | None = Field(
+        None, description="Preview: the flagged predictions re-scored (default: today, UTC)."
+    )
 
 
 class PredictionLogPage(BaseModel):

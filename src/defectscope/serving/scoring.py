@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -17,10 +19,25 @@ from defectscope.detector.prediction import Prediction
 from defectscope.errors import ImageLoadError
 from defectscope.serving.limits import RequestError
 from defectscope.serving.pictures import RenderFlags, render
-from defectscope.serving.predictions_log import utc_now
+from defectscope.serving.predictions_log import join_tags, utc_now
+from defectscope.serving.request_meta import PartInfo
 from defectscope.serving.schemas import PredictionResult, Timing
 from defectscope.serving.state import ServingState
 from defectscope.serving.uploads import image_error_status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One scored image on its way to the log: the row, and what its pictures are drawn from."""
+
+    record: dict
+    image: np.ndarray
+    prediction: Prediction
+    keep_original: bool
+    stored_threshold: float
+    logged: bool = False
 
 
 @contextlib.asynccontextmanager
@@ -54,9 +71,15 @@ def bounded_render(
 
 
 async def score_bytes(
-    state: ServingState, data: bytes, flags: RenderFlags, started: float, route: str, rid: str
-) -> tuple[PredictionResult, dict]:
-    """One image's answer and its prediction log row (written later, in the background)."""
+    state: ServingState,
+    data: bytes,
+    flags: RenderFlags,
+    started: float,
+    route: str,
+    rid: str,
+    part: PartInfo | None = None,
+) -> tuple[PredictionResult, Scored]:
+    """One image's answer and its prediction log row (see `log_scored`)."""
     t0 = time.perf_counter()
     image = await decode(state, data)
     t1 = time.perf_counter()
@@ -78,6 +101,7 @@ async def score_bytes(
         **summary,
         model_version=state.model_version,
         model_fingerprint=state.model_fingerprint,
+        served_version=state.served_version,
         timing_ms=Timing(
             decode_ms=(t1 - t0) * 1000.0,
             inference_ms=(t2 - t1) * 1000.0,
@@ -100,5 +124,77 @@ async def score_bytes(
         "is_anomalous": result.is_anomalous,
         "threshold": result.threshold,
         "latency_ms": total_ms,
+        "model_version": state.log_version,
     }
-    return result, record
+    if part is not None:
+        record.update(
+            part_id=part.part_id, line=part.line, station=part.station, tags=join_tags(part.tags)
+        )
+    pixels = int(image.shape[0]) * int(image.shape[1])
+    if state.pictures is not None and reserve_picture_pixels(state, pixels):
+        record["picture_key"] = state.pictures.new_key()
+    keep = len(data) <= state.settings.pictures_original_max_bytes
+    return result, Scored(record, image, prediction, keep, state.ready_detector().threshold)
+
+
+def reserve_picture_pixels(state: ServingState, pixels: int) -> bool:
+    """Whether this image's pictures may wait for the background: decoded images waiting for
+    their pictures hold at most one in-flight pixel budget; beyond it a prediction is logged
+    without pictures rather than the worker's memory growing."""
+    with state.picture_lock:
+        if state.picture_pixels + pixels > state.settings.inflight_pixel_budget:
+            log.warning("pictures skipped for a prediction: too many waiting to be drawn")
+            return False
+        state.picture_pixels += pixels
+        return True
+
+
+def release_picture_pixels(state: ServingState, item: Scored) -> None:
+    if item.record.get("picture_key"):
+        with state.picture_lock:
+            state.picture_pixels -= int(item.image.shape[0]) * int(item.image.shape[1])
+
+
+async def log_scored(
+    state: ServingState, results: Sequence[PredictionResult], scored: Sequence[Scored]
+) -> None:
+    """Write the rows now (their ids go into the answers); a failing log fails no request."""
+    repository = state.repository
+    if repository is None or not scored:
+        return
+    try:
+        ids = await run_in_threadpool(repository.add_many, [s.record for s in scored])
+    except Exception as exc:
+        log.warning("could not write %d prediction log rows: %s", len(scored), exc)
+        return
+    for result, item, prediction_id in zip(results, scored, ids, strict=False):
+        result.prediction_id = prediction_id
+        item.logged = True
+
+
+def save_pictures(state: ServingState, scored: Sequence[Scored]) -> None:
+    """Background task: draw and store the pictures of logged predictions (bounded sizes)."""
+    store = state.pictures
+    if store is None:
+        return
+    for item in scored:
+        key = item.record.get("picture_key")
+        if not key:
+            continue
+        if not item.logged:
+            release_picture_pixels(state, item)  # the row was not written: no pictures
+            continue
+        try:
+            with state.render_slots:
+                store.save(
+                    key,
+                    item.image,
+                    item.prediction,
+                    item.stored_threshold,
+                    keep_original=item.keep_original,
+                    render_max_pixels=state.settings.render_max_pixels,
+                )
+        except Exception as exc:  # a full disk must not fail later requests
+            log.warning("could not store the pictures of a prediction: %s", exc)
+        finally:
+            release_picture_pixels(state, item)

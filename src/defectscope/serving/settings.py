@@ -75,6 +75,33 @@ class ServingSettings(BaseSettings):
         "sqlite:///predictions.db",
         description="SQLAlchemy URL of the prediction log; None (or 'none') disables it.",
     )
+    pictures_dir: Path | None = Field(
+        None,
+        description="Where logged predictions keep their pictures (thumbnail, overlay, "
+        "original); None puts them in 'pictures/' next to a SQLite log file (none without one).",
+    )
+    pictures_enabled: bool = Field(True, description="False keeps no pictures at all.")
+    pictures_max_count: int = Field(
+        10_000, ge=0, description="Most predictions whose pictures are kept (oldest pruned)."
+    )
+    pictures_max_age_days: float = Field(
+        30.0, ge=0, description="Pictures older than this are pruned (0 keeps them forever)."
+    )
+    pictures_max_bytes: int = Field(
+        5 * 1024 * MB, ge=0, description="Most bytes all kept pictures may take together."
+    )
+    pictures_original_max_bytes: int = Field(
+        20 * MB,
+        ge=0,
+        description="An upload is kept in full (for teaching the model) only up to this size; "
+        "0 keeps no originals.",
+    )
+    export_max_items: int = Field(
+        5000, gt=0, description="Most reviewed predictions one ZIP export may hold (else 413)."
+    )
+    teach_max_images: int = Field(
+        256, gt=0, description="Most images one teach request may add to the memory bank."
+    )
 
     report_dir: Path | None = Field(
         None,
@@ -96,6 +123,18 @@ class ServingSettings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
             return None
         return value
+
+    @property
+    def pictures_root(self) -> Path | None:
+        """The pictures folder: the setting, else ``pictures/`` beside a SQLite log file."""
+        if not self.pictures_enabled or self.prediction_log_url is None:
+            return None
+        if self.pictures_dir is not None:
+            return self.pictures_dir
+        url = self.prediction_log_url
+        if url is None or not url.startswith("sqlite:///") or url.endswith(":memory:"):
+            return None
+        return Path(url.removeprefix("sqlite:///")).parent / "pictures"
 
     @property
     def max_single_request_bytes(self) -> int:

@@ -13,18 +13,23 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
 
+from defectscope import storage
 from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import resolve_model_path
 from defectscope.detector.prediction import Prediction
+from defectscope.detector.teaching import model_extras
 from defectscope.errors import DefectscopeError
 from defectscope.export.runtimes import load_detector
 from defectscope.serving.batching import MicroBatcher
 from defectscope.serving.limits import PixelBudget
 from defectscope.serving.metrics import Metrics
+from defectscope.serving.picture_store import PictureStore
 from defectscope.serving.predictions_log import PredictionLogRepository
 from defectscope.serving.schemas import ThresholdUpdate
 from defectscope.serving.settings import ServingSettings
@@ -34,6 +39,7 @@ from defectscope.serving.thresholds import (
     follow_model_file,
     save_thresholds,
 )
+from defectscope.serving.versions import ModelVersions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,16 @@ class ServingState:
     model_mtime_ns: int | None = None
     model_checked_at: float = 0.0
     bank_digest: str | None = None
+    # The model version served ("" when unversioned) and its file's extra metadata.
+    served_version: str = ""
+    model_extras: dict[str, Any] = field(default_factory=dict)
+    pictures: PictureStore | None = None
+    # Decoded images kept for their pictures after the answer: bounded like in-flight ones.
+    picture_pixels: int = 0
+    picture_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Teach and activate: one at a time per worker (others get 409, not a queue).
+    teach_lock: threading.Lock = field(default_factory=threading.Lock)
+    reloading: bool = False
     batcher: MicroBatcher = field(init=False)
     pixels: PixelBudget = field(init=False)
     # Pictures cost tens of bytes a pixel while drawn: two at a time bounds that memory.
@@ -69,6 +85,29 @@ class ServingState:
             max_wait_ms=settings.batch_max_wait_ms,
             on_batch=self.metrics.batch_size.observe,
         )
+
+    def versions(self) -> ModelVersions | None:
+        """The served model's versions folder; None for a remote or missing model."""
+        path = self.settings.model_path
+        if path is None or storage.is_remote(path):
+            return None
+        try:
+            return ModelVersions(path)
+        except DefectscopeError:
+            return None
+
+    @property
+    def save_path(self) -> str | Path | None:
+        """Where the served model is saved (thresholds): the active version's file, if any."""
+        versions = self.versions()
+        if versions is not None and self.served_version:
+            return versions.file(self.served_version)
+        return self.settings.model_path
+
+    @property
+    def log_version(self) -> str:
+        """What a logged prediction names as its model: the version, else the fingerprint."""
+        return self.served_version or self.model_fingerprint
 
     @property
     def ready(self) -> bool:
@@ -98,10 +137,27 @@ class ServingState:
                 )
             except Exception as exc:
                 log.warning("prediction log disabled: cannot open it: %s", exc)
+        root = self.settings.pictures_root
+        if self.repository is not None and root is not None:
+            try:
+                self.pictures = await asyncio.to_thread(self.open_pictures, root)
+            except OSError as exc:
+                log.warning("prediction pictures disabled: %s", exc)
         if not self.ready:
             task = asyncio.create_task(self.load_model())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def open_pictures(self, root: Path) -> PictureStore:
+        settings = self.settings
+        store = PictureStore(
+            root,
+            settings.pictures_max_count,
+            settings.pictures_max_age_days,
+            settings.pictures_max_bytes,
+        )
+        store.prune()
+        return store
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -117,14 +173,18 @@ class ServingState:
         if settings.model_path is None:
             self.load_error = "no model configured (set DEFECTSCOPE_MODEL_PATH)"
             return
+        versions = self.versions()
+        version = versions.active() if versions is not None else None
+        path = versions.file(version) if versions is not None and version else settings.model_path
         try:
             # Before loading: a threshold saved meanwhile by another worker is then picked up.
-            self.model_mtime_ns = resolve_model_path(settings.model_path).stat().st_mtime_ns
+            self.model_mtime_ns = resolve_model_path(path).stat().st_mtime_ns
             detector = await asyncio.to_thread(
-                load_detector, settings.model_path, settings.runtime, settings.device
+                load_detector, path, settings.runtime, settings.device
             )
-            fingerprint = await asyncio.to_thread(file_fingerprint, settings.model_path)
+            fingerprint = await asyncio.to_thread(file_fingerprint, path)
             digest = await asyncio.to_thread(bank_digest, detector)
+            extras = await asyncio.to_thread(self.read_extras, path, detector)
         except DefectscopeError as exc:
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
@@ -133,6 +193,40 @@ class ServingState:
             self.load_error = "the model failed to load (see the server log)"
             log.exception("model not loaded")
             return
+        self.served_version = version or ""
+        self.model_extras = extras
+        self.use_detector(detector, fingerprint, digest)
+
+    @staticmethod
+    def read_extras(path: str | Path, detector: Detector) -> dict[str, Any]:
+        if detector.runtime != "torch":
+            return {}
+        return model_extras(path)
+
+    def reload_soon(self) -> None:
+        """Load the model again in the background (another worker activated a version)."""
+        if self.reloading:
+            return
+        self.reloading = True
+
+        async def reload() -> None:
+            try:
+                await self.load_model()
+            finally:
+                self.reloading = False
+
+        task = asyncio.get_running_loop().create_task(reload())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def swap(self, detector: Detector, version: str, file: Path) -> None:
+        """Serve a fully built ``detector`` from now on: requests in flight keep the old one."""
+        fingerprint = file_fingerprint(file)
+        digest = bank_digest(detector)
+        extras = model_extras(file)
+        self.model_mtime_ns = file.stat().st_mtime_ns
+        self.served_version = version
+        self.model_extras = extras
         self.use_detector(detector, fingerprint, digest)
 
     def use_detector(
@@ -160,12 +254,3 @@ class ServingState:
 
     def save_thresholds(self, update: ThresholdUpdate) -> None:
         save_thresholds(self, update)
-
-    def record(self, records: list[dict]) -> None:
-        """Background task: a logging failure is a warning, never a failed request."""
-        if self.repository is None or not records:
-            return
-        try:
-            self.repository.add_many(records)
-        except Exception as exc:
-            log.warning("could not write %d prediction log rows: %s", len(records), exc)

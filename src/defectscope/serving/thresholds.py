@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from defectscope.detector.model_file import (
     resolve_model_path,
     tensor_digest,
 )
+from defectscope.detector.teaching import EXTRA_KEYS, calibrated_thresholds, save_model
 from defectscope.errors import DefectscopeError
 from defectscope.serving.limits import RequestError
 from defectscope.serving.schemas import ThresholdUpdate
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
     from defectscope.serving.state import ServingState
 
 log = logging.getLogger(__name__)
+
+# The audit trail in the model file keeps this many newest entries.
+MAX_AUDIT = 1000
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -52,9 +57,46 @@ def same_model(stored: dict[str, Any], digest: str | None) -> bool:
     return isinstance(checksums, dict) and checksums.get("memory_bank") == digest
 
 
+def calibrated(stored: dict[str, Any]) -> tuple[float, float]:
+    """The thresholds the fit's rule gives (kept in the metadata once known, else computed)."""
+    from defectscope.detector.calibration import Calibration
+
+    rule = calibrated_thresholds(Calibration.from_dict(stored["calibration"]))
+    return (
+        float(stored.get("calibrated_threshold", rule[0])),
+        float(stored.get("calibrated_pixel_threshold", rule[1])),
+    )
+
+
+def audited(
+    stored: dict[str, Any], update: ThresholdUpdate, image: float | None, pixel: float | None
+) -> dict[str, Any]:
+    """The file's extra metadata with this save appended to its audit trail."""
+    extras = {key: stored[key] for key in EXTRA_KEYS if key in stored}
+    extras["calibrated_threshold"], extras["calibrated_pixel_threshold"] = calibrated(stored)
+    old = stored["calibration"]
+    when = datetime.now(UTC).isoformat()
+    trail = list(extras.get("threshold_audit") or [])
+    for name, key, new in (("image", "threshold", image), ("pixel", "pixel_threshold", pixel)):
+        if new is None:
+            continue
+        trail.append(
+            {
+                "who": update.reviewer or "anonymous",
+                "when": when,
+                "field": name,
+                "old": old[key],
+                "new": float(new),
+                "reason": update.reason or ("reset to calibrated" if update.reset else None),
+            }
+        )
+    extras["threshold_audit"] = trail[-MAX_AUDIT:]
+    return extras
+
+
 def save_thresholds(state: ServingState, update: ThresholdUpdate) -> None:
     """Apply new thresholds and persist them to the served model file, or change nothing."""
-    detector, path = state.ready_detector(), state.settings.model_path
+    detector, path = state.ready_detector(), state.save_path
     runtime = detector.runtime
     if runtime != "torch":
         raise RequestError(
@@ -82,12 +124,18 @@ def save_thresholds(state: ServingState, update: ThresholdUpdate) -> None:
             )
         previous = detector.calibration
         current = stored["calibration"]  # validated when the header was read
+        image, pixel = update.image, update.pixel
+        source = "ui"
+        if update.reset:
+            image, pixel = calibrated(stored)
+            source = "good_quantile"
         try:
+            extras = audited(stored, update, image, pixel)
             detector.set_thresholds(
                 current["threshold"], current["pixel_threshold"], current["threshold_source"]
             )
-            detector.set_thresholds(update.image, update.pixel, source="ui")
-            saved = detector.save(path)
+            detector.set_thresholds(image, pixel, source=source)
+            saved = save_model(detector, path, extras)
         except Exception as exc:  # OSError, SafetensorError...: any failure to write
             detector.calibration = previous
             log.warning("thresholds not saved to %s: %s", path, exc)
@@ -95,6 +143,7 @@ def save_thresholds(state: ServingState, update: ThresholdUpdate) -> None:
         # The local file (for a remote model, its cached copy), as in follow_model_file.
         file = resolve_model_path(saved)
         state.model_mtime_ns = file.stat().st_mtime_ns
+        state.model_extras = extras
         state.use_detector(detector, file_fingerprint(file))
 
 
@@ -105,12 +154,16 @@ def follow_model_file(state: ServingState) -> None:
     without reloading the memory bank.
     """
     now = time.monotonic()
-    path = state.settings.model_path
+    path = state.save_path
     if path is None or not state.ready or now - state.model_checked_at < 1.0:
         return
     state.model_checked_at = now
     detector = state.ready_detector()
     if detector.runtime != "torch":
+        return
+    versions = state.versions()
+    if versions is not None and (versions.active() or "") != state.served_version:
+        state.reload_soon()  # another worker activated a version: load it in the background
         return
     try:
         file = resolve_model_path(path)
@@ -129,6 +182,7 @@ def follow_model_file(state: ServingState) -> None:
             calibration["pixel_threshold"],
             calibration["threshold_source"],
         )
+        state.model_extras = {key: stored[key] for key in EXTRA_KEYS if key in stored}
         state.use_detector(detector, file_fingerprint(file))
     except (DefectscopeError, OSError, KeyError, TypeError) as exc:
         log.warning("could not re-read thresholds from the model file: %s", exc)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Query
 from starlette.concurrency import run_in_threadpool
 
 from defectscope.detector.model_file import compact_metadata
+from defectscope.detector.teaching import calibrated_thresholds, false_alarm_rate
 from defectscope.serving.dependencies import ReadyDetector, State
 from defectscope.serving.limits import as_http_error
 from defectscope.serving.routes import v1_router
@@ -25,7 +26,46 @@ async def model_info(state: State, detector: ReadyDetector) -> dict[str, Any]:
     # Calibration keeps every good image's score; useful in the model file, noise in an answer.
     described = compact_metadata(detector.describe())
     described["model_fingerprint"] = state.model_fingerprint
+    described["served_version"] = state.served_version
+    extras = state.model_extras
+    described["threshold_audit"] = list(extras.get("threshold_audit") or [])
+    described["calibrated_threshold"] = extras.get("calibrated_threshold")
+    described["lineage"] = extras.get("lineage")
+    if described["calibrated_threshold"] is None and detector.calibration is not None:
+        described["calibrated_threshold"] = calibrated_thresholds(detector.calibration)[0]
     return described
+
+
+@router.get("/model/calibration")
+async def calibration(
+    state: State,
+    detector: ReadyDetector,
+    threshold: Annotated[
+        float | None,
+        Query(allow_inf_nan=False, description="A candidate image threshold (default: current)."),
+    ] = None,
+) -> dict[str, Any]:
+    """The good training images' calibration scores, and what a threshold would do to them:
+    the expected false-alarm rate (share of good scores at or above it, as predict decides)
+    and whether it is below the lowest good score."""
+    calibration = detector.calibration
+    if calibration is None or not calibration.good_scores:
+        raise HTTPException(409, "this model keeps no calibration scores of good images")
+    value = detector.threshold if threshold is None else threshold
+    scores = [float(s) for s in calibration.good_scores]
+    calibrated = state.model_extras.get("calibrated_threshold")
+    return {
+        "good_scores": sorted(scores),
+        "lowest_good_score": min(scores),
+        "calibrated_threshold": (
+            calibrated if calibrated is not None else calibrated_thresholds(calibration)[0]
+        ),
+        "current_threshold": detector.threshold,
+        "threshold": value,
+        "expected_false_alarm_rate": false_alarm_rate(scores, value),
+        "below_lowest_good": value < min(scores),
+        "fit_false_alarm_rate": calibration.false_alarm_rate,
+    }
 
 
 @router.put(
@@ -39,10 +79,14 @@ async def update_thresholds(
 ) -> dict[str, Any]:
     """Set the stored thresholds and save them to the served model file (atomic replace).
 
-    Other worker processes pick the new thresholds up from the file within about a second.
+    ``{"reset": true}`` restores the calibrated thresholds. Each change is appended to the
+    model's ``threshold_audit`` (who: ``reviewer``, else 'anonymous'; ``reason``). Other
+    worker processes pick the new thresholds up from the file within about a second.
     """
-    if update.image is None and update.pixel is None:
-        raise HTTPException(422, "give at least one of 'image' and 'pixel'")
+    if update.reset and (update.image is not None or update.pixel is not None):
+        raise HTTPException(422, "give either 'reset' or thresholds, not both")
+    if update.image is None and update.pixel is None and not update.reset:
+        raise HTTPException(422, "give at least one of 'image' and 'pixel' (or 'reset': true)")
     with as_http_error():
         await run_in_threadpool(state.save_thresholds, update)
     return await model_info(state, state.ready_detector())

@@ -6,10 +6,16 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import BackgroundTasks, File, Request, UploadFile
+from fastapi import BackgroundTasks, File, Form, Request, UploadFile
 
 from defectscope.serving.dependencies import Flags, ReadyDetector, State, request_id
 from defectscope.serving.limits import RequestError, as_http_error
+from defectscope.serving.request_meta import (
+    MAX_NAME,
+    MAX_PART_ID,
+    parse_part_info,
+    single_part_info,
+)
 from defectscope.serving.routes import v1_router
 from defectscope.serving.schemas import (
     UNPARSABLE_MULTIPART,
@@ -19,7 +25,13 @@ from defectscope.serving.schemas import (
     ItemError,
     PredictionResult,
 )
-from defectscope.serving.scoring import holding_pixels, score_bytes
+from defectscope.serving.scoring import (
+    Scored,
+    holding_pixels,
+    log_scored,
+    save_pictures,
+    score_bytes,
+)
 from defectscope.serving.uploads import (
     check_image_count,
     check_request_pixels,
@@ -38,7 +50,13 @@ SINGLE_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "part_id": {"type": "string", "maxLength": MAX_PART_ID},
+                        "line": {"type": "string", "maxLength": MAX_NAME},
+                        "station": {"type": "string", "maxLength": MAX_NAME},
+                        "tags": {"type": "string", "description": "Comma-separated, <= 16."},
+                    },
                     "required": ["file"],
                 }
             },
@@ -52,15 +70,22 @@ SINGLE_BODY = {
 async def predict(
     request: Request, background: BackgroundTasks, state: State, flags: Flags, _: ReadyDetector
 ) -> PredictionResult:
-    """Score one image: multipart field ``file``, or JSON ``{"image_base64": ...}``."""
+    """Score one image: multipart field ``file``, or JSON ``{"image_base64": ...}``.
+
+    Optional fields (form fields, or in the JSON body): ``part_id`` (default: the file name),
+    ``line``, ``station``, ``tags`` (comma-separated). They are kept in the prediction log with
+    the prediction, whose id the answer gives (``prediction_id``).
+    """
     started = time.perf_counter()
     with as_http_error():
         data = await read_single_image(request, state.settings.max_upload_bytes)
+        part = await single_part_info(request)
         async with holding_pixels(state, pixels_within(state.settings, data)):
-            result, record = await score_bytes(
-                state, data, flags, started, "/v1/predict", request_id(request)
+            result, scored = await score_bytes(
+                state, data, flags, started, "/v1/predict", request_id(request), part
             )
-    background.add_task(state.record, [record])
+    await log_scored(state, [result], [scored])
+    background.add_task(save_pictures, state, [scored])
     return result
 
 
@@ -72,12 +97,20 @@ async def predict_batch(
     flags: Flags,
     _: ReadyDetector,
     files: Annotated[list[UploadFile], File(description="Images, field 'files' repeated.")],
+    part_id: Annotated[str | None, Form(description="Default: each file's name.")] = None,
+    line: Annotated[str | None, Form()] = None,
+    station: Annotated[str | None, Form()] = None,
+    tags: Annotated[str | None, Form(description="Comma-separated, at most 16.")] = None,
 ) -> BatchResponse:
-    """Score several images; an unreadable one gets an error entry, the others still succeed."""
+    """Score several images; an unreadable one gets an error entry, the others still succeed.
+
+    ``part_id``, ``line``, ``station`` and ``tags`` apply to every file.
+    """
     started = time.perf_counter()
     settings = state.settings
     with as_http_error():
         check_image_count(settings, len(files))
+        part = parse_part_info({"part_id": part_id, "line": line, "station": station, "tags": tags})
     rid = request_id(request)
     uploads: list[bytes | RequestError] = []
     for upload in files:
@@ -87,13 +120,19 @@ async def predict_batch(
             uploads.append(exc)
     sizes = [pixels_within(settings, data) for data in uploads if isinstance(data, bytes)]
 
-    async def one(index: int, upload: UploadFile) -> tuple[BatchItem, dict | None]:
+    async def one(index: int, upload: UploadFile) -> tuple[BatchItem, Scored | None]:
         try:
             data = uploads[index]
             if isinstance(data, RequestError):
                 raise data
             result, record = await score_bytes(
-                state, data, flags, started, "/v1/predict/batch", rid
+                state,
+                data,
+                flags,
+                started,
+                "/v1/predict/batch",
+                rid,
+                part.with_default_id(upload.filename),
             )
         except RequestError as exc:
             error = ItemError(status=exc.status, detail=exc.detail)
@@ -106,6 +145,8 @@ async def predict_batch(
             # All items are queued at once, so the micro-batcher can put them in one model call.
             outcomes = await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
     items = [item for item, _ in outcomes]
-    background.add_task(state.record, [record for _, record in outcomes if record])
+    done = [(item.result, scored) for item, scored in outcomes if item.result and scored]
+    await log_scored(state, [r for r, _ in done], [s for _, s in done])
+    background.add_task(save_pictures, state, [s for _, s in done])
     n_ok = sum(item.error is None for item in items)
     return BatchResponse(items=items, n_ok=n_ok, n_failed=len(items) - n_ok)
