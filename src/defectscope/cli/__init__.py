@@ -12,7 +12,7 @@ import logging
 import typer
 
 from defectscope import __version__
-from defectscope.cli import experiments, model, monitoring, review, serving
+from defectscope.cli import experiments, line, model, monitoring, registry, review, serving
 from defectscope.cli.console import out, run_reporting_errors
 
 __all__ = ["app", "main"]
@@ -51,6 +51,8 @@ for command in (
 app.command("drift-study")(monitoring.drift_study)
 app.command()(version)
 app.add_typer(serving.client_app, name="client")
+app.command()(line.watch)
+app.add_typer(registry.registry_app, name="registry")
 app.add_typer(review.review_app, name="review")
 app.command("teach")(review.teach_local)
 

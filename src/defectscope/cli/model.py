@@ -21,6 +21,7 @@ from defectscope.cli.options import (
     MlflowOpt,
     MlflowUriOpt,
     ModelArg,
+    ModelRefArg,
     Overrides,
     RayAddressOpt,
     RayWorkersOpt,
@@ -29,6 +30,7 @@ from defectscope.cli.options import (
 
 if TYPE_CHECKING:
     from defectscope.detector.detector import Detector
+    from defectscope.registry import Registry
 
 # Outputs derived from a model; after a new fit in their place they would describe the old one.
 STALE_MODEL_OUTPUTS = ("report", "model.onnx", "model.xml", "model.bin")
@@ -83,6 +85,14 @@ def fit(
         bool,
         typer.Option(help="Replace an existing model (its report/ and exports are removed)."),
     ] = False,
+    register: Annotated[
+        str | None,
+        typer.Option(help="Also register the model as the next version of this name."),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(envvar="DEFECTSCOPE_REGISTRY", help="Registry folder or mlflow:URI."),
+    ] = None,
     auto: Annotated[
         bool | None,
         typer.Option(
@@ -110,6 +120,7 @@ def fit(
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
     stale_folder = model_destination(out_dir, overwrite)  # likewise an existing model
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
+    target = open_registry(registry, register)  # likewise a bad name or registry
     started = time.time()
     data_uri = storage.location(data)
     dataset = open_dataset(storage.localize(data_uri))
@@ -137,9 +148,34 @@ def fit(
         if removed:
             console.print(f"Removed the replaced model's {', '.join(removed)} from {stale_folder}")
     print_fit_summary(detector, path)
+    if target is not None and register is not None:
+        version = register_fitted(target, register, path, str(data_uri))
+        out.print(f"Registered {register}@{version} in {target.uri}")
     tags = {"defectscope.command": "fit", "defectscope.dataset": str(data_uri)}
     with tracker.run(Path(str(out_dir)).name, tags, started=started) as run:
         log_fit(run, detector, storage.location(out_dir), config=experiment.raw)
+
+
+def open_registry(uri: str | None, name: str | None) -> Registry | None:
+    """fit's --register target, opened (and the name checked) before the fit."""
+    if name is None:
+        return None
+    from defectscope.registry import open_registry as open_store
+    from defectscope.registry.base import check_name
+
+    check_name(name)
+    return open_store(uri)
+
+
+def register_fitted(target: Registry, name: str, path: Path | str, data: str) -> int:
+    """Register the saved model; a failure says that the model itself is safe on disk."""
+    from defectscope.errors import DefectscopeError
+    from defectscope.registry import RegistryError
+
+    try:
+        return target.register(name, path, lineage={"data": data})
+    except DefectscopeError as exc:
+        raise RegistryError(f"model saved to {path}, but not registered: {exc}") from None
 
 
 def print_fit_summary(detector: Detector, path: Path | str) -> None:
@@ -256,7 +292,7 @@ def print_metrics(result: dict[str, Any]) -> None:
 
 
 def predict(
-    model: ModelArg,
+    model: ModelRefArg,
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "predictions"
@@ -402,7 +438,7 @@ def export(
     )
 
 
-def inspect(model: ModelArg) -> None:
+def inspect(model: ModelRefArg) -> None:
     """Print a model's metadata (reads the header only; does not load the backbone)."""
     from defectscope.detector.model_file import compact_metadata, read_header, resolve_model_path
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from defectscope.registry import resolve_model_arg
+
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(
@@ -56,4 +58,13 @@ MlflowExperimentOpt = Annotated[
     typer.Option("--mlflow-experiment", help="MLflow experiment name [default: defectscope]."),
 ]
 ModelArg = Annotated[Path, typer.Argument(help="Model folder or file.")]
+# Read-only commands also take a registry reference (NAME@3, NAME@production), looked up in
+# $DEFECTSCOPE_REGISTRY: the others write beside the model, which a registered version is not for.
+ModelRefArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Model folder or file, or a registry reference NAME@VERSION / NAME@STAGE.",
+        callback=resolve_model_arg,
+    ),
+]
 LabelledDataArg = Annotated[Path, typer.Argument(help="Dataset with a labelled test split.")]
