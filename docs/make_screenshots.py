@@ -4,7 +4,7 @@
 
 Starts `defectscope serve MODEL` and `defectscope ui`, scores some of DATA's test images through
 the API (so History and Drift have something to show), then drives Debian's chromium through
-Playwright over the four pages. Uses the end-to-end test's helpers (tests/_browser.py).
+Playwright over the five pages. Uses the end-to-end test's helpers (tests/_browser.py).
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def main() -> None:
             save(page, "inspect")
 
             for title, wait_for in (
+                ("Review", "left of"),
                 ("History", "Score over time"),
                 ("Drift", "Feature test (MMD)"),
-                ("Model", "Evaluation report"),
+                ("Model", "Threshold changes"),
             ):
                 page.get_by_role("link", name=title).click()
                 page.get_by_text(wait_for).first.wait_for()

@@ -20,6 +20,9 @@ import httpx
 from _images import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
+# The opened image's decision line on Inspect: scores have 4 significant digits.
+SCORE = r"\d+(?:\.\d+)?(?:e[+-]\d+)?"
+SCORE_LINE = rf"score ({SCORE}) [≥<] threshold ({SCORE})"
 
 
 @contextmanager
@@ -110,6 +113,6 @@ def upload_and_score(page: Any, ui_url: str, images: list[Path]) -> str:
     page.locator("input[type=file]").set_input_files([str(p) for p in images])
     # The button counts the files once their upload has reached the Streamlit server.
     page.get_by_role("button", name=re.compile(rf"Score {len(images)} image")).click()
-    result = page.get_by_text(re.compile(r"score \d+\.\d{4} [≥<] threshold")).first
+    result = page.get_by_text(re.compile(SCORE_LINE)).first
     result.wait_for()
     return result.inner_text()

@@ -1,5 +1,6 @@
-"""The web UI: its logic as plain functions, and its pages run by Streamlit's AppTest
-against a real uvicorn API server (no browser here; see test_ui_e2e.py for that)."""
+"""The web UI's pages run by Streamlit's AppTest against a real uvicorn API server (no browser
+here; see test_ui_e2e.py and test_ui_review_e2e.py for that; the plain logic is in
+tests/unit/test_ui_logic.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("fastapi")
@@ -24,106 +25,21 @@ from _models import copy_model
 from _server import running_server
 from streamlit.testing.v1 import AppTest
 
-from defectscope.client import ClientError, DefectscopeClient
+from defectscope.client import DefectscopeClient
 from defectscope.detector.detector import Detector
 from defectscope.serving.settings import ServingSettings
 from defectscope.ui import analysis
-from defectscope.ui.api import UiSettings, friendly, sample_sets, score_images
+from defectscope.ui.api import (
+    UiSettings,
+    connection_state,
+    drift_skipping_bad,
+    score_images,
+)
+from defectscope.ui.formatting import fmt_score
+from defectscope.ui.threshold_panel import PROPOSED
 
 UI = Path(__file__).parents[2] / "src" / "defectscope" / "ui"
 RUN_TIMEOUT = 60  # a page run that scores images waits for the model
-
-
-# --------------------------------------------------------------------------- plain logic
-def test_reclassify_counts_changed_decisions() -> None:
-    scores = [0.5, 1.0, 1.5, 2.0]
-    same = analysis.reclassify(scores, 1.5, 1.5)
-    assert (same.n_anomalous, same.n_changed) == (2, 0)
-    lower = analysis.reclassify(scores, 1.5, 0.9)  # 1.0 becomes anomalous
-    assert (lower.n_anomalous, lower.to_anomalous, lower.to_good) == (3, 1, 0)
-    higher = analysis.reclassify(scores, 1.5, 1.75)  # 1.5 becomes good
-    assert (higher.n_anomalous, higher.to_anomalous, higher.to_good, higher.n_changed) == (
-        1,
-        0,
-        1,
-        1,
-    )
-    # The detector's rule: a score equal to the threshold is anomalous.
-    assert analysis.reclassify([2.0], 3.0, 2.0).to_anomalous == 1
-
-
-def test_slider_range_covers_scores_and_stored_threshold() -> None:
-    low, high = analysis.slider_range([1.0, 1.2], 3.0)
-    assert low < 1.0 and high > 3.0 and low >= 0
-    low, high = analysis.slider_range([2.0], 2.0)  # one value: still a usable range
-    assert low < 2.0 < high
-
-
-def test_select_results_filters_sorts_and_keeps_errors_last() -> None:
-    results = [
-        {"name": "b", "score": 2.0, "error": None},
-        {"name": "broken", "error": "not a readable image (415)"},
-        {"name": "a", "score": 0.5, "error": None},
-        {"name": "c", "score": 1.2, "error": None},
-    ]
-    names = [r["name"] for r in analysis.select_results(results, 1.0)]
-    assert names == ["b", "c", "a", "broken"]
-    names = [r["name"] for r in analysis.select_results(results, 1.0, sort="score, lowest first")]
-    assert names == ["a", "c", "b", "broken"]
-    names = [r["name"] for r in analysis.select_results(results, 1.0, "anomalous", sort="name")]
-    assert names == ["b", "c", "broken"]
-    assert [r["name"] for r in analysis.select_results(results, 1.0, "good")] == ["a", "broken"]
-    assert [r["name"] for r in analysis.select_results(results, 1.0, min_score=1.5)] == [
-        "b",
-        "broken",
-    ]
-
-
-def test_anomaly_rate_per_hour_and_day_skips_empty_periods() -> None:
-    def row(when: str, anomalous: bool) -> dict:
-        return {"created_at": when, "score": 1.0, "is_anomalous": anomalous, "threshold": 1.0}
-
-    rows = [
-        row("2026-01-01T10:05:00+00:00", True),
-        row("2026-01-01T10:55:00+00:00", False),
-        row("2026-01-01T13:00:00+00:00", True),
-        row("2026-01-02T09:00:00Z", False),
-    ]
-    frame = analysis.log_frame(rows[::-1])  # the API sends newest first
-    assert list(frame["created_at"]) == sorted(frame["created_at"])
-    hourly = analysis.anomaly_rate(frame, "hour")
-    assert list(hourly["images"]) == [2, 1, 1]  # 11:00 and 12:00 had no images: not rows
-    assert list(hourly["rate"]) == [0.5, 1.0, 0.0]
-    assert hourly["period"][0] == pd.Timestamp("2026-01-01T10:00:00Z")
-    daily = analysis.anomaly_rate(frame, "day")
-    assert list(daily["anomalies"]) == [2, 0] and list(daily["rate"]) == [2 / 3, 0.0]
-    assert analysis.anomaly_rate(analysis.log_frame([]), "day").empty
-
-
-def test_sample_sets_lists_image_folders(tmp_path) -> None:
-    image = png(texture_crops(1)[0])
-    for name in ("test/good/000.png", "test/crack/001.png", "top.png"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(image)
-    (tmp_path / "test" / "crack" / "notes.txt").write_text("not an image")
-    sets = sample_sets(tmp_path)
-    assert list(sets) == [".", "test/crack", "test/good"]
-    assert [p.name for p in sets["test/crack"]] == ["001.png"]
-    assert sample_sets(None) == {} and sample_sets(tmp_path / "missing") == {}
-
-
-def test_friendly_messages_say_what_to_do() -> None:
-    settings = UiSettings("http://127.0.0.1:9", None, 2.0, None)
-    down = friendly(ClientError("x"), settings)
-    assert "Cannot reach" in down and "defectscope serve" in down
-    slow = friendly(ClientError("x", timed_out=True), settings, "scoring")
-    assert slow.startswith("scoring: ") and "did not answer within 2 s" in slow
-    assert "--api-key" in friendly(ClientError("x", 401, "missing or wrong API key"), settings)
-    rejected = friendly(ClientError("x", 415, "not a readable image"), settings, "a.txt")
-    assert rejected == "a.txt: rejected by the API (415): not a readable image"
-    listed = friendly(ClientError("x", 422, [{"msg": "too big", "loc": ["q"]}]), settings)
-    assert "too big" in listed
-    assert "not ready yet" in friendly(ClientError("x", 503, "loading"), settings)
 
 
 # ------------------------------------------------------------------- pages against an API
@@ -167,6 +83,7 @@ def test_inspect_scores_uploads_reclassifies_and_saves_the_threshold(ui_env) -> 
     at = page("inspect_images").run()
     assert not at.exception
     assert "Upload images" in texts(at)
+    assert at.file_uploader[0].proto.max_upload_size_mb == 20  # the API's limit, not 200 MB
     at.file_uploader[0].set_value(
         [
             ("good_0.png", png(good[0]), "image/png"),
@@ -180,39 +97,61 @@ def test_inspect_scores_uploads_reclassifies_and_saves_the_threshold(ui_env) -> 
     assert not at.exception, at.exception
     shown = texts(at)
     assert "notes.txt: rejected by the API" in shown and "not a readable image" in shown
-    # Original, overlay and mask for each of the three scored images.
-    assert len(at.image) == 9
+    # The opened image (original, overlay, mask) and a thumbnail per scored image.
+    assert len(at.image) == 3 + 3
     table = at.dataframe[0].value
     assert set(table["image"]) == {"good_0.png", "good_1.png", "defect.png"}
     assert list(table["score"]) == sorted(table["score"], reverse=True)
     assert table["image"].iloc[0] == "defect.png"  # red blob: the highest score
+    # The highest score is opened first; "Open" on a thumbnail opens another one.
+    assert any(m.value.startswith("**defect.png** —") for m in at.markdown)
+    at.button(key=next(b.key for b in at.button if b.key and "good_1.png" in b.key)).click().run()
+    assert any(m.value.startswith("**good_1.png** —") for m in at.markdown)
 
     with DefectscopeClient(ui_env, api_key="ui-key") as client:
         stored = client.model_info()["calibration"]["threshold"]
-    slider = at.slider[0]
-    assert slider.value == pytest.approx(stored, abs=slider.proto.step)
+    slider = at.select_slider[0]
+    assert slider.value == stored  # exactly: the stored value is one of the options
+    assert next(b for b in at.button if b.label.startswith("Review and save")).disabled
     # Just below the lowest score: every image becomes anomalous.
     lowest = float(table["score"].min())
-    slider.set_value(lowest - 1e-3).run()
+    options = analysis.threshold_options(
+        *analysis.slider_range(list(table["score"]), stored), stored
+    )
+    below = max(o for o in options if o < lowest)
+    slider.set_value(below).run()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Anomalous at this threshold"] == "3 / 3"
     changed = int(metrics["Decisions changed"])
-    expected = analysis.reclassify(list(table["score"]), stored, lowest - 1e-3)
+    expected = analysis.reclassify(list(table["score"]), stored, below)
     assert changed == expected.n_changed and changed >= 1
     assert f"{changed} image(s) change decision" in texts(at)
 
     at.selectbox[0].set_value("good").run()  # decision filter: nothing is good any more
     assert at.dataframe[0].value.empty
 
-    save = next(b for b in at.button if b.label.startswith("Save threshold"))
-    save.click().run()
-    assert not at.exception, at.exception
+    # Saving is handed to the Model page's checked flow, which opens on the chosen value.
+    handover = next(b for b in at.button if b.label.startswith("Review and save"))
+    handover.click().run()
+    assert at.session_state[PROPOSED] == pytest.approx(below, rel=1e-12)
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        assert client.model_info()["calibration"]["threshold"] == stored  # nothing saved yet
+    model = page("model")
+    model.session_state[PROPOSED] = at.session_state[PROPOSED]
+    model.run()
+    assert not model.exception, model.exception
+    box = next(n for n in model.number_input if n.label.startswith("New image threshold"))
+    assert box.value == pytest.approx(below, rel=1e-12)
+    model.button(key="threshold-save").click().run()
+    model.button(key="threshold-confirm").click().run()
+    assert not model.exception, model.exception
     with DefectscopeClient(ui_env, api_key="ui-key") as client:
         calibration = client.model_info()["calibration"]
-    assert calibration["threshold"] == pytest.approx(lowest - 1e-3, abs=1e-3)
-    assert calibration["threshold_source"] == "ui"
+    assert calibration["threshold"] == pytest.approx(below, rel=1e-9)
     # Saved: the model's threshold is now the chosen one, so nothing changes against it.
+    at.run()
     assert {m.label: m.value for m in at.metric}["Decisions changed"] == "0"
+    assert at.select_slider[0].value == calibration["threshold"]
 
 
 def test_inspect_picks_a_sample_set(ui_env, monkeypatch, tmp_path) -> None:
@@ -268,7 +207,7 @@ def test_model_page_shows_metadata_and_report(ui_env, model_dir) -> None:
     with DefectscopeClient(ui_env, api_key="ui-key") as client:
         info = client.model_info()
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Image threshold"] == f"{info['calibration']['threshold']:.4f}"
+    assert metrics["Image threshold"] == fmt_score(info["calibration"]["threshold"])
     assert "no evaluation report" in texts(at)
 
     (model_dir / "report").mkdir(exist_ok=True)
@@ -287,7 +226,10 @@ def test_model_page_shows_metadata_and_report(ui_env, model_dir) -> None:
         metrics = {m.label: m.value for m in at.metric}
         assert metrics["Image AUROC"] == f"{report['metrics']['image_auroc']:.3f}"
         assert metrics["AUPRO"] == f"{report['metrics']['aupro']:.3f}"
-        facts, confusion, per_defect = (d.value for d in at.dataframe)
+        tables = [d.value for d in at.dataframe]
+        facts = next(t for t in tables if "property" in t)
+        confusion = next(t for t in tables if "flagged anomalous" in t)
+        per_defect = next(t for t in tables if "defect_type" in t)
         assert (
             dict(zip(facts["property"], facts["value"], strict=True))["backbone"]
             == (info["backbone"]["name"])
@@ -400,20 +342,126 @@ def test_cli_ui_and_serve_report_refuse_bad_arguments(model_dir, tmp_path) -> No
         assert message in done.stdout + done.stderr
 
 
-def test_all_predictions_pages_through_the_log() -> None:
-    httpx = pytest.importorskip("httpx")
-    rows = [{"id": i} for i in range(2500)]
-    asked = []
+# --------------------------------------------------------------- fixes against a real API
+def test_results_stay_when_the_api_drops(ui_env, monkeypatch) -> None:
+    at = page("inspect_images").run()
+    at.file_uploader[0].set_value(
+        [(f"{i}.png", png(image), "image/png") for i, image in enumerate(texture_crops(2))]
+    )
+    at.run()
+    at.button[0].click().run()
+    assert len(at.dataframe[0].value) == 2
+    monkeypatch.setenv("DEFECTSCOPE_API_URL", f"http://127.0.0.1:{free_port()}")
+    at.select_slider[0].set_value(at.select_slider[0].value).run()  # a nudge: a rerun
+    assert not at.exception, at.exception
+    assert len(at.dataframe[0].value) == 2  # still there
+    assert "Showing the last results" in texts(at)
+    assert next(b for b in at.button if b.label.startswith("Review and save")).disabled
 
-    def answer(request) -> object:
-        limit, offset = int(request.url.params["limit"]), int(request.url.params["offset"])
-        asked.append((limit, offset))
-        body = {"total": len(rows), "limit": limit, "offset": offset}
-        return httpx.Response(200, json={**body, "items": rows[offset : offset + limit]})
 
-    with DefectscopeClient("http://test", transport=httpx.MockTransport(answer)) as client:
-        assert client.all_predictions(max_rows=2200) == rows[:2200]
-        assert asked == [(1000, 0), (1000, 1000), (200, 2000)]
-        asked.clear()
-        assert len(client.all_predictions(max_rows=10_000)) == 2500
-        assert asked == [(1000, 0), (1000, 1000), (1000, 2000)]
+def test_switching_to_a_sample_set_forgets_the_uploads_results(
+    ui_env, monkeypatch, tmp_path
+) -> None:
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "000.png").write_bytes(png(texture_crops(1, seed=5)[0]))
+    monkeypatch.setenv("DEFECTSCOPE_UI_SAMPLES", str(tmp_path))
+    at = page("inspect_images").run()
+    at.file_uploader[0].set_value([("up.png", png(texture_crops(1)[0]), "image/png")])
+    at.run()
+    at.button[0].click().run()
+    assert list(at.dataframe[0].value["image"]) == ["up.png"]
+    at.radio[0].set_value("Sample set").run()
+    assert not at.dataframe and "Upload images or pick a sample set" in texts(at)
+
+
+def test_sidebar_checks_the_key_on_an_authenticated_route(ui_env, monkeypatch) -> None:
+    monkeypatch.delenv("DEFECTSCOPE_API_KEY")
+    at = AppTest.from_file(str(UI / "app.py"), default_timeout=RUN_TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert not at.sidebar.success
+    assert "API key refused" in at.sidebar.error[0].value
+    settings = UiSettings(ui_env, "ui-key", 60.0, None)
+    assert connection_state(settings.client(quick=True), settings)[0] == "ok"
+
+
+def test_a_hung_api_fails_fast_on_metadata(ui_env, monkeypatch) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("DEFECTSCOPE_API_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("DEFECTSCOPE_UI_TIMEOUT", "60")
+        monkeypatch.setenv("DEFECTSCOPE_UI_QUICK_TIMEOUT", "1")
+        started = time.monotonic()
+        at = AppTest.from_file(str(UI / "app.py"), default_timeout=RUN_TIMEOUT).run()
+        elapsed = time.monotonic() - started
+    # Sidebar and page each waited the 1 s quick timeout, not the 60 s scoring one.
+    assert elapsed < 10, elapsed
+    shown = at.sidebar.error[0].value + at.error[0].value
+    assert "did not answer within 1 s" in shown and "fewer images" not in shown
+
+
+def test_drift_window_skips_a_bad_file(ui_env) -> None:
+    window = [(f"{i}.png", png(image)) for i, image in enumerate(texture_crops(10, seed=81))]
+    window.insert(4, ("broken.png", b"not an image at all"))
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        report, skipped = drift_skipping_bad(client, window)
+    assert report["n_window"] == 10
+    assert len(skipped) == 1 and skipped[0].startswith("broken.png: ")
+
+
+def test_review_page_records_verdicts_and_moves_on(ui_env) -> None:
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        client.set_thresholds(image=1e-6)  # every new prediction is flagged
+    predict_and_wait_for_the_log(ui_env, texture_crops(2, seed=95))
+    at = page("review").run()
+    assert not at.exception, at.exception
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        total = client.review_queue(scope="flagged", since=datetime.now(UTC).date())["total"]
+    assert total >= 2
+    assert f"{total} left of" in at.get("progress")[0].proto.text
+    at.text_input(key="reviewer").set_value("Ana")
+    first_id = int(
+        next(m.value for m in at.markdown if m.value.startswith("**Prediction "))
+        .split()[1]
+        .strip("*")
+    )
+    note = next(t for t in at.text_input if t.key.startswith("review-note-"))
+    note.set_value("glare, not a defect")
+    at.button(key="review-false_alarm").click().run()
+    assert not at.exception, at.exception
+    assert f"{total - 1} left of" in at.get("progress")[0].proto.text
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        review = client.prediction(first_id)["review"]
+    assert (review["verdict"], review["note"], review["reviewer"]) == (
+        "false_alarm",
+        "glare, not a defect",
+        "Ana",
+    )
+    at.button(key="review-prev").click().run()  # back to it: its review is shown
+    assert "Reviewed: **false alarm** by Ana" in texts(at)
+
+
+def test_model_page_saves_a_threshold_after_confirmation_and_lists_it(ui_env) -> None:
+    at = page("model").run()
+    assert not at.exception, at.exception
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        stored = client.model_info()["calibration"]["threshold"]
+    box = next(n for n in at.number_input if n.label.startswith("New image threshold"))
+    assert box.value == stored
+    assert at.button(key="threshold-save").disabled  # nothing changed yet
+    box.set_value(stored * 0.5).run()
+    assert "below the lowest good training score" in texts(at)
+    at.text_input(key="threshold-reviewer").set_value("Ben")
+    at.text_input(key="threshold-reason").set_value("trial")
+    at.button(key="threshold-save").click().run()
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        assert client.model_info()["calibration"]["threshold"] == stored  # not yet
+    at.button(key="threshold-confirm").click().run()
+    assert not at.exception, at.exception
+    with DefectscopeClient(ui_env, api_key="ui-key") as client:
+        info = client.model_info()
+    assert info["calibration"]["threshold"] == pytest.approx(stored * 0.5)
+    last = info["threshold_audit"][-1]
+    assert (last["who"], last["new"]) == ("Ben", pytest.approx(stored * 0.5))
+    audit = at.table[0].value
+    assert "Ben" in set(audit["who"])

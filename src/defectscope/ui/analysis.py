@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from defectscope.ui.formatting import fmt_score
+
 SortKey = Literal["score, highest first", "score, lowest first", "name"]
 SORT_KEYS: tuple[SortKey, ...] = ("score, highest first", "score, lowest first", "name")
 DecisionFilter = Literal["all", "anomalous", "good"]
@@ -110,3 +112,74 @@ def anomaly_rate(frame: pd.DataFrame, period: Literal["hour", "day"]) -> pd.Data
     out = pd.DataFrame({"images": grouped.size(), "anomalies": grouped.sum().astype(int)})
     out["rate"] = out["anomalies"] / out["images"]
     return out.reset_index()[columns]
+
+
+def threshold_steps(frame: pd.DataFrame, until: pd.Timestamp | None = None) -> pd.DataFrame:
+    """The threshold in force over time as the corners of a step line (``created_at``,
+    ``threshold``): one row where it changed, and one at the end so the last value reaches
+    ``until`` (default: the newest prediction). Drawn with ``interpolate="step-after"`` it is
+    flat between saves, never a diagonal ramp from one saved value to the next."""
+    columns = ["created_at", "threshold"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    ordered = frame.sort_values("created_at")[columns]
+    changed = ordered["threshold"].ne(ordered["threshold"].shift())
+    steps = ordered[changed]
+    end = until if until is not None else ordered["created_at"].iloc[-1]
+    last = pd.DataFrame({"created_at": [end], "threshold": [ordered["threshold"].iloc[-1]]})
+    return pd.concat([steps, last], ignore_index=True)
+
+
+def false_alarm_rate(good_scores: Sequence[float], threshold: float) -> float:
+    """Share of good (training) scores the detector's rule flags at ``threshold``."""
+    if not good_scores:
+        return float("nan")
+    return sum(is_anomalous(s, threshold) for s in good_scores) / len(good_scores)
+
+
+def threshold_options(low: float, high: float, *exact: float, steps: int = 400) -> list[float]:
+    """Values for a threshold slider: an even grid over [low, high] plus the ``exact`` ones
+    (the stored and calibrated thresholds), so the slider can go back to them exactly.
+
+    No two options share a label (``fmt_score``): Streamlit maps a chosen label back to its
+    value, so a grid point shown like the stored threshold would stand in for it.
+    """
+    pinned = {float(v) for v in exact}
+    labels = {fmt_score(v) for v in pinned}
+    grid = [low + (high - low) * i / steps for i in range(steps + 1)]
+    kept = set(pinned)
+    for value in grid:
+        label = fmt_score(value)
+        if label not in labels:
+            labels.add(label)
+            kept.add(value)
+    return sorted(kept)
+
+
+def nearest(options: Sequence[float], value: float) -> float:
+    return min(options, key=lambda option: abs(option - value))
+
+
+def page_of(items: Sequence[Any], page: int, per_page: int) -> tuple[list[Any], int]:
+    """Items on ``page`` (0-based, clamped) and the number of pages (at least 1)."""
+    n_pages = max(1, -(-len(items) // per_page))
+    page = min(max(page, 0), n_pages - 1)
+    return list(items[page * per_page : (page + 1) * per_page]), n_pages
+
+
+def picked_id(chart_state: Any, table_state: Any, table: pd.DataFrame) -> Any:
+    """The prediction id picked by a click on the chart's ``pick`` selection or a table row
+    (the row wins when both are set), or None."""
+
+    def get(obj: Any, key: str) -> Any:
+        if obj is None:
+            return None
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    rows = get(get(table_state, "selection"), "rows") or []
+    if rows and "id" in table and rows[0] < len(table):
+        return table["id"].iloc[rows[0]].item()
+    points = get(get(chart_state, "selection"), "pick") or []
+    if points and isinstance(points[0], dict) and "id" in points[0]:
+        return points[0]["id"]
+    return None

@@ -1,4 +1,4 @@
-"""Streamlit pieces shared by the pages: the cached client and error display."""
+"""Streamlit pieces shared by the pages: the cached clients, connection state, errors."""
 
 from __future__ import annotations
 
@@ -8,23 +8,47 @@ from typing import Any, NoReturn
 import streamlit as st
 
 from defectscope.client import ClientError, DefectscopeClient
-from defectscope.ui.api import UiSettings, friendly
+from defectscope.ui.api import UiSettings, connection_state, friendly
+
+ICONS = {"ok": ":material/check_circle:", "loading": ":material/hourglass_top:"}
 
 
 @st.cache_resource(show_spinner=False)
-def _client(settings: UiSettings) -> DefectscopeClient:
-    # One HTTP connection pool per API address and key, shared by every session and rerun.
-    return settings.client()
+def _client(settings: UiSettings, quick: bool) -> DefectscopeClient:
+    # One HTTP connection pool per API address, key and timeout, shared by every session.
+    return settings.client(quick=quick)
 
 
 def connect() -> tuple[UiSettings, DefectscopeClient]:
+    """The settings and the quick client (short timeout): health, metadata, log, reviews."""
     settings = UiSettings.from_env()
-    return settings, _client(settings)
+    return settings, _client(settings, True)
 
 
-def stop_with(error: ClientError, settings: UiSettings, subject: str | None = None) -> NoReturn:
+def scoring_client(settings: UiSettings) -> DefectscopeClient:
+    """The client with the long timeout, only for requests that send or embed images."""
+    return _client(settings, False)
+
+
+def show_connection(client: DefectscopeClient, settings: UiSettings) -> str:
+    """The connection and key state in the sidebar; returns its level (ok, loading, error)."""
+    level, text = connection_state(client, settings)
+    with st.sidebar:
+        st.caption(f"API: {settings.api_url}")
+        if level == "ok":
+            st.success(text, icon=ICONS["ok"])
+        elif level == "loading":
+            st.warning(text, icon=ICONS["loading"])
+        else:
+            st.error(text, icon=":material/power_off:")
+    return level
+
+
+def stop_with(
+    error: ClientError, settings: UiSettings, subject: str | None = None, scoring: bool = False
+) -> NoReturn:
     """Show the friendly text of ``error`` and end this page's run."""
-    st.error(friendly(error, settings, subject), icon=":material/error:")
+    st.error(friendly(error, settings, subject, scoring), icon=":material/error:")
     st.stop()
 
 
@@ -33,6 +57,25 @@ def model_or_stop(client: DefectscopeClient, settings: UiSettings) -> dict[str, 
         return client.model_info()
     except ClientError as exc:
         stop_with(exc, settings)
+
+
+def model_or_last(client: DefectscopeClient, settings: UiSettings) -> tuple[dict[str, Any], bool]:
+    """``(GET /v1/model, online)``, or the last answer this session got when the API is away
+    now (online False), so a page keeps showing its results instead of only an error."""
+    try:
+        model = client.model_info()
+    except ClientError as exc:
+        last = st.session_state.get("last_model")
+        if last is None:
+            stop_with(exc, settings)
+        st.warning(
+            f"{friendly(exc, settings)} Showing the last results; saving is off until the API "
+            "answers again.",
+            icon=":material/cloud_off:",
+        )
+        return last, False
+    st.session_state["last_model"] = model
+    return model, True
 
 
 def png(value: str) -> bytes:

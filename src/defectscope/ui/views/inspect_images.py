@@ -9,40 +9,68 @@ import streamlit as st
 
 from defectscope.client import ClientError
 from defectscope.ui import analysis
-from defectscope.ui.api import friendly, sample_sets, score_images
-from defectscope.ui.widgets import connect, model_or_stop, png, stop_with
+from defectscope.ui.api import sample_sets, score_images, upload_limit_mb
+from defectscope.ui.formatting import SCORES_EXPLAINED, fmt_score, unique_names
+from defectscope.ui.gallery import show_gallery
+from defectscope.ui.threshold_panel import MODEL_PAGE, PROPOSED
+from defectscope.ui.widgets import connect, model_or_last, scoring_client, stop_with
+
+
+def forget_results() -> None:
+    """Another source or set: the old results would be read as this one's."""
+    for key in ("results", "results_id", "results_from"):
+        st.session_state.pop(key, None)
+
 
 settings, client = connect()
 st.title("Inspect images")
-model = model_or_stop(client, settings)
+model, online = model_or_last(client, settings)
 stored = float(model["calibration"]["threshold"])
 
 # ------------------------------------------------------------------------------ input
 sets = sample_sets(settings.samples)
-source = st.radio("Images from", ["Upload", "Sample set"], horizontal=True) if sets else "Upload"
+source = (
+    st.radio("Images from", ["Upload", "Sample set"], horizontal=True, on_change=forget_results)
+    if sets
+    else "Upload"
+)
 if source == "Upload":
+    folder = st.toggle("Upload a whole folder (keeps sub-folder names)", on_change=forget_results)
     # No type filter: the API decides by content, and says why it refuses a file.
-    uploads = st.file_uploader("Images to score", accept_multiple_files=True) or []
-    chosen = [(u.name, u.getvalue()) for u in uploads]
+    uploads = (
+        st.file_uploader(
+            "Images to score",
+            accept_multiple_files="directory" if folder else True,
+            max_upload_size=upload_limit_mb(),
+        )
+        or []
+    )
+    names = unique_names([u.name for u in uploads])
+    chosen = [(name, u.getvalue()) for name, u in zip(names, uploads, strict=True)]
+    label = "uploads"
 else:
-    name = st.selectbox("Sample set", list(sets), help=f"Folders under {settings.samples}")
+    name = st.selectbox(
+        "Sample set", list(sets), help=f"Folders under {settings.samples}", on_change=forget_results
+    )
     paths = sets[name]
     count = st.slider("Images", 1, len(paths), min(len(paths), 8)) if len(paths) > 1 else 1
     chosen = [(f"{name}/{p.name}", p.read_bytes()) for p in paths[:count]]
+    label = f"sample set {name}"
 
-if st.button(f"Score {len(chosen)} image(s)", type="primary", disabled=not chosen):
+if st.button(f"Score {len(chosen)} image(s)", type="primary", disabled=not chosen or not online):
     progress = st.progress(0.0, text="Scoring…")
 
     def show_progress(done: int, total: int) -> None:
         progress.progress(done / total, f"{done}/{total}")
 
     try:
-        new_results = score_images(client, chosen, show_progress)
+        new_results = score_images(scoring_client(settings), chosen, show_progress)
     except ClientError as exc:
         progress.empty()
-        stop_with(exc, settings, "scoring")
+        stop_with(exc, settings, "scoring", scoring=True)
     progress.empty()
     st.session_state["results"] = new_results
+    st.session_state["results_from"] = label
     # A new slider per result set: an old position may lie outside the new range.
     st.session_state["results_id"] = uuid.uuid4().hex
 
@@ -57,22 +85,22 @@ for failed in (r for r in results if r["error"] is not None):
     st.warning(f"{failed['name']}: rejected by the API: {failed['error']}", icon=":material/block:")
 if not scored:
     st.stop()
+st.caption(f"Results of {len(results)} image(s) from {st.session_state['results_from']}.")
 scores = [r["score"] for r in scored]
 low, high = analysis.slider_range(scores, stored)
-threshold = st.slider(
+options = analysis.threshold_options(low, high, stored)
+threshold = st.select_slider(
     "Image threshold (score ≥ threshold → anomalous)",
-    min_value=low,
-    max_value=high,
-    value=min(max(stored, low), high),
-    step=(high - low) / 500,
-    format="%.4f",
-    key=f"threshold-{st.session_state['results_id']}",
+    options=options,
+    value=stored,
+    format_func=fmt_score,
+    key=f"threshold-{st.session_state['results_id']}-{stored!r}",
 )
 change = analysis.reclassify(scores, stored, threshold)
 left, middle, right = st.columns(3)
 left.metric("Anomalous at this threshold", f"{change.n_anomalous} / {change.n_images}")
 middle.metric(
-    "Stored threshold", f"{stored:.4f}", help=model["calibration"].get("threshold_source")
+    "Stored threshold", fmt_score(stored), help=model["calibration"].get("threshold_source")
 )
 right.metric(
     "Decisions changed",
@@ -84,14 +112,15 @@ if change.n_changed:
         f"{change.n_changed} image(s) change decision against the stored threshold: "
         f"{change.to_anomalous} good → anomalous, {change.to_good} anomalous → good."
     )
-if st.button(f"Save threshold {threshold:.4f} to the model", disabled=threshold == stored):
-    try:
-        client.set_thresholds(image=threshold)
-    except ClientError as exc:
-        st.error(friendly(exc, settings, "saving the threshold"), icon=":material/error:")
-    else:
-        st.toast(f"Threshold {threshold:.4f} saved to the model")
-        st.rerun()
+st.caption(SCORES_EXPLAINED + " The **Model** page saves thresholds with a safety check.")
+# Saving goes through the Model page: false-alarm estimate, confirmation and audit trail.
+if st.button(
+    f"Review and save {fmt_score(threshold)} on the Model page…",
+    disabled=threshold == stored or not online,
+    help="Nothing to save: this is the stored threshold." if threshold == stored else None,
+):
+    st.session_state[PROPOSED] = float(threshold)
+    st.switch_page(MODEL_PAGE)
 
 # ----------------------------------------------------------------------------- results
 filters = st.columns(2)
@@ -113,21 +142,13 @@ table = pd.DataFrame(
         "defect area %": [100 * r["defect_area_fraction"] for r in shown],
     }
 )
-st.dataframe(table, hide_index=True, width="stretch")
-
-for r in shown:
-    anomalous = analysis.is_anomalous(r["score"], threshold)
-    with st.container(border=True):
-        verdict = ":red[**anomalous**]" if anomalous else ":green[**good**]"
-        st.markdown(
-            f"**{r['name']}** — {verdict} · score **{r['score']:.4f}** "
-            f"{'≥' if anomalous else '<'} threshold {threshold:.4f}"
-        )
-        original, overlay, mask = st.columns(3)
-        original.image(r["image"], caption="original", width="stretch")
-        overlay.image(png(r["overlay_png"]), caption="heatmap overlay", width="stretch")
-        mask.image(
-            png(r["mask_png"]),
-            caption=f"defect mask ({100 * r['defect_area_fraction']:.2f}% of pixels)",
-            width="stretch",
-        )
+st.dataframe(
+    table,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "score": st.column_config.NumberColumn(format="%.4g"),
+        "defect area %": st.column_config.NumberColumn(format="%.2f"),
+    },
+)
+show_gallery(shown, threshold, st.session_state["results_id"])

@@ -6,6 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from defectscope.client import ClientError
+from defectscope.ui.formatting import fmt_score
+from defectscope.ui.threshold_panel import threshold_panel
 from defectscope.ui.widgets import connect, model_or_stop, stop_with
 
 REPORT_METRICS = {
@@ -27,8 +29,8 @@ backbone = model.get("backbone", {})
 preprocessing = model.get("preprocessing", {})
 
 a, b, c = st.columns(3)
-a.metric("Image threshold", f"{calibration.get('threshold', float('nan')):.4f}")
-b.metric("Pixel threshold", f"{calibration.get('pixel_threshold', float('nan')):.4f}")
+a.metric("Image threshold", fmt_score(calibration.get("threshold")))
+b.metric("Pixel threshold", fmt_score(calibration.get("pixel_threshold")))
 c.metric("Threshold source", str(calibration.get("threshold_source", "?")))
 
 facts = {
@@ -55,6 +57,8 @@ st.dataframe(
 )
 with st.expander("Full metadata (GET /v1/model)"):
     st.json(model, expanded=False)
+
+threshold_panel(client, settings, model)
 
 st.subheader("Evaluation report")
 try:
