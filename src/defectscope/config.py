@@ -48,9 +48,17 @@ class FeatureConfig(_Section):
         2.0,
         ge=1.0,
         le=4.0,
-        description="With aspect='auto': images whose short side is at least 3x the input's "
-        "are fed at this many times the input size, so that small defects on large images "
+        description="With aspect='auto': images larger than the input may be fed at up to this "
+        "many times the input size (see max_downscale), so that small defects on large images "
         "keep a few patches (cost grows with its square); 1 = never.",
+    )
+    max_downscale: float = Field(
+        1.6,
+        ge=1.0,
+        le=16.0,
+        description="With aspect='auto': the input's short side is at least the images' short "
+        "side divided by this (within large_image_scale), so a defect of a few pixels is not "
+        "shrunk below a patch.",
     )
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."

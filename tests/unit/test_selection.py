@@ -67,14 +67,28 @@ def test_large_images_get_a_larger_input_small_ones_do_not() -> None:
     config = _config(aspect="auto", input_size=[256, 256], large_image_scale=1.0)
     resolve_geometry([(1024, 1024)] * 3, config)
     assert config.features.input_size == (256, 256)
+    # Between: at most max_downscale (1.6) below the images' own size.
     config = _config(aspect="auto", input_size=[256, 256])
-    resolve_geometry([(700, 700)] * 3, config)
+    resolve_geometry([(512, 512)] * 3, config)
+    assert config.features.input_size == (320, 320)
+    config = _config(aspect="auto", input_size=[256, 256], max_downscale=4.0)
+    resolve_geometry([(512, 512)] * 3, config)
     assert config.features.input_size == (256, 256)
+    # Images near the input's size are not enlarged.
+    for side in (256, 320, 384):
+        config = _config(aspect="auto", input_size=[256, 256])
+        resolve_geometry([(side, side)] * 3, config)
+        assert config.features.input_size == (256, 256)
+    # An elongated shape keeps its shape when enlarged.
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry([(600, 2400)] * 3, config)
+    height, width = config.features.input_size
+    assert height > 128 and 3.5 <= width / height <= 4.5
 
 
 def test_square_sets_and_explicit_aspects_are_kept() -> None:
     config = _config(aspect="auto", input_size=[256, 256])
-    resolve_geometry([(512, 512), (500, 510)], config)
+    resolve_geometry([(300, 300), (290, 310)], config)
     assert config.features.aspect == "stretch" and config.features.input_size == (256, 256)
     explicit = _config(aspect="stretch", input_size=[128, 256])
     assert resolve_geometry([(250, 122), (280, 599)], explicit) == {"aspect_requested": "stretch"}

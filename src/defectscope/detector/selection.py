@@ -142,14 +142,16 @@ def resolve_geometry(
         else:
             reasons.append("one shape, near square: stretch")
     short_side = float(np.median([min(h, w) for h, w in sizes]))
-    scale = features.large_image_scale
-    if scale > 1.0 and short_side >= 3 * min(features.input_size):
-        # Large images: a larger input keeps small defects a few patches wide.
-        features.input_size = (
-            min(2048, round(features.input_size[0] * scale / multiple) * multiple),
-            min(2048, round(features.input_size[1] * scale / multiple) * multiple),
-        )
-        reasons.append(f"large images (short side {short_side:.0f} px): input x{scale:g}")
+    # Images well above the input: feed them larger, at most max_downscale below their own
+    # size and large_image_scale above the input, so small defects keep a few patches.
+    wanted = short_side / features.max_downscale / min(features.input_size)
+    factor = min(features.large_image_scale, wanted)
+    height, width = (
+        min(2048, round(side * factor / multiple) * multiple) for side in features.input_size
+    )
+    if min(height, width) > min(features.input_size):
+        features.input_size = (height, width)
+        reasons.append(f"large images (short side {short_side:.0f} px): input x{factor:.2f}")
     height, width = features.input_size
     out.update(aspect=features.aspect, input_size=[height, width])
     out["reason"] = "; ".join(reasons) + f"; input {height}x{width}"
