@@ -140,6 +140,42 @@ def read_report(report: str | Path | dict[str, Any] | None) -> dict[str, Any] | 
     return data
 
 
+@dataclass
+class Registration:
+    """What both backends store for a new version, checked before anything is written."""
+
+    source: Path
+    lineage: dict[str, Any]
+    report: dict[str, Any] | None
+
+
+def prepare_registration(
+    name: str,
+    model_path: str | Path,
+    *,
+    parent: str | None,
+    stage: str | None,
+    report: str | Path | dict[str, Any] | None,
+    lineage: dict[str, Any] | None,
+) -> Registration:
+    """Check the name and stage, read the model's lineage and the report to attach (given, or
+    evaluate's ``report/`` beside the model)."""
+    from defectscope.detector.model_file import resolve_model_path
+
+    check_name(name)
+    if stage is not None:
+        check_stage(stage)
+    source = resolve_model_path(model_path)  # a folder -> its model.safetensors
+    found = model_lineage(source)  # also refuses a file that is not a model
+    found.update(lineage or {})
+    if parent is not None:
+        found["parent"] = parent
+    attached = read_report(report)
+    if attached is None and (source.parent / "report" / "metrics.json").is_file():
+        attached = read_report(source.parent / "report")
+    return Registration(source, found, attached)
+
+
 class Registry(ABC):
     """Named, numbered model versions with movable stage labels and a stage history."""
 

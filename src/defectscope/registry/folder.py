@@ -32,8 +32,7 @@ from defectscope.registry.base import (
     RegistryError,
     check_name,
     check_stage,
-    model_lineage,
-    read_report,
+    prepare_registration,
 )
 
 MODEL_FILENAME = "model.safetensors"
@@ -169,19 +168,10 @@ class FolderRegistry(Registry):
         report: str | Path | dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
     ) -> int:
-        from defectscope.detector.model_file import resolve_model_path
-
-        check_name(name)
-        if stage is not None:
-            check_stage(stage)
-        source = resolve_model_path(model_path)  # a folder -> its model.safetensors
-        found = model_lineage(source)  # also refuses a file that is not a model
-        found.update(lineage or {})
-        if parent is not None:
-            found["parent"] = parent
-        attached = read_report(report)
-        if attached is None and (source.parent / "report" / "metrics.json").is_file():
-            attached = read_report(source.parent / "report")  # evaluate's report beside it
+        prepared = prepare_registration(
+            name, model_path, parent=parent, stage=stage, report=report, lineage=lineage
+        )
+        source, found, attached = prepared.source, prepared.lineage, prepared.report
         folder = self._model_dir(name, must_exist=False)
         with self._locked(folder):
             (folder / "versions").mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ from defectscope.registry.base import (
     RegistryError,
     check_name,
     check_stage,
-    model_lineage,
+    prepare_registration,
     read_report,
 )
 
@@ -161,19 +161,10 @@ class MlflowRegistry(Registry):
         report: str | Path | dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
     ) -> int:
-        from defectscope.detector.model_file import resolve_model_path
-
-        check_name(name)
-        if stage is not None:
-            check_stage(stage)
-        source = resolve_model_path(model_path)
-        found = model_lineage(source)
-        found.update(lineage or {})
-        if parent is not None:
-            found["parent"] = parent
-        attached = read_report(report)
-        if attached is None and (source.parent / "report" / "metrics.json").is_file():
-            attached = read_report(source.parent / "report")
+        prepared = prepare_registration(
+            name, model_path, parent=parent, stage=stage, report=report, lineage=lineage
+        )
+        source, found, attached = prepared.source, prepared.lineage, prepared.report
         from mlflow.exceptions import MlflowException
 
         try:
