@@ -130,6 +130,8 @@ def threshold_panel(client: DefectscopeClient, settings: UiSettings, model: dict
     proposed = st.session_state.pop(PROPOSED, None)
     if proposed is not None:
         st.session_state[key] = float(proposed)
+    elif key not in st.session_state:
+        st.session_state[key] = current
     chosen = float(
         st.number_input(
             "New image threshold (score ≥ threshold → anomalous)",
@@ -137,7 +139,6 @@ def threshold_panel(client: DefectscopeClient, settings: UiSettings, model: dict
             step=max(current / 100, 1e-4),
             format="%.4g",
             key=key,
-            **({} if key in st.session_state else {"value": current}),
         )
     )
     batch, batch_label = batch_scores(client)
