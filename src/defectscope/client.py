@@ -16,6 +16,7 @@ import base64
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -52,8 +53,12 @@ class DefectscopeClient:
         api_key: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        model: str | None = None,
     ) -> None:
+        """``model``: the named model (``/v1/models/NAME``) that predict and thresholds use
+        unless a call names another; None is the server's default model."""
         self.url = url.rstrip("/")
+        self.model = model
         self.timeout = timeout
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(
@@ -82,15 +87,16 @@ class DefectscopeClient:
         line: str | None = None,
         station: str | None = None,
         tags: Sequence[str] | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Score one image (a path or the encoded file's bytes); the part fields are logged with
         the prediction (``part_id`` defaults to the file name); the answer has its
-        ``prediction_id``."""
+        ``prediction_id``. ``model`` names the model to score with (see the constructor)."""
         name, data = _read(image)
         params = _flags(threshold, heatmap, overlay, mask)
         return self._request(
             "POST",
-            "/v1/predict",
+            self._model_path(model) + "/predict",
             params=params,
             files={"file": (name, data)},
             data=_part_fields(part_id, line, station, tags),
@@ -108,6 +114,7 @@ class DefectscopeClient:
         line: str | None = None,
         station: str | None = None,
         tags: Sequence[str] | None = None,
+        model: str | None = None,
     ) -> list[dict[str, Any]]:
         """Score several images in one request; each item has ``result`` or ``error``. The part
         fields apply to every image."""
@@ -116,11 +123,34 @@ class DefectscopeClient:
             return []
         params = _flags(threshold, heatmap, overlay, mask)
         data = _part_fields(part_id, line, station, tags)
-        body = self._request("POST", "/v1/predict/batch", params=params, files=files, data=data)
+        path = self._model_path(model) + "/predict/batch"
+        body = self._request("POST", path, params=params, files=files, data=data)
         return body["items"]
 
     def model_info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/model")
+
+    def models(self) -> dict[str, Any]:
+        """The models the server serves (GET /v1/models): names, loaded, memory, sharing."""
+        return self._request("GET", "/v1/models")
+
+    def model_thresholds(self, model: str | None = None) -> dict[str, Any]:
+        """A named model's thresholds (GET /v1/models/NAME/thresholds)."""
+        return self._request("GET", f"/v1/models/{self._model_name(model)}/thresholds")
+
+    def reload_model(self, model: str | None = None) -> dict[str, Any]:
+        """Load a named model again (its registry reference: the version named now)."""
+        return self._request("POST", f"/v1/models/{self._model_name(model)}/reload")
+
+    def _model_name(self, model: str | None) -> str:
+        name = model or self.model
+        if not name:
+            raise ValueError("name the model: model= here or in the constructor")
+        return quote(name, safe="")
+
+    def _model_path(self, model: str | None) -> str:
+        """``/v1`` for the default model, ``/v1/models/NAME`` for a named one."""
+        return f"/v1/models/{self._model_name(model)}" if (model or self.model) else "/v1"
 
     def set_thresholds(
         self,
@@ -130,13 +160,18 @@ class DefectscopeClient:
         reset: bool = False,
         reason: str | None = None,
         reviewer: str | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Store new thresholds in the served model (saved to its file, audited); ``reset``
-        restores the calibrated ones. Returns /v1/model."""
+        restores the calibrated ones. Returns /v1/model (for a named ``model``, its
+        /v1/models/NAME/thresholds)."""
         body: dict[str, Any] = {"image": image, "pixel": pixel}
         if reset:
             body = {"reset": True}
         body.update({k: v for k, v in (("reason", reason), ("reviewer", reviewer)) if v})
+        if model or self.model:
+            path = f"/v1/models/{self._model_name(model)}/thresholds"
+            return self._request("PUT", path, json=body)
         return self._request("PUT", "/v1/model/thresholds", json=body)
 
     def calibration(self, threshold: float | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from defectscope.cli.console import console, out
+from defectscope.cli.line import RegistryOpt
 from defectscope.cli.options import EngineOpt, ModelArg, RayAddressOpt, RuntimeOpt
 
 # The Streamlit entry script of the ui package, a sibling of this one.
@@ -23,8 +24,98 @@ def model_environment(model: Path, runtime: str) -> dict[str, str]:
     return {"DEFECTSCOPE_MODEL_PATH": str(model.resolve()), "DEFECTSCOPE_RUNTIME": runtime}
 
 
+def named_models(
+    models_dir: Path | None, specs: list[str], registry: str | None
+) -> tuple[Path | None, dict[str, str]]:
+    """``--models DIR`` and ``--model NAME=PATH_OR_REF`` -> (a lone ``--model PATH``, the named
+    models' sources); every path must hold a model and every reference resolve."""
+    from defectscope.detector.model_file import resolve_model_path
+    from defectscope.errors import DefectscopeError
+    from defectscope.registry import resolve_model_ref
+    from defectscope.registry.base import check_name
+
+    named: dict[str, str] = {}
+
+    def add(name: str, source: str) -> None:
+        check_name(name)
+        if name in named:
+            raise DefectscopeError(f"two models named {name!r}: give each model its own name")
+        path, resolved = resolve_model_ref(source, registry)
+        if resolved is None:
+            resolve_model_path(path)  # a missing or wrong path fails here, not in a worker
+            source = str(Path(path).resolve())
+        named[name] = source
+
+    if models_dir is not None:
+        if not models_dir.is_dir():
+            raise DefectscopeError(f"--models {models_dir}: not a folder")
+        folders = sorted(p for p in models_dir.iterdir() if p.is_dir())
+        if not folders:
+            raise DefectscopeError(f"--models {models_dir}: no model folders in it")
+        for folder in folders:
+            add(folder.name, str(folder))
+    single = None
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            if single is not None:
+                raise DefectscopeError("give each --model as NAME=PATH_OR_REF")
+            single = Path(spec)
+            continue
+        if not source:
+            raise DefectscopeError(f"--model {spec}: give NAME=PATH_OR_REF")
+        add(name, source)
+    return single, named
+
+
+def models_environment(
+    models: dict[str, str], default: str | None, registry: str | None, budget: float | None
+) -> dict[str, str]:
+    """The settings of the named models, for the worker processes."""
+    env = {"DEFECTSCOPE_MODELS": json.dumps(models)}
+    if default:
+        env["DEFECTSCOPE_DEFAULT_MODEL"] = default
+    if registry:
+        env["DEFECTSCOPE_REGISTRY"] = registry
+    if budget is not None:
+        env["DEFECTSCOPE_MEMORY_BUDGET_MB"] = str(budget)
+    return env
+
+
 def serve(
-    model: ModelArg,
+    model: Annotated[
+        Path | None, typer.Argument(help="Model folder or file (the default model).")
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--models", help="A folder of model folders, each served under its folder's name."
+        ),
+    ] = None,
+    named: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="NAME=PATH_OR_REF (repeatable): a model served under /v1/models/NAME; a "
+            "reference such as bottle@production is looked up in --registry.",
+        ),
+    ] = None,
+    default_model: Annotated[
+        str | None,
+        typer.Option(help="The named model /v1/predict serves [default: MODEL, or the only one]."),
+    ] = None,
+    registry: RegistryOpt = None,
+    memory_budget_mb: Annotated[
+        float | None,
+        typer.Option(help="Unload least recently used named models beyond this estimate."),
+    ] = None,
+    follow_registry: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between registry checks of NAME@STAGE models (on requests): a moved "
+            "stage is loaded and swapped in; 0 waits for POST /v1/models/NAME/reload."
+        ),
+    ] = 0.0,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
@@ -50,8 +141,38 @@ def serve(
     from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
     from defectscope.export.runtimes import localize_model
+    from defectscope.registry import resolve_model_ref
 
     check_engine(engine, ray_address)
+    single, models = named_models(models_dir, named or [], registry)
+    if single is not None:
+        if model is not None:
+            raise DefectscopeError("give the default model once: MODEL or --model PATH")
+        model = single
+    if memory_budget_mb is not None and memory_budget_mb <= 0:
+        raise DefectscopeError("--memory-budget-mb must be positive")
+    if follow_registry < 0:
+        raise DefectscopeError("--follow-registry must be 0 or more seconds")
+    if follow_registry:
+        os.environ["DEFECTSCOPE_REGISTRY_POLL_S"] = str(follow_registry)
+    model_ref = None
+    if model is None:
+        if not models:
+            raise DefectscopeError("give a MODEL, --model NAME=PATH_OR_REF or --models DIR")
+        if default_model is None and len(models) > 1:
+            raise DefectscopeError("several models: name the default one with --default-model")
+        default_model = default_model or next(iter(models))
+        if default_model not in models:
+            names = ", ".join(sorted(models))
+            raise DefectscopeError(f"--default-model {default_model}: not one of {names}")
+        source = models.pop(default_model)
+        if not Path(source).exists():
+            model_ref = source
+        model = Path(resolve_model_ref(source, registry)[0])
+    elif default_model is not None and default_model in models:
+        raise DefectscopeError(f"--default-model {default_model}: MODEL is the default model")
+    if (models or model_ref) and engine == "ray":
+        raise DefectscopeError("named models are served by the local engine (--engine local)")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -65,6 +186,9 @@ def serve(
     # Workers are separate processes: they get the settings through the environment and build
     # the app with the factory.
     os.environ.update(model_environment(model, runtime))
+    os.environ.update(models_environment(models, default_model, registry, memory_budget_mb))
+    if model_ref:
+        os.environ["DEFECTSCOPE_MODEL_REF"] = model_ref
     if report is not None:
         if not (report / "metrics.json").is_file():
             raise DefectscopeError(f"{report}: no metrics.json (write it with evaluate --report)")
@@ -90,7 +214,8 @@ def serve(
         # Without a shared folder each worker would report only its own counts on /metrics.
         metrics_dir = tempfile.mkdtemp(prefix="defectscope-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    console.print(f"Serving {model} on http://{host}:{port} ({workers} worker(s))")
+    more = f" and {len(models)} named model(s)" if models else ""
+    console.print(f"Serving {model}{more} on http://{host}:{port} ({workers} worker(s))")
     try:
         uvicorn.run(
             "defectscope.serving.app:app_from_env",
@@ -214,6 +339,10 @@ def client_predict(
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Override the image threshold.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 60.0,
+    model_name: Annotated[
+        str | None,
+        typer.Option(help="Score with this named model (/v1/models/NAME) [default: the default]."),
+    ] = None,
 ) -> None:
     """Score images on a server; print a table and optionally save the returned PNGs."""
     from defectscope.client import ClientError, DefectscopeClient, decode_png
@@ -232,7 +361,7 @@ def client_predict(
         table.add_column(column, justify="left" if column in ("image", "decision") else "right")
     rows: list[dict[str, Any]] = []
     failures = 0
-    with DefectscopeClient(url, api_key=api_key, timeout=timeout) as client:
+    with DefectscopeClient(url, api_key=api_key, timeout=timeout, model=model_name) as client:
         for path, name in zip(paths, names, strict=True):
             try:
                 result = client.predict(
@@ -244,7 +373,8 @@ def client_predict(
             except ClientError as exc:
                 # A bad image is that image's problem; no server, a wrong key or a server error
                 # would fail every image, so they stop the command.
-                if exc.status is None or exc.status == 401 or exc.status >= 500:
+                # So would an unknown --model-name (404).
+                if exc.status is None or exc.status in (401, 404) or exc.status >= 500:
                     raise
                 failures += 1
                 table.add_row(str(path), "-", "-", f"[red]error {exc.status}[/]", "-")

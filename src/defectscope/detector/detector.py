@@ -44,7 +44,7 @@ from defectscope.errors import (
     ModelFileError,
     NotFittedError,
 )
-from defectscope.features.backbones import FeatureBackbone, create_backbone
+from defectscope.features.backbones import BackboneCache, FeatureBackbone, create_backbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
 
@@ -456,14 +456,22 @@ class Detector:
         return write_model_file(path, {"memory_bank": bank}, self.describe())
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Detector:
-        """Load a saved model; refuses corrupt, foreign or incompatible files with a clear error."""
+    def load(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        backbone_cache: BackboneCache | None = None,
+    ) -> Detector:
+        """Load a saved model (sharing a backbone of ``backbone_cache``); refuses corrupt,
+        foreign or incompatible files with a clear error."""
         file = resolve_model_path(path)
         tensors, meta = read_model_file(file)
         config = config_from_metadata(file, meta)
         if device is not None:
             config.device = device
         detector = cls(config)
+        if backbone_cache is not None:
+            detector._backbone_module = backbone_cache.get(config, detector.device)
         features = detector.feature_parts().features
         backbone = features.backbone
         saved = meta.get("backbone", {})

@@ -12,6 +12,7 @@ from defectscope import storage
 from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import resolve_model_path
 from defectscope.errors import ConfigError
+from defectscope.features.backbones import BackboneCache
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 
@@ -40,12 +41,18 @@ def localize_model(path: str | Path, runtime: str = "auto") -> Path:
     return storage.localize(uri)
 
 
-def load_detector(path: str | Path, runtime: str = "auto", device: str | None = None) -> Detector:
-    """Load ``path`` (local, or an s3:// / gs:// URI, fetched into the local cache first)."""
+def load_detector(
+    path: str | Path,
+    runtime: str = "auto",
+    device: str | None = None,
+    backbone_cache: BackboneCache | None = None,
+) -> Detector:
+    """Load ``path`` (local, or an s3:// / gs:// URI, fetched into the local cache first);
+    PyTorch models loaded with one ``backbone_cache`` share their backbones."""
     runtime = resolve_runtime(path, runtime)
     path = localize_model(path, runtime)
     if runtime == "torch":
-        return Detector.load(path, device=device)
+        return Detector.load(path, device=device, backbone_cache=backbone_cache)
     # Imported only here: the torch runtime must not need the export extra.
     from defectscope.export.graph import load_exported
 

@@ -15,6 +15,8 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from defectscope.config import BackboneConfig
+from defectscope.config import BackboneConfig, DetectorConfig
 from defectscope.errors import BackboneError, ConfigError
 from defectscope.features.checkpoints import (
     check_sha256,
@@ -383,3 +385,48 @@ def _packaged_weights_path(packaged: PackagedWeights, name: str) -> Path:
         )
     module = importlib.import_module(packaged.package)
     return Path(getattr(module, packaged.locator).get_model_file_path())
+
+
+class BackboneCache:
+    """Backbones shared by the models loaded through it: one copy of the weights per
+    (configuration, weights file, device, precision), kept while some model still uses it.
+
+    Thread-safe; a backbone is built once even when several loads ask for it at the same time.
+    Backbones are frozen, so sharing one between detectors changes no prediction.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._backbones: weakref.WeakValueDictionary[tuple, FeatureBackbone] = (
+            weakref.WeakValueDictionary()
+        )
+
+    @staticmethod
+    def key(config: BackboneConfig, device: torch.device, half: bool) -> tuple:
+        weights = config.weights
+        path = Path(weights)
+        # A weights file is identified by its contents' stand-ins: a replaced file is another key.
+        stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+        layers = tuple(config.layers) if config.layers else None
+        return (config.name, weights, stamp, layers, str(device), half)
+
+    def get(self, config: DetectorConfig, device: torch.device) -> FeatureBackbone:
+        """The shared backbone of a detector's ``config`` on ``device``, built on first use."""
+        # The detector's precision: a half backbone runs only on CUDA (as `FeatureParts.build`).
+        half = bool(config.half_precision) and device.type == "cuda"
+        key = self.key(config.backbone, device, half)
+        with self._lock:
+            backbone = self._backbones.get(key)
+            if backbone is None:
+                backbone = create_backbone(config.backbone)
+                self._backbones[key] = backbone
+            return backbone
+
+    def __len__(self) -> int:
+        return len(self._backbones)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

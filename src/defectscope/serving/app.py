@@ -20,10 +20,12 @@ from defectscope import __version__
 from defectscope.detector.detector import Detector
 from defectscope.serving import handlers
 from defectscope.serving.limits import RequestGuard
+from defectscope.serving.model_pool import ModelPool
 from defectscope.serving.routes import (
     drift,
     health,
     model,
+    models,
     predict,
     predictions,
     reviews,
@@ -41,6 +43,7 @@ __all__ = ["app_from_env", "create_app", "file_fingerprint"]
 V1_ROUTERS = (
     predict.router,
     model.router,
+    models.router,
     versions.router,
     predictions.router,
     reviews.router,
@@ -56,13 +59,16 @@ def create_app(
     state = ServingState(settings)
     if detector is not None:
         state.use_detector(detector)
+    pool = ModelPool(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        await pool.start()
         try:
             yield
         finally:
+            await pool.stop()
             await state.stop()
 
     app = FastAPI(
@@ -72,6 +78,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.serving = state
+    app.state.models = pool
     app.include_router(health.router)
     for router in V1_ROUTERS:
         app.include_router(router)

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,9 @@ from defectscope.detector.prediction import Prediction
 
 log = logging.getLogger(__name__)
 
-PredictFn = Callable[[Sequence[np.ndarray], float | None], list[Prediction]]
-"""predict(images, threshold) -> one Prediction per image, in order."""
+PredictFn = Callable[..., list[Prediction]]
+"""predict(images, threshold) -> one Prediction per image, in order; called as
+predict(images, threshold, target) for images submitted with a ``target`` (a detector)."""
 
 
 @dataclass
@@ -32,6 +34,7 @@ class _Item:
     image: np.ndarray
     threshold: float | None
     future: asyncio.Future[Prediction]
+    target: Any = None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -55,16 +58,27 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._own_executor = True
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def start(self) -> None:
+    @property
+    def executor(self) -> ThreadPoolExecutor | None:
+        return self._executor
+
+    async def start(self, executor: ThreadPoolExecutor | None = None) -> None:
+        """Start collecting; ``executor`` (another batcher's) runs the model calls of both in
+        one thread: models of one service then take turns instead of competing for the cores,
+        and share one thread's working memory."""
         if self.running:
             return
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectscope-infer")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="defectscope-infer"
+        )
         self._task = asyncio.create_task(self._run(), name="defectscope-microbatcher")
 
     async def stop(self) -> None:
@@ -79,15 +93,19 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_exception(RuntimeError("server is shutting down"))
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            if self._own_executor:
+                self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def submit(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
-        """Queue one decoded RGB image and wait for its prediction."""
+    async def submit(
+        self, image: np.ndarray, threshold: float | None = None, target: Any = None
+    ) -> Prediction:
+        """Queue one decoded RGB image and wait for its prediction (by ``target``, the
+        detector the request took at its start, when given)."""
         if not self.running or self._queue is None:
             raise RuntimeError("the micro-batcher is not running")
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(image, threshold, future))
+        await self._queue.put(_Item(image, threshold, future, target))
         return await future
 
     async def _collect(self) -> list[_Item]:
@@ -135,13 +153,19 @@ class MicroBatcher:
 
     def _predict_groups(self, batch: list[_Item]) -> list[Prediction]:
         # A threshold override changes the decision and the normalised score, and predict takes
-        # one threshold per call: one call per distinct threshold (usually just one).
+        # one threshold per call: one call per distinct threshold (usually just one). Requests
+        # taken by different detectors (a version swap in between) never share a call either.
         results: list[Prediction | None] = [None] * len(batch)
-        groups: dict[float | None, list[int]] = {}
+        groups: dict[tuple[int, float | None], list[int]] = {}
         for position, item in enumerate(batch):
-            groups.setdefault(item.threshold, []).append(position)
-        for threshold, positions in groups.items():
-            predictions = self._predict([batch[p].image for p in positions], threshold)
+            groups.setdefault((id(item.target), item.threshold), []).append(position)
+        for (_, threshold), positions in groups.items():
+            images = [batch[p].image for p in positions]
+            target = batch[positions[0]].target
+            if target is None:
+                predictions = self._predict(images, threshold)
+            else:
+                predictions = self._predict(images, threshold, target)
             if len(predictions) != len(positions):
                 raise RuntimeError("predict returned a different number of results than images")
             for position, prediction in zip(positions, predictions, strict=True):

@@ -7,15 +7,14 @@ thread pool, a thread hop per dependency on every request.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Query, Request
-from pydantic import AfterValidator
 
 from defectscope.detector.detector import Detector
 from defectscope.serving.pictures import RenderFlags
 from defectscope.serving.predictions_log import LogQuery, PredictionLogRepository
+from defectscope.serving.schemas import UtcMoment
 from defectscope.serving.settings import ServingSettings
 from defectscope.serving.state import ServingState
 
@@ -53,19 +52,8 @@ async def render_flags(
     return RenderFlags(threshold, heatmap, overlay, mask)
 
 
-def to_utc(moment: datetime) -> datetime:
-    """Naive means UTC; a moment whose UTC time falls outside years 1-9999 is refused."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("date out of range once converted to UTC (years 1 to 9999)") from None
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
-Since = Annotated[UtcDatetime | None, Query(description="ISO 8601; naive means UTC.")]
-Until = Annotated[UtcDatetime | None, Query(description="ISO 8601, exclusive.")]
+Since = Annotated[UtcMoment | None, Query(description="ISO 8601; naive means UTC.")]
+Until = Annotated[UtcMoment | None, Query(description="ISO 8601, exclusive.")]
 
 
 Text64 = Annotated[str | None, Query(min_length=1, max_length=64)]
@@ -85,6 +73,7 @@ async def log_query(
     line: Text64 = None,
     part_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
     model_version: Text64 = None,
+    model_name: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
     reviewed: bool | None = None,
     verdict: Annotated[Literal["correct", "false_alarm", "missed_defect"] | None, Query()] = None,
 ) -> LogQuery:
@@ -106,6 +95,7 @@ async def log_query(
         reviewed=reviewed,
         verdict=verdict,
         model_version=model_version,
+        model_name=model_name,
     )
 
 

@@ -46,8 +46,16 @@ def api_key_ok(settings: ServingSettings, headers: Headers) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
+def named_model_route(path: str) -> str:
+    """``/v1/models/NAME/predict...`` -> ``/v1/predict...`` (the same bodies); else ``path``."""
+    parts = path.split("/")
+    if len(parts) >= 5 and parts[:3] == ["", "v1", "models"] and parts[4] == "predict":
+        return "/v1/" + "/".join(parts[4:])
+    return path
+
+
 def body_limit(settings: ServingSettings, method: str, path: str) -> int:
-    path = path.rstrip("/")
+    path = named_model_route(path.rstrip("/"))
     if method == "POST" and path == "/v1/predict":
         return settings.max_single_request_bytes
     if method == "POST" and path in MULTI_IMAGE_ROUTES:

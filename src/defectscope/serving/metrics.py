@@ -77,16 +77,61 @@ class Metrics:
             multiprocess_mode="min",
         )
         self.model_identity: tuple[str, str, str] | None = None
+        # Per named model (several models in one service); the families above stay totals.
+        self.model_predictions = Counter(
+            "defectscope_model_predictions_total",
+            "Images scored, by model name.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_anomalies = Counter(
+            "defectscope_model_anomalies_total",
+            "Images judged anomalous, by model name.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_loads = Counter(
+            "defectscope_model_loads_total",
+            "Loads of a named model (first use, reload, or after an eviction).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_evictions = Counter(
+            "defectscope_model_evictions_total",
+            "Named models unloaded to stay within the memory budget.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_loaded = Gauge(
+            "defectscope_model_loaded",
+            "1 while a named model is loaded in this worker.",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.model_memory = Gauge(
+            "defectscope_model_memory_bytes",
+            "Estimated memory of a named model (bank, plus its backbone unless shared).",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method, str(status)).observe(seconds)
 
-    def observe_prediction(self, normalized_score: float, is_anomalous: bool) -> None:
+    def observe_prediction(
+        self, normalized_score: float, is_anomalous: bool, model: str = ""
+    ) -> None:
         self.predictions.inc()
         self.scores.observe(normalized_score)
         if is_anomalous:
             self.anomalies.inc()
+        if model:
+            self.model_predictions.labels(model).inc()
+            if is_anomalous:
+                self.model_anomalies.labels(model).inc()
 
     def observe_drift(self, score_p_value: float | None, verdict: int) -> None:
         # Always set for the KS test; only reported tests may lack a p-value.

@@ -96,6 +96,8 @@ class PredictionRecord(Base):
     reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The model version this image was taught into (a reviewed false alarm), if any.
     taught_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The named model that scored it (a service of several models); None for the only one.
+    model_name: Mapped[str | None] = mapped_column(String(100), index=True, nullable=True)
 
     def to_dict(self) -> dict:
         """A flat row (the CSV's columns): tags comma-separated, times in ISO 8601 UTC."""
@@ -123,6 +125,7 @@ class PredictionRecord(Base):
             }
         )
         item[PICTURE_KEY] = self.picture_key
+        item["model_name"] = self.model_name
         return item
 
 
@@ -155,6 +158,7 @@ class LogQuery:
     verdict: str | None = None
     model_version: str | None = None
     oldest_first: bool = False
+    model_name: str | None = None
 
 
 def migrate(engine: Engine) -> list[str]:
@@ -231,7 +235,7 @@ class PredictionLogRepository:
             statement = statement.where(
                 PredictionRecord.tags.contains(f",{query.tag},", autoescape=True)
             )
-        for name in ("station", "line", "part_id", "model_version"):
+        for name in ("station", "line", "part_id", "model_version", "model_name"):
             value = getattr(query, name)
             if value is not None:
                 statement = statement.where(getattr(PredictionRecord, name) == value)

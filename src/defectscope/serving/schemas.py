@@ -207,6 +207,7 @@ class PredictionLogEntry(BaseModel):
     tags: list[str] = Field(default_factory=list)
     model_version: str | None = Field(None, description="Version (or fingerprint) that scored.")
     taught_version: str | None = Field(None, description="Version this image was taught into.")
+    model_name: str | None = Field(None, description="The named model that scored (if named).")
     has_pictures: bool = False
     review: Review | None = None
 

@@ -22,7 +22,7 @@ from defectscope.serving.pictures import RenderFlags, render
 from defectscope.serving.predictions_log import join_tags, utc_now
 from defectscope.serving.request_meta import PartInfo
 from defectscope.serving.schemas import PredictionResult, Timing
-from defectscope.serving.state import ServingState
+from defectscope.serving.state import Served, ServingState
 from defectscope.serving.uploads import image_error_status
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,13 @@ async def decode(state: ServingState, data: bytes) -> np.ndarray:
 
 
 def bounded_render(
-    state: ServingState, image: np.ndarray, prediction: Prediction, flags: RenderFlags
+    state: ServingState,
+    image: np.ndarray,
+    prediction: Prediction,
+    flags: RenderFlags,
+    stored: float,
 ) -> dict[str, str]:
     """Runs in a worker thread: at most two pictures are drawn at once per worker."""
-    stored = state.ready_detector().threshold
     with state.render_slots:
         return render(image, prediction, flags, stored, state.settings.render_max_pixels)
 
@@ -78,14 +81,19 @@ async def score_bytes(
     route: str,
     rid: str,
     part: PartInfo | None = None,
+    served: Served | None = None,
 ) -> tuple[PredictionResult, Scored]:
-    """One image's answer and its prediction log row (see `log_scored`)."""
+    """One image's answer and its prediction log row (see `log_scored`), scored by
+    ``served`` (what the request took at its start; default: the detector served now)."""
     t0 = time.perf_counter()
+    served = served or state.served()  # one detector and version from here to the answer
     image = await decode(state, data)
     t1 = time.perf_counter()
     timeout = state.settings.request_timeout_s
     try:
-        prediction = await asyncio.wait_for(state.batcher.submit(image, flags.threshold), timeout)
+        prediction = await asyncio.wait_for(
+            state.batcher.submit(image, flags.threshold, served.detector), timeout
+        )
     except TimeoutError:
         raise RequestError(
             504, f"the model did not answer within {timeout:g} s (server overloaded?); try again"
@@ -93,15 +101,18 @@ async def score_bytes(
     t2 = time.perf_counter()
     images = {}
     if flags.any:
-        images = await run_in_threadpool(bounded_render, state, image, prediction, flags)
+        stored_threshold = served.detector.threshold
+        images = await run_in_threadpool(
+            bounded_render, state, image, prediction, flags, stored_threshold
+        )
     total_ms = (time.perf_counter() - started) * 1000.0
     summary = prediction.summary()
     summary.pop("source")
     result = PredictionResult(
         **summary,
-        model_version=state.model_version,
-        model_fingerprint=state.model_fingerprint,
-        served_version=state.served_version,
+        model_version=served.model_version,
+        model_fingerprint=served.model_fingerprint,
+        served_version=served.served_version,
         timing_ms=Timing(
             decode_ms=(t1 - t0) * 1000.0,
             inference_ms=(t2 - t1) * 1000.0,
@@ -110,12 +121,12 @@ async def score_bytes(
         ),
         **images,
     )
-    state.metrics.observe_prediction(result.normalized_score, result.is_anomalous)
+    state.metrics.observe_prediction(result.normalized_score, result.is_anomalous, state.model_name)
     record = {
         "created_at": utc_now(),
         "route": route,
         "request_id": rid,
-        "model_fingerprint": state.model_fingerprint,
+        "model_fingerprint": served.model_fingerprint,
         "image_sha256": hashlib.sha256(data).hexdigest(),
         "width": result.width,
         "height": result.height,
@@ -124,7 +135,8 @@ async def score_bytes(
         "is_anomalous": result.is_anomalous,
         "threshold": result.threshold,
         "latency_ms": total_ms,
-        "model_version": state.log_version,
+        "model_version": served.log_version,
+        "model_name": state.model_name or None,
     }
     if part is not None:
         record.update(
@@ -134,25 +146,27 @@ async def score_bytes(
     if state.pictures is not None and reserve_picture_pixels(state, pixels):
         record["picture_key"] = state.pictures.new_key()
     keep = len(data) <= state.settings.pictures_original_max_bytes
-    return result, Scored(record, image, prediction, keep, state.ready_detector().threshold)
+    return result, Scored(record, image, prediction, keep, served.detector.threshold)
 
 
 def reserve_picture_pixels(state: ServingState, pixels: int) -> bool:
     """Whether this image's pictures may wait for the background: decoded images waiting for
     their pictures hold at most one in-flight pixel budget; beyond it a prediction is logged
     without pictures rather than the worker's memory growing."""
-    with state.picture_lock:
-        if state.picture_pixels + pixels > state.settings.inflight_pixel_budget:
+    owner = state.parent or state  # one budget for all the models of a service
+    with owner.picture_lock:
+        if owner.picture_pixels + pixels > state.settings.inflight_pixel_budget:
             log.warning("pictures skipped for a prediction: too many waiting to be drawn")
             return False
-        state.picture_pixels += pixels
+        owner.picture_pixels += pixels
         return True
 
 
 def release_picture_pixels(state: ServingState, item: Scored) -> None:
     if item.record.get("picture_key"):
-        with state.picture_lock:
-            state.picture_pixels -= int(item.image.shape[0]) * int(item.image.shape[1])
+        owner = state.parent or state
+        with owner.picture_lock:
+            owner.picture_pixels -= int(item.image.shape[0]) * int(item.image.shape[1])
 
 
 async def log_scored(

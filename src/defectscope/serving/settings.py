@@ -103,6 +103,36 @@ class ServingSettings(BaseSettings):
         256, gt=0, description="Most images one teach request may add to the memory bank."
     )
 
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="More models served by name (JSON object NAME -> model path or registry "
+        "reference NAME@REF), under /v1/models/NAME/...; loaded on first use.",
+    )
+    default_model: str = Field(
+        "default", description="The name of the model_path model (the one /v1/predict serves)."
+    )
+    registry: str | None = Field(
+        None, description="Registry that references in ``models`` are resolved in."
+    )
+    memory_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Most estimated memory of the named models loaded at once; the least "
+        "recently used are unloaded beyond it (the default model stays). None: no limit.",
+    )
+    registry_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="A named model given as NAME@STAGE follows its stage: at most this often "
+        "(on a request) the registry is asked and a moved stage is loaded; 0 only on reload.",
+    )
+    share_backbones: bool = Field(
+        True, description="Models of the same backbone share one copy of its weights."
+    )
+    model_ref: str | None = Field(
+        None, description="The registry reference model_path was resolved from, if any."
+    )
+
     report_dir: Path | None = Field(
         None,
         description="Evaluation report folder (with metrics.json) shown by /v1/model/report; "

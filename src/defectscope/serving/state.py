@@ -26,6 +26,7 @@ from defectscope.detector.prediction import Prediction
 from defectscope.detector.teaching import model_extras
 from defectscope.errors import DefectscopeError
 from defectscope.export.runtimes import load_detector
+from defectscope.features.backbones import BackboneCache
 from defectscope.serving.batching import MicroBatcher
 from defectscope.serving.limits import PixelBudget
 from defectscope.serving.metrics import Metrics
@@ -42,6 +43,18 @@ from defectscope.serving.thresholds import (
 from defectscope.serving.versions import ModelVersions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one request scores with, taken once at its start: a swap (reload, teach,
+    activation) meanwhile changes neither the detector it uses nor the version it names."""
+
+    detector: Detector
+    model_version: str
+    model_fingerprint: str
+    served_version: str
+    log_version: str
 
 
 @dataclass
@@ -75,6 +88,15 @@ class ServingState:
     render_slots: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2)
     )
+    # Several models in one service: this model's name, and whether it is the one /v1/predict
+    # serves (which alone sets the model_info metric and readiness).
+    model_name: str = ""
+    primary: bool = True
+    # The version an unversioned file is served as (a registry model's NAME@N).
+    version_label: str = ""
+    backbone_cache: BackboneCache | None = None
+    # A named model's state shares the service's picture accounting through its parent.
+    parent: ServingState | None = None
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -100,7 +122,8 @@ class ServingState:
     def save_path(self) -> str | Path | None:
         """Where the served model is saved (thresholds): the active version's file, if any."""
         versions = self.versions()
-        if versions is not None and self.served_version:
+        # A registry model's version (NAME@N) is a label, not a versions-folder number.
+        if versions is not None and versions.exists(self.served_version):
             return versions.file(self.served_version)
         return self.settings.model_path
 
@@ -120,10 +143,26 @@ class ServingState:
             raise HTTPException(503, self.load_error or "the model is still loading")
         return detector
 
-    def predict(self, images: Sequence[np.ndarray], threshold: float | None) -> list[Prediction]:
-        # Runs in the batcher's worker thread; looked up per call so a reload or test double
-        # takes effect at once.
-        detector = self.ready_detector()
+    def served(self) -> Served:
+        """The detector and identity a request uses from its start to its answer (HTTP 503
+        until ready)."""
+        return Served(
+            self.ready_detector(),
+            self.model_version,
+            self.model_fingerprint,
+            self.served_version,
+            self.log_version,
+        )
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float | None,
+        detector: Detector | None = None,
+    ) -> list[Prediction]:
+        # Runs in the batcher's worker thread, with the detector each request took at its start
+        # (the batcher never mixes detectors in one call); else the one served now.
+        detector = detector or self.ready_detector()
         return detector.predict(images, threshold=threshold, batch_size=len(images))
 
     # ------------------------------------------------------------------------ lifecycle
@@ -180,7 +219,7 @@ class ServingState:
             # Before loading: a threshold saved meanwhile by another worker is then picked up.
             self.model_mtime_ns = resolve_model_path(path).stat().st_mtime_ns
             detector = await asyncio.to_thread(
-                load_detector, path, settings.runtime, settings.device
+                load_detector, path, settings.runtime, settings.device, self.backbone_cache
             )
             fingerprint = await asyncio.to_thread(file_fingerprint, path)
             digest = await asyncio.to_thread(bank_digest, detector)
@@ -193,7 +232,7 @@ class ServingState:
             self.load_error = "the model failed to load (see the server log)"
             log.exception("model not loaded")
             return
-        self.served_version = version or ""
+        self.served_version = version or self.version_label
         self.model_extras = extras
         self.use_detector(detector, fingerprint, digest)
 
@@ -246,7 +285,10 @@ class ServingState:
             detector.config.backbone.name,
             self.model_version,
         )
-        self.metrics.set_model(identity)
+        if self.model_name:
+            self.metrics.model_loaded.labels(self.model_name).set(1)
+        if self.primary:
+            self.metrics.set_model(identity)
 
     # ----------------------------------------------------------------------- thresholds
     def follow_model_file(self) -> None:

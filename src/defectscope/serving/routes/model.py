@@ -83,13 +83,18 @@ async def update_thresholds(
     model's ``threshold_audit`` (who: ``reviewer``, else 'anonymous'; ``reason``). Other
     worker processes pick the new thresholds up from the file within about a second.
     """
+    check_threshold_update(update)
+    with as_http_error():
+        await run_in_threadpool(state.save_thresholds, update)
+    return await model_info(state, state.ready_detector())
+
+
+def check_threshold_update(update: ThresholdUpdate) -> None:
+    """422 for an update that asks for nothing, or for a reset and values at once."""
     if update.reset and (update.image is not None or update.pixel is not None):
         raise HTTPException(422, "give either 'reset' or thresholds, not both")
     if update.image is None and update.pixel is None and not update.reset:
         raise HTTPException(422, "give at least one of 'image' and 'pixel' (or 'reset': true)")
-    with as_http_error():
-        await run_in_threadpool(state.save_thresholds, update)
-    return await model_info(state, state.ready_detector())
 
 
 def report_folder(settings: ServingSettings) -> Path | None:

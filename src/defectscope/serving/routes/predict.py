@@ -10,9 +10,11 @@ from fastapi import BackgroundTasks, File, Form, Request, UploadFile
 
 from defectscope.serving.dependencies import Flags, ReadyDetector, State, request_id
 from defectscope.serving.limits import RequestError, as_http_error
+from defectscope.serving.pictures import RenderFlags
 from defectscope.serving.request_meta import (
     MAX_NAME,
     MAX_PART_ID,
+    PartInfo,
     parse_part_info,
     single_part_info,
 )
@@ -32,6 +34,7 @@ from defectscope.serving.scoring import (
     save_pictures,
     score_bytes,
 )
+from defectscope.serving.state import ServingState
 from defectscope.serving.uploads import (
     check_image_count,
     check_request_pixels,
@@ -76,13 +79,24 @@ async def predict(
     ``line``, ``station``, ``tags`` (comma-separated). They are kept in the prediction log with
     the prediction, whose id the answer gives (``prediction_id``).
     """
+    return await score_single(request, background, state, flags, "/v1/predict")
+
+
+async def score_single(
+    request: Request,
+    background: BackgroundTasks,
+    state: ServingState,
+    flags: RenderFlags,
+    route: str,
+) -> PredictionResult:
+    """The body of a single-image predict route, for the model of ``state``."""
     started = time.perf_counter()
     with as_http_error():
         data = await read_single_image(request, state.settings.max_upload_bytes)
         part = await single_part_info(request)
         async with holding_pixels(state, pixels_within(state.settings, data)):
             result, scored = await score_bytes(
-                state, data, flags, started, "/v1/predict", request_id(request), part
+                state, data, flags, started, route, request_id(request), part
             )
     await log_scored(state, [result], [scored])
     background.add_task(save_pictures, state, [scored])
@@ -106,11 +120,25 @@ async def predict_batch(
 
     ``part_id``, ``line``, ``station`` and ``tags`` apply to every file.
     """
-    started = time.perf_counter()
-    settings = state.settings
     with as_http_error():
-        check_image_count(settings, len(files))
+        check_image_count(state.settings, len(files))
         part = parse_part_info({"part_id": part_id, "line": line, "station": station, "tags": tags})
+    return await score_batch(request, background, state, flags, files, part, "/v1/predict/batch")
+
+
+async def score_batch(
+    request: Request,
+    background: BackgroundTasks,
+    state: ServingState,
+    flags: RenderFlags,
+    files: list[UploadFile],
+    part: PartInfo,
+    route: str,
+) -> BatchResponse:
+    """The body of a batch predict route, for the model of ``state`` (count checked)."""
+    started = time.perf_counter()
+    served = state.served()  # every image of the request is scored by this one version
+    settings = state.settings
     rid = request_id(request)
     uploads: list[bytes | RequestError] = []
     for upload in files:
@@ -130,9 +158,10 @@ async def predict_batch(
                 data,
                 flags,
                 started,
-                "/v1/predict/batch",
+                route,
                 rid,
                 part.with_default_id(upload.filename),
+                served,
             )
         except RequestError as exc:
             error = ItemError(status=exc.status, detail=exc.detail)
