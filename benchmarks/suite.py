@@ -85,6 +85,10 @@ def run_category(
         for name, v in result.to_dict().get("per_defect", {}).items()
     }
     row["selection"] = (detector.info.selection or {}).get("chosen")
+    row["candidates"] = [
+        {k: r[k] for k in ("name", "image_auroc", "pixel_auroc", "objective") if k in r}
+        for r in (detector.info.selection or {}).get("candidates", [])
+    ]
     if shots is not None:
         row["calibration"] = detector.calibration.method
         row["thresholds"] = calibration_check(detector, train, result.records)

@@ -194,6 +194,13 @@ class AutoConfig(_Section):
         description="Candidates in order of preference: a later one must win by a margin. "
         "The pooled ones are off by default: they chose worse on the benchmark.",
     )
+    reductions: list[Literal["max", "topk_mean"]] = Field(
+        ["max", "topk_mean"],
+        min_length=1,
+        description="Image scores compared for each candidate, in order of preference (the "
+        "same maps, so free to vary): 'max' suits tiny defects, 'topk_mean' ignores a lone "
+        "noisy patch on a good image.",
+    )
     min_images: int = Field(
         20,
         ge=3,

@@ -27,6 +27,7 @@ AUTO_CONFIG = {
     "auto": {
         "enabled": True,
         "candidates": ["raw", "l2"],
+        "reductions": ["max"],
         "min_images": 10,
         "holdout_images": 4,
         "bank_images": 10,
@@ -170,6 +171,32 @@ def test_the_choice_is_applied_and_recorded_in_the_saved_model(tmp_path: Path) -
     # The loaded model scores exactly as the fitted one.
     a, b = detector.predict(images[:2]), loaded.predict(images[:2])
     assert [p.score for p in a] == pytest.approx([p.score for p in b], rel=1e-5)
+
+
+def test_image_score_reductions_are_compared_on_the_same_maps_and_applied(
+    tmp_path: Path,
+) -> None:
+    both = {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "reductions": ["max", "topk_mean"]}}
+    images = texture_crops(16, seed=5)
+    detector = Detector(both).fit(images)
+    rows = detector.info.selection["candidates"]
+    assert [r["name"] for r in rows] == ["raw", "raw+topk_mean", "l2", "l2+topk_mean"]
+    # One scoring pass per feature candidate: the reductions share its maps and pixel AUROC.
+    assert rows[0]["pixel_auroc"] == rows[1]["pixel_auroc"]
+    assert rows[0]["image_auroc"] != rows[1]["image_auroc"]
+    chosen = next(r for r in rows if r["name"] == detector.info.selection["chosen"])
+    assert detector.config.scoring.reduction == chosen["reduction"]
+    assert max(r["objective"] for r in rows) <= chosen["objective"] + selection.MARGIN
+    detector.save(tmp_path)
+    assert Detector.load(tmp_path).config.scoring.reduction == chosen["reduction"]
+
+
+def test_reduce_maps_matches_the_scorer() -> None:
+    maps = torch.rand(3, 40, 50)
+    assert torch.equal(selection.reduce_maps(maps, "max", 0.01), maps.flatten(1).amax(1))
+    top = selection.reduce_maps(maps, "topk_mean", 0.01)  # ceil(20 pixels)
+    expected = maps.flatten(1).sort(dim=1, descending=True).values[:, :20].mean(1)
+    assert torch.allclose(top, expected)
 
 
 def test_too_few_images_or_auto_off_keep_the_configuration() -> None:

@@ -65,6 +65,21 @@ CANDIDATES: dict[str, Candidate] = {
         Candidate("l2_pool3", "l2", 3, "unit-length features averaged over 3x3 patches"),
     )
 }
+REDUCTIONS = {
+    "max": "",
+    "topk_mean": "; image score: mean of the top-scoring pixels, not the single highest",
+}
+
+
+def reduce_maps(maps: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:
+    """Image scores of anomaly maps (B, H, W) by ``reduction``, as `AnomalyScorer` reduces."""
+    flat = maps.flatten(1).float()
+    if reduction == "max":
+        return flat.amax(dim=1)
+    k = max(1, math.ceil(topk_fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
 # A later candidate must beat the one kept so far by this much to be chosen: differences
 # measured on a few dozen synthetic defects below it are noise.
 MARGIN = 0.01
@@ -276,28 +291,33 @@ def select_configuration(
         t0 = time.perf_counter()
         bank = _bank(trial, bank_maps, config, device)
         scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
-        scores, maps = [], []
+        maps = []
         for batch in good_maps + defect_maps:
-            batch_maps, batch_scores = scorer(trial.aggregate(batch))
-            scores.append(batch_scores.float().cpu())
+            batch_maps, _ = scorer(trial.aggregate(batch))
             maps.append(batch_maps.float().cpu())
-        image_auroc = float(roc_auc_score(labels, torch.cat(scores).numpy()))
-        pixel_auroc = _pixel_auroc(preprocessor, torch.cat(maps), truths)
-        table.append(
-            {
-                "name": name,
-                "description": candidate.description,
-                "normalize": candidate.normalize,
-                "neighbourhood": candidate.neighbourhood,
-                "image_auroc": round(image_auroc, 4),
-                "pixel_auroc": round(pixel_auroc, 4),
-                "objective": round((image_auroc + pixel_auroc) / 2, 4),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
+        all_maps = torch.cat(maps)
+        pixel_auroc = _pixel_auroc(preprocessor, all_maps, truths)
+        seconds = round(time.perf_counter() - t0, 3)
+        for reduction in auto.reductions:
+            image_scores = reduce_maps(all_maps, reduction, config.scoring.topk_fraction)
+            image_auroc = float(roc_auc_score(labels, image_scores.numpy()))
+            table.append(
+                {
+                    "name": name if reduction == "max" else f"{name}+{reduction}",
+                    "description": candidate.description + REDUCTIONS[reduction],
+                    "normalize": candidate.normalize,
+                    "neighbourhood": candidate.neighbourhood,
+                    "reduction": reduction,
+                    "image_auroc": round(image_auroc, 4),
+                    "pixel_auroc": round(pixel_auroc, 4),
+                    "objective": round((image_auroc + pixel_auroc) / 2, 4),
+                    "seconds": seconds,
+                }
+            )
         report(len(sample) + number + 1)
     best = choose(table)
-    CANDIDATES[best["name"]].apply(config)
+    CANDIDATES[best["name"].split("+")[0]].apply(config)
+    config.scoring.reduction = best["reduction"]
     others = ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
     measured = (
         f"objective {best['objective']:.3f} (image AUROC {best['image_auroc']:.3f}, "
