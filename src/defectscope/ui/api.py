@@ -133,12 +133,31 @@ def sample_sets(root: Path | None) -> dict[str, list[Path]]:
     return sets
 
 
+def model_choices(client: DefectscopeClient) -> tuple[list[str], str | None]:
+    """``(names, default)`` of the models the API serves (``GET /v1/models``).
+
+    No names when it serves one model, or when it cannot say (an older server answers 404):
+    the UI then shows no picker and scores with the server's one model, as before.
+    """
+    try:
+        listing = client.models()
+    except ClientError:
+        return [], None
+    names = [str(entry["name"]) for entry in listing.get("models", [])]
+    default = listing.get("default")
+    if len(names) < 2:
+        return [], default
+    return names, default if default in names else names[0]
+
+
 def score_images(
     client: DefectscopeClient,
     images: Sequence[tuple[str, bytes]],
     on_progress: Callable[[int, int], None] | None = None,
+    model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Score (name, bytes) images through ``/v1/predict/batch`` with overlay and mask PNGs.
+    """Score (name, bytes) images through ``/v1/predict/batch`` with overlay and mask PNGs
+    (``model``: through the named model's ``/v1/models/NAME/predict/batch``).
 
     Returns one item per image: ``name``, ``image`` (its bytes) and either the API's result
     fields (``score``, ``threshold``, ``overlay_png``...) or ``error`` (the API's refusal).
@@ -147,7 +166,7 @@ def score_images(
     items: list[dict[str, Any]] = []
     for start in range(0, len(images), CHUNK):
         chunk = images[start : start + CHUNK]
-        answers = client.predict_batch(chunk, overlay=True, mask=True)
+        answers = client.predict_batch(chunk, overlay=True, mask=True, model=model)
         for (name, data), answer in zip(chunk, answers, strict=True):
             error = answer.get("error")
             item = {"name": name, "image": data, "error": None}

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from defectscope.ui.widgets import connect, show_connection
+from defectscope.ui.widgets import connect, model_picker, show_connection
 
 VIEWS = Path(__file__).parent / "views"
 
@@ -28,6 +28,7 @@ st.set_page_config(page_title="defectscope", page_icon=favicon(), layout="wide")
 
 settings, client = connect()
 show_connection(client, settings)
+model_picker(client)
 
 page = st.navigation(
     [

@@ -17,7 +17,7 @@ from defectscope.client import ClientError, DefectscopeClient
 from defectscope.ui.api import UiSettings, friendly
 from defectscope.ui.formatting import fmt_score, fmt_time
 from defectscope.ui.prediction_detail import picture
-from defectscope.ui.widgets import scoring_client
+from defectscope.ui.widgets import default_model_note, scoring_client
 
 PREVIEW = "teach-preview-answer"
 TAUGHT = "teach-result"
@@ -108,6 +108,7 @@ def activate(client: DefectscopeClient, settings: UiSettings, version: Any) -> N
 
 def teach_panel(client: DefectscopeClient, settings: UiSettings, since: datetime) -> None:
     st.subheader("Teach the model")
+    default_model_note()
     st.caption(
         "Adds the images marked *false alarm* since "
         f"{since:%Y-%m-%d %H:%M} UTC to what the model knows as good, as a new version. "

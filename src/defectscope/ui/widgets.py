@@ -8,9 +8,12 @@ from typing import Any, NoReturn
 import streamlit as st
 
 from defectscope.client import ClientError, DefectscopeClient
-from defectscope.ui.api import UiSettings, connection_state, friendly
+from defectscope.ui.api import UiSettings, connection_state, friendly, model_choices
 
 ICONS = {"ok": ":material/check_circle:", "loading": ":material/hourglass_top:"}
+# Session keys: the model picked in the sidebar, and the server's default model.
+MODEL = "model"
+DEFAULT_MODEL = "default_model"
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,6 +45,42 @@ def show_connection(client: DefectscopeClient, settings: UiSettings) -> str:
         else:
             st.error(text, icon=":material/power_off:")
     return level
+
+
+def model_picker(client: DefectscopeClient) -> None:
+    """The sidebar's "Model" choice, shown only when the API serves several models."""
+    names, default = model_choices(client)
+    if not names:
+        st.session_state.pop(MODEL, None)
+        st.session_state.pop(DEFAULT_MODEL, None)
+        return
+    st.session_state[DEFAULT_MODEL] = default
+    if st.session_state.get(MODEL) not in names:
+        st.session_state[MODEL] = default
+    st.sidebar.selectbox(
+        "Model",
+        names,
+        key=MODEL,
+        format_func=lambda name: f"{name} (default)" if name == default else name,
+        help="Inspect scores and History lists with this model; the other pages always work "
+        "on the server's default model.",
+    )
+
+
+def other_model() -> str | None:
+    """The model picked in the sidebar when it is not the server's default, else None."""
+    chosen = st.session_state.get(MODEL)
+    return chosen if chosen and chosen != st.session_state.get(DEFAULT_MODEL) else None
+
+
+def default_model_note() -> None:
+    """One line on pages that only act on the default model, when another one is picked."""
+    if other_model() is not None:
+        st.info(
+            f"This page applies to the default model, "
+            f"**{st.session_state.get(DEFAULT_MODEL)}**, not to {other_model()}.",
+            icon=":material/info:",
+        )
 
 
 def stop_with(

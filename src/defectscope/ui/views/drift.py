@@ -15,7 +15,7 @@ import streamlit as st
 from defectscope.client import ClientError
 from defectscope.ui.api import UiSettings, drift_skipping_bad, friendly, upload_limit_mb
 from defectscope.ui.formatting import fmt_p, unique_names
-from defectscope.ui.widgets import connect, scoring_client
+from defectscope.ui.widgets import connect, default_model_note, scoring_client
 
 PERIODS = {
     "any time": None,
@@ -93,6 +93,7 @@ def show_report(report: dict[str, Any], window: str) -> None:
 
 settings, client = connect()
 st.title("Drift")
+default_model_note()
 st.caption(
     "Compares recent inputs with the good training images' statistics stored in the model: a "
     "changed camera, light or product shows here before it shows in accuracy."

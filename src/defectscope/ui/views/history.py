@@ -14,7 +14,7 @@ from defectscope.client import ClientError
 from defectscope.ui import analysis
 from defectscope.ui.formatting import fmt_rate
 from defectscope.ui.prediction_detail import VERDICTS, show_prediction
-from defectscope.ui.widgets import connect, stop_with
+from defectscope.ui.widgets import connect, other_model, stop_with
 
 PERIODS = {
     "last hour": timedelta(hours=1),
@@ -87,6 +87,10 @@ settings, client = connect()
 st.title("Prediction history")
 st.caption("Every image the API scored, from its prediction log (times in UTC).")
 query = filters()
+# The log of the model picked in the sidebar; the default model shows every model's log.
+if other_model() is not None:
+    query["model_name"] = other_model()
+    st.caption(f"Predictions of model **{other_model()}** only.")
 max_rows = query.pop("max_rows")
 try:
     rows = client.all_predictions(max_rows, **query)

@@ -13,12 +13,19 @@ from defectscope.ui.api import sample_sets, score_images, upload_limit_mb
 from defectscope.ui.formatting import SCORES_EXPLAINED, fmt_score, unique_names
 from defectscope.ui.gallery import show_gallery
 from defectscope.ui.threshold_panel import MODEL_PAGE, PROPOSED
-from defectscope.ui.widgets import connect, model_or_last, scoring_client, stop_with
+from defectscope.ui.widgets import (
+    DEFAULT_MODEL,
+    connect,
+    model_or_last,
+    other_model,
+    scoring_client,
+    stop_with,
+)
 
 
 def forget_results() -> None:
     """Another source or set: the old results would be read as this one's."""
-    for key in ("results", "results_id", "results_from"):
+    for key in ("results", "results_id", "results_from", "results_model"):
         st.session_state.pop(key, None)
 
 
@@ -26,6 +33,16 @@ settings, client = connect()
 st.title("Inspect images")
 model, online = model_or_last(client, settings)
 stored = float(model["calibration"]["threshold"])
+# A model picked in the sidebar other than the default: its own threshold, and results scored
+# by another model would be read as its own.
+chosen = other_model()
+if chosen is not None:
+    try:
+        stored = float(client.model_thresholds(chosen)["threshold"])
+    except ClientError as exc:
+        stop_with(exc, settings, f"model {chosen}")
+if st.session_state.get("results") and st.session_state.get("results_model") != chosen:
+    forget_results()
 
 # ------------------------------------------------------------------------------ input
 sets = sample_sets(settings.samples)
@@ -46,7 +63,7 @@ if source == "Upload":
         or []
     )
     names = unique_names([u.name for u in uploads])
-    chosen = [(name, u.getvalue()) for name, u in zip(names, uploads, strict=True)]
+    images = [(name, u.getvalue()) for name, u in zip(names, uploads, strict=True)]
     label = "uploads"
 else:
     name = st.selectbox(
@@ -54,23 +71,27 @@ else:
     )
     paths = sets[name]
     count = st.slider("Images", 1, len(paths), min(len(paths), 8)) if len(paths) > 1 else 1
-    chosen = [(f"{name}/{p.name}", p.read_bytes()) for p in paths[:count]]
+    images = [(f"{name}/{p.name}", p.read_bytes()) for p in paths[:count]]
     label = f"sample set {name}"
 
-if st.button(f"Score {len(chosen)} image(s)", type="primary", disabled=not chosen or not online):
+scored_by = f" with model {chosen}" if chosen else ""
+if st.button(
+    f"Score {len(images)} image(s){scored_by}", type="primary", disabled=not images or not online
+):
     progress = st.progress(0.0, text="Scoring…")
 
     def show_progress(done: int, total: int) -> None:
         progress.progress(done / total, f"{done}/{total}")
 
     try:
-        new_results = score_images(scoring_client(settings), chosen, show_progress)
+        new_results = score_images(scoring_client(settings), images, show_progress, chosen)
     except ClientError as exc:
         progress.empty()
         stop_with(exc, settings, "scoring", scoring=True)
     progress.empty()
     st.session_state["results"] = new_results
     st.session_state["results_from"] = label
+    st.session_state["results_model"] = chosen
     # A new slider per result set: an old position may lie outside the new range.
     st.session_state["results_id"] = uuid.uuid4().hex
 
@@ -85,7 +106,12 @@ for failed in (r for r in results if r["error"] is not None):
     st.warning(f"{failed['name']}: rejected by the API: {failed['error']}", icon=":material/block:")
 if not scored:
     st.stop()
-st.caption(f"Results of {len(results)} image(s) from {st.session_state['results_from']}.")
+versions = ", ".join(sorted({r.get("served_version") or "unversioned" for r in scored}))
+scorer = chosen or st.session_state.get(DEFAULT_MODEL)
+st.caption(
+    f"Results of {len(results)} image(s) from {st.session_state['results_from']}, scored by "
+    + (f"model {scorer}, version {versions}." if scorer else f"model version {versions}.")
+)
 scores = [r["score"] for r in scored]
 low, high = analysis.slider_range(scores, stored)
 options = analysis.threshold_options(low, high, stored)
@@ -116,8 +142,12 @@ st.caption(SCORES_EXPLAINED + " The **Model** page saves thresholds with a safet
 # Saving goes through the Model page: false-alarm estimate, confirmation and audit trail.
 if st.button(
     f"Review and save {fmt_score(threshold)} on the Model page…",
-    disabled=threshold == stored or not online,
-    help="Nothing to save: this is the stored threshold." if threshold == stored else None,
+    disabled=threshold == stored or not online or chosen is not None,
+    help="The Model page saves the default model's threshold."
+    if chosen is not None
+    else "Nothing to save: this is the stored threshold."
+    if threshold == stored
+    else None,
 ):
     st.session_state[PROPOSED] = float(threshold)
     st.switch_page(MODEL_PAGE)

@@ -8,7 +8,7 @@ import streamlit as st
 from defectscope.client import ClientError
 from defectscope.ui.formatting import fmt_score
 from defectscope.ui.threshold_panel import threshold_panel
-from defectscope.ui.widgets import connect, model_or_stop, stop_with
+from defectscope.ui.widgets import connect, default_model_note, model_or_stop, stop_with
 
 REPORT_METRICS = {
     "image_auroc": "Image AUROC",
@@ -23,6 +23,7 @@ REPORT_METRICS = {
 
 settings, client = connect()
 st.title("Model")
+default_model_note()
 model = model_or_stop(client, settings)
 calibration = model.get("calibration", {})
 backbone = model.get("backbone", {})
