@@ -122,6 +122,30 @@ def test_resolve_model_ref_leaves_paths_alone(tmp_path: Path, texture_model_dir:
         resolve_model_ref("bottle@2", uri)
 
 
+def test_mlflow_model_uris_resolve_in_an_mlflow_registry(
+    tmp_path: Path, texture_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("DEFECTSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = open_registry(f"mlflow:{tracking}")
+    registry.register("tex", texture_model_dir, stage="production")
+    registry.register("tex", texture_model_dir)
+    by_alias, found = resolve_model_ref("models:/tex@production", f"mlflow:{tracking}")
+    assert found is not None and found.version == 1 and Path(by_alias).is_file()
+    # MLflow's version form, and the tracking URI from MLflow's own variable.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    _, found = resolve_model_ref("models:/tex/2", str(tmp_path / "folder-registry"))
+    assert found is not None and found.version == 2
+    with pytest.raises(RegistryError, match="models:/NAME/VERSION"):
+        resolve_model_ref("models:/tex/latest-ish", f"mlflow:{tracking}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RegistryError, match="MLflow model URI"):
+        resolve_model_ref("models:/tex@production", str(tmp_path / "folder-registry"))
+
+
 def test_concurrent_registers_get_distinct_versions(
     tmp_path: Path, texture_model_dir: Path
 ) -> None:

@@ -68,6 +68,32 @@ def named_models(
     return single, named
 
 
+def watch_environment(
+    folder: Path | None, results: Path | None, sort_to: Path | None
+) -> dict[str, str]:
+    """``serve --watch``'s settings for the workers, checked here (one-line errors)."""
+    from defectscope.errors import DefectscopeError
+
+    if folder is None:
+        if results is not None or sort_to is not None:
+            raise DefectscopeError("--watch-results and --watch-sort-to need --watch DIR")
+        return {}
+    if not folder.is_dir():
+        raise DefectscopeError(f"--watch {folder}: not a folder")
+    env = {"DEFECTSCOPE_WATCH_DIR": str(folder.resolve())}
+    if results is not None:
+        from defectscope.line.results import FORMATS
+
+        if results.suffix.lower() not in FORMATS:
+            raise DefectscopeError(f"--watch-results {results}: name a .jsonl or .csv file")
+        env["DEFECTSCOPE_WATCH_RESULTS"] = str(results.resolve())
+    if sort_to is not None:
+        if sort_to.exists() and not sort_to.is_dir():
+            raise DefectscopeError(f"--watch-sort-to {sort_to}: a file, not a folder")
+        env["DEFECTSCOPE_WATCH_SORT_TO"] = str(sort_to.resolve())
+    return env
+
+
 def models_environment(
     models: dict[str, str], default: str | None, registry: str | None, budget: float | None
 ) -> dict[str, str]:
@@ -116,6 +142,20 @@ def serve(
             "stage is loaded and swapped in; 0 waits for POST /v1/models/NAME/reload."
         ),
     ] = 0.0,
+    watch: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also score new images landing in this folder (as `defectscope watch`, with "
+            "the served model and its prediction log)."
+        ),
+    ] = None,
+    watch_results: Annotated[
+        Path | None,
+        typer.Option(help="JSONL or CSV results of --watch [default: in the folder's state]."),
+    ] = None,
+    watch_sort_to: Annotated[
+        Path | None, typer.Option(help="Move each --watch file to ok/, ng/ or error/ here.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
@@ -189,6 +229,7 @@ def serve(
     os.environ.update(models_environment(models, default_model, registry, memory_budget_mb))
     if model_ref:
         os.environ["DEFECTSCOPE_MODEL_REF"] = model_ref
+    os.environ.update(watch_environment(watch, watch_results, watch_sort_to))
     if report is not None:
         if not (report / "metrics.json").is_file():
             raise DefectscopeError(f"{report}: no metrics.json (write it with evaluate --report)")

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 ENV_VAR = "DEFECTSCOPE_REGISTRY"
+MLFLOW_MODELS = "models:/"  # MLflow's own model URIs
 MLFLOW_SCHEMES = ("sqlite:", "postgresql:", "mysql:", "mssql:", "http:", "https:", "databricks")
 
 
@@ -66,10 +67,34 @@ def resolve_model_ref(
     as it is; ``NAME@3``, ``NAME@production`` or ``NAME@latest`` is looked up in ``registry``.
     """
     text = str(value)
+    if text.startswith(MLFLOW_MODELS):
+        return _resolve_mlflow_uri(text, registry)
     if "://" in text or Path(text).exists() or not looks_like_ref(text):
         return value, None
     resolved = open_registry(registry).resolve(text)
     return resolved.path, resolved
+
+
+def _resolve_mlflow_uri(text: str, registry: str | None) -> tuple[Path, ResolvedModel]:
+    """MLflow's own ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, looked up in the MLflow
+    registry given (``mlflow:URI``), else the one ``MLFLOW_TRACKING_URI`` names."""
+    ref = text.removeprefix(MLFLOW_MODELS)
+    name, slash, version = ref.partition("/")
+    if slash:
+        if not version.isdigit():
+            raise RegistryError(f"{text}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        ref = f"{name}@{version}"
+    uri = registry or default_registry_uri()
+    if not uri.startswith("mlflow:") and not uri.startswith(MLFLOW_SCHEMES):
+        tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not tracking:
+            raise RegistryError(
+                f"{text} is an MLflow model URI: give the MLflow registry (--registry "
+                "mlflow:URI, DEFECTSCOPE_REGISTRY or MLFLOW_TRACKING_URI)"
+            )
+        uri = f"mlflow:{tracking}"
+    resolved = open_registry(uri).resolve(ref)
+    return Path(resolved.path), resolved
 
 
 def resolve_model_arg(value: Path) -> Path:

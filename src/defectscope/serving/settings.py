@@ -132,6 +132,21 @@ class ServingSettings(BaseSettings):
     model_ref: str | None = Field(
         None, description="The registry reference model_path was resolved from, if any."
     )
+    watch_dir: Path | None = Field(
+        None,
+        description="A folder whose new images the server scores as they arrive (recursively, "
+        "once settled; journal, results and sorting as `defectscope watch`). None: no watch.",
+    )
+    watch_results: Path | None = Field(
+        None, description="JSONL or CSV results of the watched folder [default: in its state]."
+    )
+    watch_sort_to: Path | None = Field(
+        None, description="Move each watched file to ok/, ng/ or error/ under this folder."
+    )
+    watch_settle_s: float = Field(
+        1.0, ge=0, description="A watched file is read once unchanged for this long."
+    )
+    watch_poll_s: float = Field(0.5, gt=0, description="Seconds between scans of the folder.")
 
     report_dir: Path | None = Field(
         None,

@@ -97,6 +97,8 @@ class ServingState:
     backbone_cache: BackboneCache | None = None
     # A named model's state shares the service's picture accounting through its parent.
     parent: ServingState | None = None
+    # serve --watch: the folder watch of the default model (a FolderWatch), if any.
+    folder_watch: Any = None
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -186,6 +188,11 @@ class ServingState:
             task = asyncio.create_task(self.load_model())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if self.settings.watch_dir is not None and self.primary and self.parent is None:
+            from defectscope.serving.folder_watch import FolderWatch
+
+            self.folder_watch = FolderWatch(self)
+            self.folder_watch.start()
 
     def open_pictures(self, root: Path) -> PictureStore:
         settings = self.settings
@@ -199,6 +206,8 @@ class ServingState:
         return store
 
     async def stop(self) -> None:
+        if self.folder_watch is not None:
+            await asyncio.to_thread(self.folder_watch.stop)
         for task in list(self.tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
