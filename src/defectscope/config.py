@@ -48,17 +48,17 @@ class FeatureConfig(_Section):
         2.0,
         ge=1.0,
         le=4.0,
-        description="With aspect='auto': images larger than the input may be fed at up to this "
-        "many times the input size (see max_downscale), so that small defects on large images "
+        description="With aspect='auto': images whose short side is at least 3x the input's "
+        "are fed at this many times the input size, so that small defects on large images "
         "keep a few patches (cost grows with its square); 1 = never.",
     )
-    max_downscale: float = Field(
-        1.6,
+    max_downscale: float | None = Field(
+        None,
         ge=1.0,
         le=16.0,
-        description="With aspect='auto': the input's short side is at least the images' short "
-        "side divided by this (within large_image_scale), so a defect of a few pixels is not "
-        "shrunk below a patch.",
+        description="With aspect='auto', instead of the 3x rule: the input's short side is at "
+        "least the images' short side divided by this (within large_image_scale), e.g. 1.6 "
+        "feeds 512 px images at 320. None: the 3x rule.",
     )
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."

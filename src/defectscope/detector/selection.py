@@ -157,9 +157,12 @@ def resolve_geometry(
         else:
             reasons.append("one shape, near square: stretch")
     short_side = float(np.median([min(h, w) for h, w in sizes]))
-    # Images well above the input: feed them larger, at most max_downscale below their own
-    # size and large_image_scale above the input, so small defects keep a few patches.
-    wanted = short_side / features.max_downscale / min(features.input_size)
+    # Large images: a larger input keeps small defects a few patches wide. By default only
+    # from 3x the input; with max_downscale, graded by how much the images would shrink.
+    if features.max_downscale is None:
+        wanted = features.large_image_scale if short_side >= 3 * min(features.input_size) else 1
+    else:
+        wanted = short_side / features.max_downscale / min(features.input_size)
     factor = min(features.large_image_scale, wanted)
     height, width = (
         min(2048, round(side * factor / multiple) * multiple) for side in features.input_size
