@@ -8,16 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from defectscope.serving.dependencies import Flags
 from defectscope.serving.limits import as_http_error
 from defectscope.serving.model_pool import ModelPool
-from defectscope.serving.request_meta import parse_part_info
 from defectscope.serving.routes import v1_router
 from defectscope.serving.routes.model import check_threshold_update
-from defectscope.serving.routes.predict import SINGLE_BODY, score_batch, score_single
+from defectscope.serving.routes.predict import (
+    SINGLE_BODY,
+    NameForm,
+    PartIdForm,
+    TagsForm,
+    batch_part_info,
+    score_batch,
+    score_single,
+)
 from defectscope.serving.schemas import (
     UNPARSABLE_MULTIPART,
     BatchResponse,
@@ -26,7 +33,6 @@ from defectscope.serving.schemas import (
     error_responses,
 )
 from defectscope.serving.state import ServingState
-from defectscope.serving.uploads import check_image_count
 
 router = v1_router()
 
@@ -83,15 +89,13 @@ async def predict_batch_named(
     state: Named,
     flags: Flags,
     files: Annotated[list[UploadFile], File(description="Images, field 'files' repeated.")],
-    part_id: Annotated[str | None, Form(description="Default: each file's name.")] = None,
-    line: Annotated[str | None, Form()] = None,
-    station: Annotated[str | None, Form()] = None,
-    tags: Annotated[str | None, Form(description="Comma-separated, at most 16.")] = None,
+    part_id: PartIdForm = None,
+    line: NameForm = None,
+    station: NameForm = None,
+    tags: TagsForm = None,
 ) -> BatchResponse:
     """Score several images with the named model (as /v1/predict/batch)."""
-    with as_http_error():
-        check_image_count(state.settings, len(files))
-        part = parse_part_info({"part_id": part_id, "line": line, "station": station, "tags": tags})
+    part = batch_part_info(state, len(files), part_id, line, station, tags)
     route = "/v1/models/{name}/predict/batch"
     return await score_batch(request, background, state, flags, files, part, route)
 

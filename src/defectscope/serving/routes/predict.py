@@ -45,6 +45,11 @@ from defectscope.serving.uploads import (
 
 router = v1_router()
 
+# The part fields of a batch's multipart form (applied to every file), for both batch routes.
+PartIdForm = Annotated[str | None, Form(description="Default: each file's name.")]
+NameForm = Annotated[str | None, Form()]
+TagsForm = Annotated[str | None, Form(description="Comma-separated, at most 16.")]
+
 # /v1/predict reads its body itself (multipart or JSON): the schema documents both.
 SINGLE_BODY = {
     "requestBody": {
@@ -111,19 +116,31 @@ async def predict_batch(
     flags: Flags,
     _: ReadyDetector,
     files: Annotated[list[UploadFile], File(description="Images, field 'files' repeated.")],
-    part_id: Annotated[str | None, Form(description="Default: each file's name.")] = None,
-    line: Annotated[str | None, Form()] = None,
-    station: Annotated[str | None, Form()] = None,
-    tags: Annotated[str | None, Form(description="Comma-separated, at most 16.")] = None,
+    part_id: PartIdForm = None,
+    line: NameForm = None,
+    station: NameForm = None,
+    tags: TagsForm = None,
 ) -> BatchResponse:
     """Score several images; an unreadable one gets an error entry, the others still succeed.
 
     ``part_id``, ``line``, ``station`` and ``tags`` apply to every file.
     """
-    with as_http_error():
-        check_image_count(state.settings, len(files))
-        part = parse_part_info({"part_id": part_id, "line": line, "station": station, "tags": tags})
+    part = batch_part_info(state, len(files), part_id, line, station, tags)
     return await score_batch(request, background, state, flags, files, part, "/v1/predict/batch")
+
+
+def batch_part_info(
+    state: ServingState,
+    n_files: int,
+    part_id: str | None,
+    line: str | None,
+    station: str | None,
+    tags: str | None,
+) -> PartInfo:
+    """A batch's checks before any file is read: the image count, then the part fields."""
+    with as_http_error():
+        check_image_count(state.settings, n_files)
+        return parse_part_info({"part_id": part_id, "line": line, "station": station, "tags": tags})
 
 
 async def score_batch(
