@@ -107,10 +107,11 @@ class Server:
 
 @contextmanager
 def served(
-    model: Path, env: dict[str, str], workers: int = 1, expect: str = "ready"
+    model: Path | list[str], env: dict[str, str], workers: int = 1, expect: str = "ready"
 ) -> Iterator[Server]:
-    """``defectscope serve MODEL`` in its own process group, once /readyz says ``expect``
-    ("ready": every worker loaded; "failed": the model was refused)."""
+    """``defectscope serve MODEL`` (or ``serve ARGS...`` for a list) in its own process group,
+    once /readyz says ``expect`` ("ready": every worker loaded; "failed": the model was
+    refused)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -119,7 +120,8 @@ def served(
         **env,
     }
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [sys.executable, "-m", "defectscope.cli", "serve", str(model), "--port", str(port),
+    args = model if isinstance(model, list) else [str(model)]
+    command = [sys.executable, "-m", "defectscope.cli", "serve", *args, "--port", str(port),
                "--workers", str(workers)]  # fmt: skip
     process = subprocess.Popen(
         command,

@@ -5,10 +5,7 @@ reload under load, and the CLI's refusals of bad model lists (one line, exit 2).
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +17,9 @@ import httpx
 import numpy as np
 import pytest
 from _cli import run_cli as _run_cli
-from _images import free_port, png, texture_crops
+from _images import png, texture_crops
 from _models import copy_model, rewritten_model
-from _server import AUTH, KEY
+from _server import AUTH, KEY, served
 
 from defectscope.features.backbones import module_bytes
 
@@ -33,43 +30,12 @@ run_cli = partial(_run_cli, columns=300, unset=("DEFECTSCOPE_DEBUG",))
 
 @contextmanager
 def serving(args: list[str], env: dict[str, str] | None = None) -> Iterator[httpx.Client]:
-    """``defectscope serve ARGS`` in its own process group, once /readyz answers 200."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "DEFECTSCOPE_API_KEY": KEY,
-        "DEFECTSCOPE_BATCH_MAX_WAIT_MS": "2",
-        **(env or {}),
-    }
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [sys.executable, "-m", "defectscope.cli", "serve", *args, "--port", str(port)]
-    process = subprocess.Popen(
-        command,
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not become ready")
-            time.sleep(0.1)
-        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
-            yield client
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    """``defectscope serve ARGS`` in its own process group, once ready; a client for it."""
+    with (
+        served(args, {"DEFECTSCOPE_BATCH_MAX_WAIT_MS": "2", **(env or {})}) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client,
+    ):
+        yield client
 
 
 def image_file(seed: int) -> tuple[str, bytes]:

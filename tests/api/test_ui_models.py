@@ -3,11 +3,6 @@ process serving two models (and a one-model server, which shows no picker)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +12,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("streamlit")
 
-from _images import free_port, png, texture_crops
+from _images import png, texture_crops
 from _models import copy_model
-from _server import AUTH, KEY, running_server
+from _server import AUTH, KEY, running_server, served
 from streamlit.testing.v1 import AppTest
 
 from defectscope.detector.detector import Detector
@@ -39,46 +34,19 @@ def two_models(texture_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     copy_model(texture_model_dir, root / "alpha")
     copy_model(texture_model_dir, root / "beta")
     log = tmp_path_factory.mktemp("log") / "predictions.db"
-    port = free_port()
     env = {
-        **os.environ,
-        "DEFECTSCOPE_API_KEY": KEY,
         "DEFECTSCOPE_BATCH_MAX_WAIT_MS": "2",
         "DEFECTSCOPE_PREDICTION_LOG_URL": f"sqlite:///{log}",
     }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [sys.executable, "-m", "defectscope.cli", "serve", "--models", str(root),
-               "--default-model", "alpha", "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
-        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
-            alpha = client.get("/v1/models/alpha/thresholds").json()["threshold"]
-            saved = client.put(
-                "/v1/models/beta/thresholds", json={"image": alpha * 3, "reviewer": "t"}
-            )
-            assert saved.status_code == 200, saved.text
-        yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    args = ["--models", str(root), "--default-model", "alpha"]
+    with (
+        served(args, env) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client,
+    ):
+        alpha = client.get("/v1/models/alpha/thresholds").json()["threshold"]
+        saved = client.put("/v1/models/beta/thresholds", json={"image": alpha * 3, "reviewer": "t"})
+        assert saved.status_code == 200, saved.text
+        yield server.url
 
 
 def env_for(monkeypatch: pytest.MonkeyPatch, url: str, key: str) -> None:
