@@ -48,17 +48,17 @@ class FeatureConfig(_Section):
         2.0,
         ge=1.0,
         le=4.0,
-        description="With aspect='auto': images whose short side is at least 3x the input's "
-        "are fed at this many times the input size, so that small defects on large images "
-        "keep a few patches (cost grows with its square); 1 = never.",
+        description="With aspect='auto': the most a large image's input may grow, as a "
+        "multiple of input_size (cost grows with its square; see max_downscale); 1 = never.",
     )
     max_downscale: float | None = Field(
-        None,
+        1.6,
         ge=1.0,
         le=16.0,
-        description="With aspect='auto', instead of the 3x rule: the input's short side is at "
-        "least the images' short side divided by this (within large_image_scale), e.g. 1.6 "
-        "feeds 512 px images at 320. None: the 3x rule.",
+        description="With aspect='auto': the input's short side is at least the images' short "
+        "side divided by this (within large_image_scale), so 512 px images are fed at 320 and "
+        "small defects keep a few patches. None: only images of at least 3x the input's short "
+        "side get a larger one.",
     )
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."

@@ -10,6 +10,7 @@ import torch
 
 from defectscope.config import CoresetConfig
 from defectscope.detector.coreset import (
+    choose_coreset,
     coreset_size,
     greedy_kcenter,
     random_projection,
@@ -174,7 +175,7 @@ def test_greedy_radius_decreases_with_more_centers() -> None:
 )
 def test_sharded_exact_count_unique(n: int, n_select: int, shard: int) -> None:
     points = torch.randn(n, 6, generator=torch.Generator().manual_seed(n_select))
-    chosen = sharded_kcenter(points, n_select, shard, seed=0)
+    chosen = sharded_kcenter(points, n_select, shard, seed=0).selected
     assert chosen.shape == (n_select,)
     assert len(set(chosen.tolist())) == n_select
     assert int(chosen.min()) >= 0 and int(chosen.max()) < n
@@ -182,18 +183,20 @@ def test_sharded_exact_count_unique(n: int, n_select: int, shard: int) -> None:
 
 def test_sharded_single_shard_equals_greedy() -> None:
     points = torch.randn(300, 4)
-    assert torch.equal(sharded_kcenter(points, 20, 1000, seed=4), greedy_kcenter(points, 20, 4))
+    assert torch.equal(
+        sharded_kcenter(points, 20, 1000, seed=4).selected, greedy_kcenter(points, 20, 4)
+    )
 
 
 def test_sharded_select_all() -> None:
     points = torch.randn(30, 4)
-    assert torch.equal(sharded_kcenter(points, 30, 256), torch.arange(30))
+    assert torch.equal(sharded_kcenter(points, 30, 256).selected, torch.arange(30))
 
 
 def test_sharded_deterministic() -> None:
     points = torch.randn(3000, 4, generator=torch.Generator().manual_seed(9))
-    first = sharded_kcenter(points, 60, 256, seed=1)
-    assert torch.equal(first, sharded_kcenter(points, 60, 256, seed=1))
+    first = sharded_kcenter(points, 60, 256, seed=1).selected
+    assert torch.equal(first, sharded_kcenter(points, 60, 256, seed=1).selected)
 
 
 def test_sharded_progress_ends_at_total() -> None:
@@ -204,7 +207,7 @@ def test_sharded_progress_ends_at_total() -> None:
 
 def test_sharded_covers_every_cluster() -> None:
     points, labels = clustered()
-    chosen = sharded_kcenter(points, 40, shard_size=CoresetConfig().shard_size, seed=0)
+    chosen = sharded_kcenter(points, 40, shard_size=CoresetConfig().shard_size, seed=0).selected
     assert len(set(chosen.tolist())) == 40
     assert set(labels[chosen].tolist()) == set(range(20))
     # Every point lies within a few cluster radii (std 1 in 16-D: radius ~4) of a center, far
@@ -216,9 +219,9 @@ def test_sharded_covers_every_cluster_with_small_shards() -> None:
     # Each of the 10 shards keeps 2 x 40 / 10 = 8 picks for 20 clusters, so no single shard can
     # cover them all: the second, global level over the union must.
     points, labels = clustered()
-    chosen = sharded_kcenter(points, 40, shard_size=2048, seed=0)
+    chosen = sharded_kcenter(points, 40, shard_size=2048, seed=0).selected
     assert len(set(labels[chosen].tolist())) >= 18
-    chosen = sharded_kcenter(points, 200, shard_size=2048, seed=0)
+    chosen = sharded_kcenter(points, 200, shard_size=2048, seed=0).selected
     assert set(labels[chosen].tolist()) == set(range(20))
 
 
@@ -309,7 +312,7 @@ def test_select_sharded() -> None:
     assert chosen.shape == (40,)
     assert torch.equal(chosen, chosen.sort().values)
     assert len(set(chosen.tolist())) == 40
-    expected = sharded_kcenter(features, 40, 256, 0).sort().values
+    expected = sharded_kcenter(features, 40, 256, 0).selected.sort().values
     assert torch.equal(chosen, expected)
 
 
@@ -328,3 +331,22 @@ def test_select_progress_passed_through() -> None:
         progress=lambda d, t: calls.append((d, t)),
     )
     assert calls and calls[-1] == (50, 50)
+
+
+def test_choice_pool_holds_the_bank_and_at_most_as_many_other_rows() -> None:
+    points = torch.randn(6000, 8, generator=torch.Generator().manual_seed(5))
+    for method in ("sharded", "greedy"):
+        config = CoresetConfig(method=method, size=100, shard_size=1024, projection_dim=None)
+        selected, pool = choose_coreset(points, config)
+        assert torch.equal(selected, select_coreset(points, config))
+        assert torch.isin(selected, pool).all()
+        assert len(set(pool.tolist())) == pool.numel() <= 2 * 100
+    # Sharded: the rest of the pool is what the last greedy pass chose from.
+    _, union = sharded_kcenter(points, 100, 1024, seed=0)
+    selected, pool = choose_coreset(
+        points, CoresetConfig(size=100, shard_size=1024, projection_dim=None)
+    )
+    assert torch.isin(pool, union).all()
+    # A random coreset's stand-ins would be random rows: its pool is the bank itself.
+    selected, pool = choose_coreset(points, CoresetConfig(method="random", size=100))
+    assert torch.equal(selected, pool)

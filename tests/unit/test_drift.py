@@ -205,6 +205,16 @@ def test_no_alarm_on_held_out_good_bottles(bottle) -> None:
 
 
 @pytest.mark.needs_shared
+def test_calibration_scores_match_those_of_held_out_good_bottles(bottle) -> None:
+    """Leave-one-out with stand-ins scores the training bottles as new good bottles score
+    (plain leave-one-out ran about 4 % high): the score test and the threshold rely on it."""
+    detector, _, _, scores = bottle
+    calibration = np.asarray(detector.calibration.good_scores)
+    print(np.median(calibration), np.median(scores))
+    assert abs(np.median(calibration) / np.median(scores) - 1) < 0.02
+
+
+@pytest.mark.needs_shared
 def test_no_feature_alarm_on_unshifted_bottle_test_images(bottle, bottle_root) -> None:
     """The real false alarm: test-split good bottles differ slightly from the
     training ones (significant MMD, mean |z| ~0.4), which must not count as feature drift."""

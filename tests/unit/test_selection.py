@@ -68,21 +68,22 @@ def test_large_images_get_a_larger_input_small_ones_do_not() -> None:
     config = _config(aspect="auto", input_size=[256, 256], large_image_scale=1.0)
     resolve_geometry([(1024, 1024)] * 3, config)
     assert config.features.input_size == (256, 256)
-    # The 3x rule by default: 512 and 700 px images keep the configured input.
+    # Without max_downscale, the 3x rule: 512 and 700 px images keep the configured input.
     for side in (512, 700):
-        config = _config(aspect="auto", input_size=[256, 256])
+        config = _config(aspect="auto", input_size=[256, 256], max_downscale=None)
         resolve_geometry([(side, side)] * 3, config)
         assert config.features.input_size == (256, 256)
-    # Graded on request: at most max_downscale below the images' own size.
-    config = _config(aspect="auto", input_size=[256, 256], max_downscale=1.6)
+    # By default graded: at most max_downscale (1.6) below the images' own size.
+    config = _config(aspect="auto", input_size=[256, 256])
+    assert config.features.max_downscale == 1.6
     resolve_geometry([(512, 512)] * 3, config)
     assert config.features.input_size == (320, 320)
-    config = _config(aspect="auto", input_size=[256, 256], max_downscale=1.6)
+    config = _config(aspect="auto", input_size=[256, 256])
     resolve_geometry([(1024, 1024)] * 3, config)
     assert config.features.input_size == (512, 512)
     # Images near the input's size are not enlarged.
     for side in (256, 320, 384):
-        config = _config(aspect="auto", input_size=[256, 256], max_downscale=1.6)
+        config = _config(aspect="auto", input_size=[256, 256])
         resolve_geometry([(side, side)] * 3, config)
         assert config.features.input_size == (256, 256)
     # An elongated shape keeps its shape when enlarged.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,14 @@ def greedy_kcenter(
     return selected
 
 
+class CoresetChoice(NamedTuple):
+    """The bank rows, and the pool the last greedy pass picked them from: the rows a coreset
+    built without some image would have drawn that image's bank rows' stand-ins from."""
+
+    selected: torch.Tensor
+    pool: torch.Tensor
+
+
 def sharded_kcenter(
     features: torch.Tensor,
     n_select: int,
@@ -79,14 +88,16 @@ def sharded_kcenter(
     seed: int = 0,
     progress: ProgressFn | None = None,
     oversample: float = 2.0,
-) -> torch.Tensor:
-    """Greedy k-center inside random shards, then greedy over the union of their picks."""
+) -> CoresetChoice:
+    """Greedy k-center inside random shards, then greedy over the union of their picks (the
+    pool; every row when there is one shard)."""
     n = features.shape[0]
+    everything = torch.arange(n, device=features.device)
     if n_select >= n:
-        return torch.arange(n, device=features.device)
+        return CoresetChoice(everything, everything)
     n_shards = max(1, math.ceil(n / shard_size))
     if n_shards == 1:
-        return greedy_kcenter(features, n_select, seed, progress)
+        return CoresetChoice(greedy_kcenter(features, n_select, seed, progress), everything)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     order = torch.randperm(n, generator=generator).to(features.device)
     shards = torch.tensor_split(order, n_shards)
@@ -109,7 +120,7 @@ def sharded_kcenter(
     final = greedy_kcenter(features[union], n_select, seed)
     if progress is not None:
         progress(n_select, n_select)
-    return union[final]
+    return CoresetChoice(union[final], union)
 
 
 def select_coreset(
@@ -123,16 +134,40 @@ def select_coreset(
     ``n_select`` overrides the size the config gives for N rows: a staged fit selects from
     candidates already thinned per chunk, with the size planned from all patches.
     """
+    return choose_coreset(features, config, progress, n_select).selected
+
+
+def choose_coreset(
+    features: torch.Tensor,
+    config: CoresetConfig,
+    progress: ProgressFn | None = None,
+    n_select: int | None = None,
+) -> CoresetChoice:
+    """`select_coreset`'s rows (sorted) and the pool they were picked from, the rows outside
+    the bank thinned to at most as many as the bank holds, so the pool is no denser than the
+    bank itself (a random coreset's pool is the bank: its stand-ins would be random rows)."""
     n = features.shape[0]
     n_select = coreset_size(n, config) if n_select is None else max(1, n_select)
     if n_select >= n:
-        return torch.arange(n, device=features.device)
+        everything = torch.arange(n, device=features.device)
+        return CoresetChoice(everything, everything)
     if config.method == "random":
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        return torch.randperm(n, generator=generator)[:n_select].sort().values.to(features.device)
+        picked = torch.randperm(n, generator=generator)[:n_select].sort().values
+        picked = picked.to(features.device)
+        return CoresetChoice(picked, picked)
     projected = random_projection(features, config.projection_dim, config.seed)
     if config.method == "greedy":
         selected = greedy_kcenter(projected, n_select, config.seed, progress)
+        pool = torch.arange(n, device=features.device)
     else:
-        selected = sharded_kcenter(projected, n_select, config.shard_size, config.seed, progress)
-    return selected.sort().values
+        selected, pool = sharded_kcenter(
+            projected, n_select, config.shard_size, config.seed, progress
+        )
+    outside = pool[~torch.isin(pool, selected)]
+    if outside.numel() > n_select:
+        generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        keep = torch.randperm(outside.numel(), generator=generator)[:n_select]
+        outside = outside[keep.to(outside.device)]
+    selected = selected.sort().values
+    return CoresetChoice(selected, torch.cat([selected, outside.sort().values]))

@@ -50,8 +50,9 @@ from defectscope.data.io import ImageInput
 from defectscope.data.loading import LoadedImage, iter_loaded
 from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
-from defectscope.detector.coreset import select_coreset
+from defectscope.detector.coreset import choose_coreset, select_coreset
 from defectscope.detector.fit_info import FitInfo, TrainingInfo
+from defectscope.detector.leave_one_out import StandIns, find_stand_ins, own_rows_and_stand_ins
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.plan import FitPlan, bank_target
 from defectscope.detector.progress import ProgressFn
@@ -285,12 +286,17 @@ def fit_from_shards(
     n_patches = sum(s.n_patches for s in shards)
     report = (lambda d, t: progress("coreset", d, t)) if progress else None
     target = max(bank_target(n_patches, config.coreset), min(n_patches, plan.min_bank))
-    chosen = select_coreset(candidates, config.coreset, report, n_select=target)
+    chosen, pool = choose_coreset(candidates, config.coreset, report, n_select=target)
     bank = candidates[chosen].contiguous()
     bank_owner = owners[chosen.cpu()]
     n_candidates = int(candidates.shape[0])
-    del candidates
     timings["final_coreset_s"] = time.perf_counter() - t0
+    stand_ins = None
+    if plan.method == "leave_one_out":
+        t0 = time.perf_counter()
+        stand_ins = find_stand_ins(bank, bank_owner, candidates[pool], owners[pool.cpu()])
+        timings["stand_ins_s"] = time.perf_counter() - t0
+    del candidates
     timings["coreset_s"] = timings["shard_coreset_s"] + timings["final_coreset_s"]
 
     scorer = AnomalyScorer(bank, config.scoring, config.features.input_size).to(device)
@@ -304,7 +310,7 @@ def fit_from_shards(
         good_scores = good_maxima = np.asarray(halves, dtype=np.float64)
     else:
         good_scores, good_maxima = calibration_scores(
-            scorer, config.batch_size, shards, bank_owner, plan, progress
+            scorer, config.batch_size, shards, bank_owner, plan, progress, stand_ins
         )
     calibration = calibrate(
         good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
@@ -379,6 +385,7 @@ def calibration_scores(
     bank_owner: torch.Tensor,
     plan: FitPlan,
     progress: ProgressFn | None,
+    stand_ins: StandIns | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-sample image scores and map maxima of the calibration sample."""
     total = sum(len(s.calibration_ids) for s in shards)
@@ -391,11 +398,11 @@ def calibration_scores(
     for ids, embeddings in iter_calibration_batches(shards, batch_size):
         embeddings = embeddings.to(device)
         if plan.method == "leave_one_out":
-            # Each image is scored against the bank without its own patches: an out-of-sample
-            # score for every training image from a single bank. Always exact search, one
-            # search for the whole batch.
-            own = [(owner_on_device == index).nonzero().flatten() for index in ids]
-            maps, image_scores = scorer.score_excluding(embeddings, own)
+            # Each image is scored against the bank without its own patches, which stand-ins
+            # replace (see leave_one_out): an out-of-sample score for every training image from
+            # a single bank. Always exact search, one search for the whole batch.
+            own, extra = own_rows_and_stand_ins(ids, owner_on_device, stand_ins)
+            maps, image_scores = scorer.score_excluding(embeddings, own, extra)
         else:
             maps, image_scores = scorer(embeddings)
         scores.append(image_scores.cpu())

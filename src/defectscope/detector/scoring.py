@@ -57,6 +57,28 @@ def axis_operator(n_in: int, n_out: int, kernel: torch.Tensor, mode: str) -> tor
     return x[:, 0].T.contiguous()
 
 
+def merge_extra_rows(
+    queries: torch.Tensor,
+    dist: torch.Tensor,
+    idx: torch.Tensor,
+    rows_per_group: int,
+    extra: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest of (found bank rows, group g's extra rows) for every query of group g."""
+    dist, idx = dist.clone(), idx.clone()
+    k = dist.shape[1]
+    for group, (rows, reported) in enumerate(extra):
+        if rows.shape[0] == 0:
+            continue
+        span = slice(group * rows_per_group, (group + 1) * rows_per_group)
+        to_extra = torch.cdist(queries[span], rows.to(queries.dtype))
+        both = torch.cat([dist[span], to_extra], dim=1)
+        names = torch.cat([idx[span], reported.to(idx.device).expand(to_extra.shape[0], -1)], 1)
+        best = both.topk(k, dim=1, largest=False, sorted=True).indices
+        dist[span], idx[span] = both.gather(1, best), names.gather(1, best)
+    return dist, idx
+
+
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
@@ -119,14 +141,21 @@ class AnomalyScorer(nn.Module):
         return self._maps_and_scores(embeddings.shape, queries, dist, idx)
 
     def score_excluding(
-        self, embeddings: torch.Tensor, own: Sequence[torch.Tensor]
+        self,
+        embeddings: torch.Tensor,
+        own: Sequence[torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``forward``, but batch item i never finds the bank rows ``own[i]`` (leave-one-out
-        scores of a whole batch in one exact search, the same as one ``banned`` call each)."""
+        scores of a whole batch in one exact search, the same as one ``banned`` call each).
+        ``extra[i]`` = (rows (m, D), bank index of each): rows item i also searches, a hit
+        reported as that bank index (leave-one-out's stand-ins)."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
         index = self.index if isinstance(self.index, TorchKnn) else TorchKnn(self.bank)
         dist, idx = index.search(queries, self.config.k, exclude=GroupExclusion(h * w, own))
+        if extra is not None:
+            dist, idx = merge_extra_rows(queries, dist, idx, h * w, extra)
         return self._maps_and_scores(embeddings.shape, queries, dist, idx)
 
     def _maps_and_scores(

@@ -157,8 +157,8 @@ def resolve_geometry(
         else:
             reasons.append("one shape, near square: stretch")
     short_side = float(np.median([min(h, w) for h, w in sizes]))
-    # Large images: a larger input keeps small defects a few patches wide. By default only
-    # from 3x the input; with max_downscale, graded by how much the images would shrink.
+    # Large images: a larger input keeps small defects a few patches wide, graded by how much
+    # the images would shrink (max_downscale); without it, only from 3x the input.
     if features.max_downscale is None:
         wanted = features.large_image_scale if short_side >= 3 * min(features.input_size) else 1
     else:
