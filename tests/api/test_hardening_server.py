@@ -240,7 +240,9 @@ def test_concurrent_images_wait_for_the_pixel_budget(server) -> None:
     with PeakMemory(server) as memory:
         responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 5
-    assert len({r.json()["score"] for r in responses}) == 1
+    # The same answer for each; images scored in one batch may differ in the last float bit.
+    scores = [r.json()["score"] for r in responses]
+    assert scores == pytest.approx([scores[0]] * 5, rel=1e-5)
     assert memory.growth < 1600 * MIB, memory.growth
 
 
