@@ -11,6 +11,7 @@ import torch
 from _images import FAST_CONFIG, texture_crops, with_defect
 
 from defectscope.config import DetectorConfig
+from defectscope.detector import few_shot
 from defectscope.detector.detector import Detector
 from defectscope.detector.few_shot import (
     VIEW_SETS,
@@ -162,3 +163,28 @@ def test_bad_inputs_fail_clearly() -> None:
     wide["few_shot"] = {"augmentation": "rot90"}  # enabled by default
     with pytest.raises(DefectscopeError, match="square input"):
         Detector(wide).fit(texture_crops(1))
+
+
+def is_row_of(rows: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+    return (rows[:, None, :] == of[None, :, :]).all(dim=2).any(dim=1)
+
+
+def test_comparison_banks_share_the_plain_rows_and_cap_the_added_views(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(few_shot, "CHECK_ROWS", 50)
+    generator = torch.Generator().manual_seed(0)
+    # Three images of 30 rows per view; image 1 is held out.
+    rows = {view: torch.randn(3, 30, 4, generator=generator) for view in VIEW_SETS["rot45"]}
+    origins: dict[str, torch.Tensor] = {}
+    plain = few_shot._fold_bank(rows, origins, VIEW_SETS["none"], 1, 0, 3, seed=7)
+    turned = few_shot._fold_bank(rows, origins, VIEW_SETS["rot45"], 1, 0, 3, seed=7)
+    # The images as they are: the same 50 of their 60 rows in both banks, none held out.
+    assert plain.shape == (50, 4)
+    assert torch.equal(turned[:50], plain)
+    allowed = torch.cat([rows["id"][0], rows["id"][2]])
+    assert is_row_of(plain, allowed).all()
+    # The seven added views: 50 rows together, drawn from those views only.
+    assert turned.shape == (100, 4)
+    added = torch.cat([rows[v][i] for v in VIEW_SETS["rot45"][1:] for i in (0, 2)])
+    assert is_row_of(turned[50:], added).all()

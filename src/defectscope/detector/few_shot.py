@@ -56,7 +56,8 @@ DESCRIPTIONS = {
     "rot45": "plus rotations by 45 degree steps",
     "rot30": "plus rotations by 30 degree steps",
 }
-# Rows of a comparison bank: the comparison ranks view sets, it does not need the fit's bank.
+# Rows of a comparison bank, for the images as they are and again for the added views: the
+# comparison ranks view sets, it does not need the fit's bank.
 CHECK_ROWS = 8192
 # Each held-out part is also scored jittered, so that a fold has more than one good sample.
 CHECK_JITTERS = 2
@@ -378,19 +379,28 @@ def _fold_bank(
     n_images: int,
     seed: int,
 ) -> torch.Tensor:
-    """Bank rows of ``views`` that do not show the held-out content, at most CHECK_ROWS.
+    """Bank rows of ``views`` that do not show the held-out content: the images as they are
+    at most CHECK_ROWS (the same rows for every view set), the other views at most CHECK_ROWS
+    together, so that a view set is compared on the plain set's rows plus what it adds.
     With one image: the patches from beyond a band around the cut (a quarter of the side
     each way), as a patch sees well past its own cell."""
-    parts = []
+    plain: list[torch.Tensor] = []
+    added: list[torch.Tensor] = []
     for view in views:
         if n_images > 1:
-            parts.append(torch.cat([rows[view][i] for i in range(n_images) if i != held]))
+            part = torch.cat([rows[view][i] for i in range(n_images) if i != held])
         else:
             y, x = origins[view][:, 0], origins[view][:, 1]
             keep = [x > 0.25, x < -0.25, y > 0.25, y < -0.25][side]
-            parts.append(rows[view][0][keep])
-    bank = torch.cat(parts)
-    if len(bank) > CHECK_ROWS:
-        generator = torch.Generator().manual_seed(seed)
-        bank = bank[torch.randperm(len(bank), generator=generator)[:CHECK_ROWS]]
-    return bank
+            part = rows[view][0][keep]
+        (plain if view == "id" else added).append(part)
+    generator = torch.Generator().manual_seed(seed)
+    bank = [_at_most(torch.cat(group), CHECK_ROWS, generator) for group in (plain, added) if group]
+    return torch.cat(bank)
+
+
+def _at_most(rows: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows``, or ``n`` of them drawn at random."""
+    if len(rows) <= n:
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[:n]]
