@@ -134,7 +134,7 @@ def select_coreset(
     ``n_select`` overrides the size the config gives for N rows: a staged fit selects from
     candidates already thinned per chunk, with the size planned from all patches.
     """
-    return choose_coreset(features, config, progress, n_select).selected
+    return _pick(features, config, progress, n_select).selected
 
 
 def choose_coreset(
@@ -146,10 +146,26 @@ def choose_coreset(
     """`select_coreset`'s rows (sorted) and the pool they were picked from, the rows outside
     the bank thinned to at most as many as the bank holds, so the pool is no denser than the
     bank itself (a random coreset's pool is the bank: its stand-ins would be random rows)."""
+    selected, pool = _pick(features, config, progress, n_select)
+    outside = pool[~torch.isin(pool, selected)]
+    if outside.numel() > selected.numel():
+        generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        keep = torch.randperm(outside.numel(), generator=generator)[: selected.numel()]
+        outside = outside[keep.to(outside.device)]
+    return CoresetChoice(selected, torch.cat([selected, outside.sort().values]))
+
+
+def _pick(
+    features: torch.Tensor,
+    config: CoresetConfig,
+    progress: ProgressFn | None,
+    n_select: int | None,
+) -> CoresetChoice:
+    """The bank rows (sorted) and the whole pool the last greedy pass picked them from."""
     n = features.shape[0]
     n_select = coreset_size(n, config) if n_select is None else max(1, n_select)
+    everything = torch.arange(n, device=features.device)
     if n_select >= n:
-        everything = torch.arange(n, device=features.device)
         return CoresetChoice(everything, everything)
     if config.method == "random":
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -158,16 +174,9 @@ def choose_coreset(
         return CoresetChoice(picked, picked)
     projected = random_projection(features, config.projection_dim, config.seed)
     if config.method == "greedy":
-        selected = greedy_kcenter(projected, n_select, config.seed, progress)
-        pool = torch.arange(n, device=features.device)
+        selected, pool = greedy_kcenter(projected, n_select, config.seed, progress), everything
     else:
         selected, pool = sharded_kcenter(
             projected, n_select, config.shard_size, config.seed, progress
         )
-    outside = pool[~torch.isin(pool, selected)]
-    if outside.numel() > n_select:
-        generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-        keep = torch.randperm(outside.numel(), generator=generator)[:n_select]
-        outside = outside[keep.to(outside.device)]
-    selected = selected.sort().values
-    return CoresetChoice(selected, torch.cat([selected, outside.sort().values]))
+    return CoresetChoice(selected.sort().values, pool)

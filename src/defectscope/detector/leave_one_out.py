@@ -31,7 +31,8 @@ def find_stand_ins(
     pool_owner: torch.Tensor,
     chunk_size: int = 1024,
 ) -> StandIns:
-    """Nearest ``pool`` row of another owner for every bank row (one exact search)."""
+    """Nearest ``pool`` row of another owner for every bank row (one exact search). The
+    pool holds the bank itself (`coreset.choose_coreset`), so it is never empty."""
     bank_owner = bank_owner.to(bank.device)
     pool_owner = pool_owner.to(bank.device)
     pool_sq = (pool * pool).sum(dim=1)[None, :]
@@ -45,8 +46,6 @@ def find_stand_ins(
         values, index = block.min(dim=1)
         nearest[start : start + chunk_size] = index
         valid[start : start + chunk_size] = torch.isfinite(values)
-    if pool.shape[0] == 0:
-        return StandIns(bank.clone(), valid)
     stand_ins = torch.where(valid[:, None], pool[nearest], bank)
     return StandIns(stand_ins, valid)
 
@@ -55,9 +54,9 @@ def own_rows_and_stand_ins(
     image_ids: Sequence[int], bank_owner: torch.Tensor, stand_ins: StandIns | None
 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:
     """Per image: the bank rows it must not find, and (stand-in rows, the bank row each one
-    reports as found) it searches besides the rest of the bank."""
-    owner = bank_owner.to(stand_ins.rows.device if stand_ins is not None else bank_owner.device)
-    own = [(owner == index).nonzero().flatten() for index in image_ids]
+    reports as found) it searches besides the rest of the bank. ``bank_owner`` on the
+    stand-ins' device."""
+    own = [(bank_owner == index).nonzero().flatten() for index in image_ids]
     if stand_ins is None:
         return own, None
     extra = []
