@@ -73,7 +73,7 @@ def compose(
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         with initialize_config_dir(config_dir=str(directory), version_base=None):
-            cfg = hydra_compose(config_name=name, overrides=overrides)
+            cfg = hydra_compose(config_name=name, overrides=[settable(item) for item in overrides])
         raw = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot compose the configuration: {_first_line(exc)}") from None
@@ -89,6 +89,23 @@ def compose(
         raw=cast(dict[str, Any], raw),  # YAML mappings: string keys
         overrides=overrides,
     )
+
+
+def settable(override: str) -> str:
+    """``detector.<field>=value`` as Hydra's add-or-override (``++``) when the field exists
+    in `DetectorConfig`: the YAML files list the common fields, the model is the schema, so
+    every field can be set without ``+`` while a misspelt key is still refused."""
+    key = override.split("=", 1)[0]
+    parts = key.split(".")
+    if key.startswith(("+", "~")) or parts[0] != "detector" or len(parts) < 2:
+        return override
+    model: Any = DetectorConfig
+    for part in parts[1:]:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return override
+        model = fields[part].annotation
+    return "++" + override
 
 
 def expand_sweep(overrides: list[str], sweep: dict[str, list] | None = None) -> list[list[str]]:

@@ -98,6 +98,8 @@ def test_from_dict_partial_section_keeps_other_defaults() -> None:
         ({"features": {"aspect": "crop"}}, "features.aspect"),
         ({"features": {"embedding_dim": 4}}, "features.embedding_dim"),
         ({"features": {"max_downscale": 0.5}}, "features.max_downscale"),
+        ({"features": {"max_downscale": 20}}, "features.max_downscale"),
+        ({"features": {"max_downscale": "big"}}, "features.max_downscale"),
         ({"auto": {"reductions": ["mean"]}}, "auto.reductions.0"),
         ({"auto": {"reductions": []}}, "auto.reductions"),
         ({"scoring": {"k": 0}}, "scoring.k"),

@@ -152,6 +152,30 @@ def test_unknown_experiment() -> None:
     assert "carpet" in str(info.value)
 
 
+def test_every_detector_field_can_be_set_without_a_plus() -> None:
+    # Fields the YAML does not list are set as plainly as those it does.
+    experiment = compose(
+        overrides=[
+            "detector.features.max_downscale=2.0",
+            "detector.scoring.reweight_neighbours=5",
+            "detector.few_shot.enabled=false",
+            "detector.coreset.ratio=0.05",
+        ]
+    )
+    detector = experiment.detector
+    assert detector.features.max_downscale == 2.0
+    assert detector.scoring.reweight_neighbours == 5
+    assert detector.few_shot.enabled is False
+    assert detector.coreset.ratio == 0.05
+    assert (
+        compose(overrides=["detector.features.max_downscale=null"]).detector.features.max_downscale
+        is None
+    )
+    # Their values are still checked, and the message names the field.
+    with pytest.raises(ConfigError, match=r"features\.max_downscale"):
+        compose(overrides=["detector.features.max_downscale=0.5"])
+
+
 def test_unknown_key() -> None:
     with pytest.raises(ConfigError, match="cannot compose") as info:
         compose(overrides=["detector.coreset.ration=0.1"])
