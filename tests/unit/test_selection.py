@@ -21,6 +21,7 @@ from defectscope.detector.selection import (
     resolve_geometry,
 )
 from defectscope.features.patches import PatchFeatures
+from defectscope.features.preprocess import Preprocessor
 
 AUTO_CONFIG = {
     **FAST_CONFIG,
@@ -46,7 +47,37 @@ def test_differently_shaped_images_are_padded_not_stretched() -> None:
     out = resolve_geometry([(250, 122), (280, 599), (260, 400)], config)
     assert config.features.aspect == "pad"
     assert out["aspect"] == "pad" and "differ" in out["reason"]
+    # The canvas has the shape of the box the images fit in (2.1:1 here), at about the
+    # configured pixel count, so each image is shrunk by a similar factor.
+    height, width = config.features.input_size
+    assert height % 32 == 0 and width % 32 == 0
+    assert 1.8 <= width / height <= 2.4
+    assert 0.75 <= height * width / 256**2 <= 1.25
+    assert "2.1" in out["reason"] or "2.0" in out["reason"]
+
+
+def test_a_padded_canvas_shrinks_long_and_short_images_alike() -> None:
+    sizes = [(250, 122), (280, 599), (260, 400), (270, 180), (255, 520)] * 4
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry(sizes, config)
+    boxed = Preprocessor(config.features.input_size, (0, 0, 0), (1, 1, 1), "pad")
+    square = Preprocessor((256, 256), (0, 0, 0), (1, 1, 1), "pad")
+
+    def spread(preprocessor: Preprocessor) -> float:
+        scales = [preprocessor.content_box(h, w).height / h for h, w in sizes]
+        return max(scales) / min(scales)
+
+    # Square: the 599 px wide strip is shrunk 2.3x, the 122 px one not at all.
+    assert spread(square) > 2.0
+    assert spread(boxed) < 1.3
+
+
+def test_portrait_and_landscape_mixed_keep_a_square_canvas() -> None:
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry([(300, 500), (500, 300), (400, 400)] * 3, config)
+    assert config.features.aspect == "pad"
     assert config.features.input_size == (256, 256)
+    assert "box" not in out["reason"]
 
 
 def test_one_elongated_shape_gets_an_input_of_that_shape() -> None:

@@ -122,6 +122,15 @@ def probe_size(source: ImageInput) -> tuple[int, int] | None:
     return None
 
 
+def shaped_input(area: int, ratio: float, multiple: int) -> tuple[int, int]:
+    """(height, width) of about ``area`` pixels with width/height ``ratio``, both sides a
+    multiple of ``multiple``."""
+    return (
+        max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple),
+        max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple),
+    )
+
+
 def resolve_geometry(
     sizes: Sequence[tuple[int, int]], config: DetectorConfig, multiple: int = 32
 ) -> dict[str, Any]:
@@ -140,19 +149,25 @@ def resolve_geometry(
     out["aspect_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
     reasons = []
     ratio = float(np.median(ratios))
+    area = features.input_size[0] * features.input_size[1]
     if spread > 1.1:
-        # Differently shaped images: stretching would distort each one differently.
+        # Differently shaped images: stretching would distort each one differently. The canvas
+        # takes the shape of the box most images fit in, so that they are all shrunk by about
+        # the same factor (a square canvas shrinks a long image far more than a short one).
         features.aspect = "pad"
-        reasons.append(f"aspect ratios differ by {spread:.2f}x: pad")
+        box = float(np.percentile([w for _, w in sizes], 95)) / float(
+            np.percentile([h for h, _ in sizes], 95)
+        )
+        if max(box, 1 / box) >= 1.25:
+            features.input_size = shaped_input(area, box, multiple)
+            reasons.append(f"aspect ratios differ by {spread:.2f}x: pad into a {box:.2f}:1 box")
+        else:
+            reasons.append(f"aspect ratios differ by {spread:.2f}x: pad")
     else:
         features.aspect = "stretch"
         if max(ratio, 1 / ratio) >= 1.5:
             # One elongated shape: an input of that shape, about the configured pixel count.
-            area = features.input_size[0] * features.input_size[1]
-            features.input_size = (
-                max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple),
-                max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple),
-            )
+            features.input_size = shaped_input(area, ratio, multiple)
             reasons.append(f"all images {ratio:.2f}:1, stretch to that shape")
         else:
             reasons.append("one shape, near square: stretch")
