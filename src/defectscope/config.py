@@ -44,6 +44,11 @@ class FeatureConfig(_Section):
         "decides at fit time from the training images' sizes (pad when their shapes differ; "
         "an input of the images' shape when they share one elongated shape).",
     )
+    padding: Literal["reflect", "mean"] = Field(
+        "reflect",
+        description="With aspect='pad': 'reflect' mirrors the image into the padding (no "
+        "content edge whose place varies by image); 'mean' fills with the mean colour.",
+    )
     large_image_scale: float = Field(
         2.0,
         ge=1.0,

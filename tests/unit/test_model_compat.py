@@ -109,6 +109,16 @@ def test_compatible_patch_version_loads(saved: Path, tmp_path: Path) -> None:
     assert Detector.load(path).info.defectscope_version == f"{major}.{minor}.99"
 
 
+def test_a_model_written_before_the_padding_option_keeps_mean_colour_padding(
+    saved: Path, tmp_path: Path
+) -> None:
+    assert Detector.load(saved).config.features.padding == "reflect"
+    path = rewrite(saved, tmp_path / "before", lambda m: m["config"]["features"].pop("padding"))
+    loaded = Detector.load(path)
+    assert loaded.config.features.padding == "mean"
+    assert loaded.preprocessor.padding == "mean"
+
+
 # ------------------------------------------------------------------- refusals
 
 

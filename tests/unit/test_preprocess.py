@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope.features.preprocess import ContentBox, Preprocessor
+from defectscope.features.preprocess import ContentBox, Preprocessor, mirror_indices
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -143,7 +143,7 @@ def test_content_box_is_frozen() -> None:
 
 
 def test_padding_normalises_to_zero_portrait() -> None:
-    pre = Preprocessor((64, 64), MEAN, STD, "pad")
+    pre = Preprocessor((64, 64), MEAN, STD, "pad", padding="mean")
     out = pre([grey(64, 32, 255)])[0]
     box = pre.content_box(64, 32)
     assert box == ContentBox(0, 16, 64, 32)
@@ -156,7 +156,7 @@ def test_padding_normalises_to_zero_portrait() -> None:
 
 
 def test_padding_normalises_to_zero_landscape() -> None:
-    pre = Preprocessor((64, 64), MEAN, STD, "pad")
+    pre = Preprocessor((64, 64), MEAN, STD, "pad", padding="mean")
     out = pre([grey(20, 40, 0)])[0]
     box = pre.content_box(20, 40)
     assert box == ContentBox(16, 0, 32, 64)
@@ -164,6 +164,53 @@ def test_padding_normalises_to_zero_landscape() -> None:
     torch.testing.assert_close(
         out[:, 16:48], expected_grey(0).view(3, 1, 1).expand(3, 32, 64), atol=1e-5, rtol=0
     )
+
+
+def test_reflect_padding_mirrors_the_image_and_leaves_its_content_alone() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    reflect = Preprocessor((64, 64), MEAN, STD, "pad")
+    mean = Preprocessor((64, 64), MEAN, STD, "pad", padding="mean")
+    assert reflect.padding == "reflect"
+    out, plain = reflect([image])[0], mean([image])[0]
+    box = reflect.content_box(20, 40)
+    assert box == ContentBox(16, 0, 32, 64)
+    torch.testing.assert_close(out[:, 16:48], plain[:, 16:48])
+    # Row 15 mirrors row 17 and row 48 mirrors row 46 (the edge row itself is not repeated).
+    torch.testing.assert_close(out[:, 15], out[:, 17])
+    torch.testing.assert_close(out[:, 48], out[:, 46])
+    assert (out[:, :16] != 0).any()
+
+
+def test_reflect_padding_wider_than_the_content_keeps_mirroring() -> None:
+    # A 1 x 10 strip in a 64 x 64 canvas: 31 rows above, far more than the content's height,
+    # and a 2-row content; both must fill the canvas with content values only.
+    pre = Preprocessor((64, 64), MEAN, STD, "pad")
+    for shape in ((1, 400), (2, 64), (64, 3)):
+        image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        out = pre([image])[0]
+        box = pre.content_box(*shape)
+        content = out[:, box.top : box.top + box.height, box.left : box.left + box.width]
+        assert out.shape == (3, 64, 64)
+        assert out.min() >= content.min() and out.max() <= content.max()
+
+
+def test_mirror_indices() -> None:
+    assert mirror_indices(3, 4, 12).tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1]
+    assert mirror_indices(1, 2, 5).tolist() == [0] * 5
+    assert mirror_indices(4, 0, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_unknown_padding_is_refused() -> None:
+    with pytest.raises(ValueError, match="padding must be 'reflect' or 'mean', not 'zero'"):
+        Preprocessor((64, 64), MEAN, STD, "pad", padding="zero")
+
+
+def test_descriptions_without_padding_mean_the_mean_colour() -> None:
+    data = Preprocessor((64, 64), MEAN, STD, "pad").to_dict()
+    assert data["padding"] == "reflect"
+    assert Preprocessor.from_dict(data).padding == "reflect"
+    data.pop("padding")
+    assert Preprocessor.from_dict(data).padding == "mean"
 
 
 def test_stretch_has_no_padding() -> None:
@@ -263,6 +310,7 @@ def test_dict_round_trip(aspect: str) -> None:
         "mean": list(MEAN),
         "std": list(STD),
         "aspect": aspect,
+        "padding": "reflect",
     }
     again = Preprocessor.from_dict(data)
     assert again.to_dict() == data

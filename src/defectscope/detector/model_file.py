@@ -263,7 +263,12 @@ def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
     """The configuration stored in a model's metadata, after checking its version."""
     _check_version(file, meta.get("defectscope_version", "0"))
     try:
-        return DetectorConfig.from_dict(meta["config"])
+        config = dict(meta["config"])
+        # Models written before padding was an option padded with the mean colour.
+        features = config.get("features")
+        if isinstance(features, dict) and "padding" not in features:
+            config["features"] = {**features, "padding": "mean"}
+        return DetectorConfig.from_dict(config)
     except (KeyError, TypeError, ConfigError) as exc:
         raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
 

@@ -45,7 +45,9 @@ class FeatureParts:
         half = half_precision and device.type == "cuda"
         if half:
             backbone.half()
-        preprocessor = Preprocessor(config.input_size, backbone.mean, backbone.std, config.aspect)
+        preprocessor = Preprocessor(
+            config.input_size, backbone.mean, backbone.std, config.aspect, config.padding
+        )
         return cls(features, preprocessor, device, half)
 
     @torch.inference_mode()

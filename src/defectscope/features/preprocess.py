@@ -24,8 +24,26 @@ class ContentBox:
     width: int
 
 
+PADDINGS = ("reflect", "mean")
+
+
+def mirror_indices(size: int, before: int, total: int) -> torch.Tensor:
+    """Source index of each of ``total`` positions when ``size`` values start at ``before`` and
+    the rest mirror them (edge not repeated, as far out as needed: the pad may exceed ``size``)."""
+    if size == 1:
+        return torch.zeros(total, dtype=torch.long)
+    period = 2 * (size - 1)
+    offset = (torch.arange(total) - before).remainder(period)
+    return torch.where(offset < size, offset, period - offset)
+
+
 class Preprocessor:
-    """Resize (stretch or aspect-preserving pad) and normalise RGB uint8 images."""
+    """Resize (stretch or aspect-preserving pad) and normalise RGB uint8 images.
+
+    Padding mirrors the image by default ('reflect'): the network then sees no content/padding
+    edge, whose position varies with each image's shape and would look like a defect to the
+    memory bank. 'mean' fills with the mean colour (zero after normalisation).
+    """
 
     def __init__(
         self,
@@ -33,13 +51,17 @@ class Preprocessor:
         mean: Sequence[float],
         std: Sequence[float],
         aspect: str = "stretch",
+        padding: str = "reflect",
     ) -> None:
         if aspect not in ("stretch", "pad"):
             raise ValueError(f"aspect must be 'stretch' or 'pad', not {aspect!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be 'reflect' or 'mean', not {padding!r}")
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.aspect = aspect
+        self.padding = padding
 
     def content_box(self, height: int, width: int) -> ContentBox:
         target_h, target_w = self.input_size
@@ -63,6 +85,10 @@ class Preprocessor:
                 antialias=True,
             )[0].clamp_(0.0, 1.0)
         if self.aspect == "pad" and (box.height, box.width) != self.input_size:
+            if self.padding == "reflect":
+                rows = mirror_indices(box.height, box.top, self.input_size[0])
+                cols = mirror_indices(box.width, box.left, self.input_size[1])
+                return tensor[:, rows][:, :, cols]
             canvas = torch.zeros(3, *self.input_size)
             canvas[:, box.top : box.top + box.height, box.left : box.left + box.width] = tensor
             # Pad with the mean colour so that the padding normalises to zero.
@@ -99,10 +125,16 @@ class Preprocessor:
             "mean": list(self.mean),
             "std": list(self.std),
             "aspect": self.aspect,
+            "padding": self.padding,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessor:
+        # Descriptions written before padding was an option padded with the mean colour.
         return cls(
-            tuple(data["input_size"]), data["mean"], data["std"], data.get("aspect", "stretch")
+            tuple(data["input_size"]),
+            data["mean"],
+            data["std"],
+            data.get("aspect", "stretch"),
+            data.get("padding", "mean"),
         )
