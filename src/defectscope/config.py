@@ -261,8 +261,9 @@ class FewShotConfig(_Section):
     )
     calibration: Literal["auto", "leave_one_out", "views", "halves"] = Field(
         "auto",
-        description="'leave_one_out' scores each image against the bank without any of its "
-        "views (needs 2 images); 'views' scores jittered views that are not in the bank; "
+        description="'leave_one_out' scores jittered views of each image against the bank "
+        "without any of its views (needs 2 images); 'views' scores jittered views that are not "
+        "in the bank; "
         "'halves' (one image) scores each half of the image against the views of the rest "
         "of it; 'auto' = leave_one_out from loo_min_images images, halves below.",
     )
@@ -270,7 +271,11 @@ class FewShotConfig(_Section):
         2, ge=2, description="With 'auto' calibration: leave-one-out from this many images."
     )
     calibration_views: int = Field(
-        8, ge=1, le=64, description="Jittered views per training image for 'views' calibration."
+        8,
+        ge=1,
+        le=64,
+        description="Jittered views per training image for 'views' and 'leave_one_out' "
+        "calibration.",
     )
     folds: int = Field(
         4,

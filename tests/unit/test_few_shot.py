@@ -109,6 +109,22 @@ def test_views_calibration_scores_jittered_views_of_one_image() -> None:
     assert all(math.isfinite(v) and v > 0 for v in detector.calibration.good_scores)
 
 
+def test_leave_one_out_from_a_few_images_scores_their_jittered_views() -> None:
+    train, new = texture_crops(3, seed=11), texture_crops(8, seed=12)
+    detector = Detector(FEW).fit(train)
+    calibration = detector.calibration
+    assert calibration is not None and calibration.method == "leave_one_out"
+    # Four jittered views of each of the three images, each against the others' views only.
+    assert len(calibration.good_scores) == 3 * 4
+    in_bank = detector.predict(train)
+    assert min(calibration.good_scores) > max(p.score for p in in_bank)
+    # The highest of three plain leave-one-out scores is a threshold new good crops exceed
+    # about 1 time in 4; the views' keeps them below it.
+    assert not any(p.is_anomalous for p in detector.predict(new))
+    defective = [with_defect(image, seed=i)[0] for i, image in enumerate(new[:3])]
+    assert all(p.is_anomalous for p in detector.predict(defective))
+
+
 def test_augmentation_can_be_forced_and_large_sets_are_untouched() -> None:
     config = DetectorConfig.from_dict({**FEW, "few_shot": {"augmentation": "flips"}})
     assert config.few_shot.enabled  # the default, whatever the other tests' config says

@@ -24,7 +24,8 @@ class FitPlan:
     ``holdout``: images kept out of the bank (holdout calibration), ascending.
     ``calibration``: images whose out-of-sample scores set the thresholds, ascending.
     Few-shot fits (`defectscope.detector.few_shot`): ``views`` of each bank image in the bank,
-    ``calibration_views`` jittered views per calibration image ('views' calibration) and
+    ``calibration_views`` jittered views per calibration image ('views' and few-shot
+    'leave_one_out' calibration) and
     ``min_bank``, rows up to which the bank keeps every patch (0: the coreset config decides).
     """
 
@@ -84,7 +85,11 @@ class FitPlan:
             calibration=pool,
             seed=config.coreset.seed,
             views=tuple(few.get("views", ("id",))),
-            calibration_views=int(few["calibration_views"]) if method == "views" else 0,
+            # Few-shot leave-one-out scores jittered views too: a threshold from the scores of
+            # 2-8 images alone is their maximum, which a new good image exceeds 1 time in n+1.
+            calibration_views=(
+                int(few["calibration_views"]) if few and method in ("views", "leave_one_out") else 0
+            ),
             min_bank=int(few.get("bank_size", 0)),
         )
 
