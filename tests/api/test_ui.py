@@ -209,6 +209,12 @@ def test_model_page_shows_metadata_and_report(ui_env, model_dir) -> None:
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Image threshold"] == fmt_score(info["calibration"]["threshold"])
     assert "no evaluation report" in texts(at)
+    table = at.dataframe[0].value
+    facts = dict(zip(table["property"], table["value"], strict=True))
+    preprocessing = info["preprocessing"]
+    assert facts["resize"] == preprocessing["aspect"]
+    expected = preprocessing["padding"] if preprocessing["aspect"] == "pad" else "none"
+    assert facts["padding"] == expected
 
     (model_dir / "report").mkdir(exist_ok=True)
     # The shape `defectscope evaluate --report` writes (evaluation/report.py).

@@ -42,6 +42,10 @@ facts = {
     "weights": backbone.get("weights"),
     "input size": preprocessing.get("input_size"),
     "resize": preprocessing.get("aspect"),
+    # Files from before the padding option padded with the mean colour.
+    "padding": (
+        preprocessing.get("padding", "mean") if preprocessing.get("aspect") == "pad" else "none"
+    ),
     "calibration": calibration.get("method"),
     "calibrated false-alarm rate": calibration.get("false_alarm_rate"),
     "created": model.get("created_at"),
