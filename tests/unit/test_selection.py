@@ -19,6 +19,7 @@ from defectscope.detector.selection import (
     choose,
     probe_size,
     resolve_geometry,
+    scale_spread,
 )
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
@@ -70,6 +71,18 @@ def test_a_padded_canvas_shrinks_long_and_short_images_alike() -> None:
     # Square: the 599 px wide strip is shrunk 2.3x, the 122 px one not at all.
     assert spread(square) > 2.0
     assert spread(boxed) < 1.3
+
+
+def test_a_few_panoramas_do_not_shrink_the_other_images() -> None:
+    # 1 in 20 images is 10x wider: a box around them would feed the square ones at a tenth of
+    # the canvas; the square canvas shrinks 19 of 20 alike, so it stays.
+    sizes = [(1000, 1000)] * 19 + [(1000, 10000)]
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry(sizes * 3, config)
+    assert config.features.aspect == "pad"
+    assert config.features.input_size == (512, 512)
+    assert "box" not in out["reason"]
+    assert scale_spread(sizes, 1.0) == pytest.approx(1.0)
 
 
 def test_portrait_and_landscape_mixed_keep_a_square_canvas() -> None:

@@ -131,6 +131,28 @@ def shaped_input(area: int, ratio: float, multiple: int) -> tuple[int, int]:
     )
 
 
+def scale_spread(sizes: Sequence[tuple[int, int]], ratio: float) -> float:
+    """How unevenly a padded canvas of width/height ``ratio`` shrinks ``sizes``: the 90th over
+    the 10th percentile of each image's scale (rare outliers do not count)."""
+    height, width = 1.0, ratio
+    scales = [min(height / h, width / w) for h, w in sizes]
+    low, high = np.percentile(scales, [10, 90])
+    return float(high / low)
+
+
+def canvas_ratio(sizes: Sequence[tuple[int, int]]) -> float:
+    """Width/height of the padded canvas for images of ``sizes``: the box most of them fit in
+    (95th percentile of widths over that of heights) if it shrinks them more evenly than a
+    square does, else 1. Scales a few times apart in one bank make the same surface look
+    different, and a square shrinks a long image far more than a short one."""
+    box = float(np.percentile([w for _, w in sizes], 95)) / float(
+        np.percentile([h for h, _ in sizes], 95)
+    )
+    if max(box, 1 / box) < 1.25 or scale_spread(sizes, box) > 0.8 * scale_spread(sizes, 1.0):
+        return 1.0
+    return box
+
+
 def resolve_geometry(
     sizes: Sequence[tuple[int, int]], config: DetectorConfig, multiple: int = 32
 ) -> dict[str, Any]:
@@ -151,14 +173,10 @@ def resolve_geometry(
     ratio = float(np.median(ratios))
     area = features.input_size[0] * features.input_size[1]
     if spread > 1.1:
-        # Differently shaped images: stretching would distort each one differently. The canvas
-        # takes the shape of the box most images fit in, so that they are all shrunk by about
-        # the same factor (a square canvas shrinks a long image far more than a short one).
+        # Differently shaped images: stretching would distort each one differently.
         features.aspect = "pad"
-        box = float(np.percentile([w for _, w in sizes], 95)) / float(
-            np.percentile([h for h, _ in sizes], 95)
-        )
-        if max(box, 1 / box) >= 1.25:
+        box = canvas_ratio(sizes)
+        if box != 1.0:
             features.input_size = shaped_input(area, box, multiple)
             reasons.append(f"aspect ratios differ by {spread:.2f}x: pad into a {box:.2f}:1 box")
         else:
