@@ -15,8 +15,8 @@ handful of images misses the poses a product takes. The few-shot fit instead:
   about which poses are normal: views win only if they make one part of the product explain
   another (rotated or mirrored structure, parts at other angles);
 * calibrates on jittered views (small rotations, shifts and scales) of each image scored
-  against the bank without any of that image's views (``leave_one_out``): from 2-8 images the
-  plain leave-one-out threshold is the highest of 2-8 scores, which a new good image exceeds
+  against the bank without any of that image's views (``leave_one_out``): from n images the
+  plain leave-one-out threshold is the highest of n scores, which a new good image exceeds
   about 1 time in n+1, far above a 1 % target;
 * calibrates without a second image when it must: ``halves`` takes the scores of the image's
   halves against the rest of it, measured by the choice above (the bank of a half is smaller

@@ -86,7 +86,7 @@ class FitPlan:
             seed=config.coreset.seed,
             views=tuple(few.get("views", ("id",))),
             # Few-shot leave-one-out scores jittered views too: a threshold from the scores of
-            # 2-8 images alone is their maximum, which a new good image exceeds 1 time in n+1.
+            # a few (n) images alone is their maximum, which a new good image exceeds 1 time in n+1.
             calibration_views=(
                 int(few["calibration_views"]) if few and method in ("views", "leave_one_out") else 0
             ),
