@@ -73,6 +73,14 @@ def test_a_padded_canvas_shrinks_long_and_short_images_alike() -> None:
     assert spread(boxed) < 1.3
 
 
+def test_upright_strips_get_an_upright_canvas() -> None:
+    sizes = [(122, 250), (599, 280), (400, 260), (180, 270), (520, 255)] * 4
+    config = _config(aspect="auto", input_size=[256, 256])
+    resolve_geometry(sizes, config)
+    height, width = config.features.input_size
+    assert 1.8 <= height / width <= 2.4
+
+
 def test_a_few_panoramas_do_not_shrink_the_other_images() -> None:
     # 1 in 20 images is 10x wider: a box around them would feed the square ones at a tenth of
     # the canvas; the square canvas shrinks 19 of 20 alike, so it stays.
