@@ -100,6 +100,7 @@ def test_from_dict_partial_section_keeps_other_defaults() -> None:
         ({"features": {"max_downscale": 0.5}}, "features.max_downscale"),
         ({"features": {"max_downscale": 20}}, "features.max_downscale"),
         ({"features": {"max_downscale": "big"}}, "features.max_downscale"),
+        ({"features": {"padding": "zero"}}, "features.padding"),
         ({"auto": {"reductions": ["mean"]}}, "auto.reductions.0"),
         ({"auto": {"reductions": []}}, "auto.reductions"),
         ({"scoring": {"k": 0}}, "scoring.k"),
