@@ -182,8 +182,8 @@ def test_reflect_padding_mirrors_the_image_and_leaves_its_content_alone() -> Non
 
 
 def test_reflect_padding_wider_than_the_content_keeps_mirroring() -> None:
-    # A 1 x 10 strip in a 64 x 64 canvas: 31 rows above, far more than the content's height,
-    # and a 2-row content; both must fill the canvas with content values only.
+    # A 1-row strip (31 rows of padding above it, far more than its height), a 2-row and a
+    # 3-column one: each must fill the canvas with its own values only.
     pre = Preprocessor((64, 64), MEAN, STD, "pad")
     for shape in ((1, 400), (2, 64), (64, 3)):
         image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
