@@ -53,6 +53,7 @@ from defectscope.detector.calibration import Calibration, calibrate
 from defectscope.detector.coreset import choose_coreset, select_coreset
 from defectscope.detector.fit_info import FitInfo, TrainingInfo
 from defectscope.detector.leave_one_out import StandIns, find_stand_ins, own_rows_and_stand_ins
+from defectscope.detector.map_maxima import leave_one_out_maxima
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.plan import FitPlan, bank_target
 from defectscope.detector.progress import ProgressFn
@@ -402,7 +403,11 @@ def calibration_scores(
             # replace (see leave_one_out): an out-of-sample score for every training image from
             # a single bank. Always exact search, one search for the whole batch.
             own, extra = own_rows_and_stand_ins(ids, owner_on_device, stand_ins)
-            maps, image_scores = scorer.score_excluding(embeddings, own, extra)
+            peaks = leave_one_out_maxima(scorer, embeddings, own, extra)
+            if peaks is not None:  # the image score is the map's maximum: no map needed
+                maps, image_scores = peaks[:, None], peaks
+            else:
+                maps, image_scores = scorer.score_excluding(embeddings, own, extra)
         else:
             maps, image_scores = scorer(embeddings)
         scores.append(image_scores.cpu())

@@ -17,6 +17,12 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from defectscope.config import ScoringConfig
+from defectscope.detector.knn_screen import (
+    SCREEN_CHUNK,
+    BankScreen,
+    screen_supported,
+    screened_nearest,
+)
 from defectscope.errors import ConfigError
 
 
@@ -42,10 +48,18 @@ class GroupExclusion(NamedTuple):
 
 
 class TorchKnn:
-    def __init__(self, bank: torch.Tensor, chunk_size: int = 1024) -> None:
+    """Exact search. ``screen`` (default: where bfloat16 is fast, `knn_screen`) picks
+    candidates in bfloat16 and proves them in float32; the result is the float32 search's."""
+
+    def __init__(
+        self, bank: torch.Tensor, chunk_size: int = 1024, screen: bool | None = None
+    ) -> None:
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)[None, :]
         self.chunk_size = chunk_size
+        if screen is None:
+            screen = screen_supported(bank.device) and bank.dtype == torch.float32
+        self.screen = BankScreen(bank) if screen else None
 
     def search(
         self,
@@ -61,36 +75,100 @@ class TorchKnn:
             empty = queries.new_empty((0, k))
             return empty, empty.long()
         dists, indices = [], []
-        for start in range(0, queries.shape[0], self.chunk_size):
-            chunk = queries[start : start + self.chunk_size]
-            # |q|^2 is the same for every bank row: it is added to the winners only, which
-            # saves a full pass over the block.
-            block = torch.addmm(self.bank_sq, chunk, self.bank.T, alpha=-2.0)
-            if banned is not None:
-                block[:, banned] = float("inf")
-            if exclude is not None:
-                _exclude_groups(block, start, exclude)
-            if k == 1:  # min is a cheaper pass than topk
-                values, idx = block.min(dim=1, keepdim=True)
+        # The screen's block passes (top-k above all) are faster on blocks that stay in cache.
+        step = self.chunk_size if self.screen is None else min(self.chunk_size, SCREEN_CHUNK)
+        for start in range(0, queries.shape[0], step):
+            chunk = queries[start : start + step]
+            positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
+            if self.screen is None:
+                values, idx = self._exact(chunk, positions, k, banned, exclude)
             else:
-                values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
-            values += (chunk * chunk).sum(dim=1, keepdim=True)
+                values, idx = self._screened(chunk, positions, k, banned, exclude)
             # Clamp only the winners: rounding can make a squared distance slightly negative.
             dists.append(values.clamp_(min=0.0).sqrt_())
             indices.append(idx)
         return torch.cat(dists), torch.cat(indices)
 
+    def upper_bounds(
+        self, queries: torch.Tensor, exclude: GroupExclusion | None = None
+    ) -> torch.Tensor:
+        """Per query, the distance to the row the bfloat16 screen ranks nearest: at least the
+        nearest row's distance and almost always equal to it, at a fraction of the search's
+        cost (no top-k, one row per query). Needs the screen; +inf where every row is excluded."""
+        if self.screen is None:
+            raise ValueError("upper_bounds needs the bfloat16 screen")
+        bounds = []
+        for start in range(0, queries.shape[0], SCREEN_CHUNK):
+            chunk = queries[start : start + SCREEN_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
+            approx, _ = self.screen.block(chunk)
+            _mask(approx, positions, None, exclude)
+            values, idx = approx.min(dim=1)
+            squared = (chunk - self.bank[idx]).square_().sum(dim=1)
+            bounds.append(squared.masked_fill_(torch.isinf(values), float("inf")).sqrt_())
+        if not bounds:
+            return queries.new_empty(0)
+        return torch.cat(bounds)
 
-def _exclude_groups(block: torch.Tensor, start: int, exclude: GroupExclusion) -> None:
-    """Set the excluded bank columns of every group inside ``block`` (query rows from
-    ``start``) to infinity."""
-    stop = start + block.shape[0]
-    for group in range(start // exclude.rows, (stop - 1) // exclude.rows + 1):
+    def _exact(
+        self,
+        chunk: torch.Tensor,
+        positions: torch.Tensor,
+        k: int,
+        banned: torch.Tensor | None,
+        exclude: GroupExclusion | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances and indices of the k nearest rows, from one float32 block."""
+        # |q|^2 is the same for every bank row: it is added to the winners only, which saves a
+        # full pass over the block.
+        block = torch.addmm(self.bank_sq, chunk, self.bank.T, alpha=-2.0)
+        _mask(block, positions, banned, exclude)
+        if k == 1:  # min is a cheaper pass than topk
+            values, idx = block.min(dim=1, keepdim=True)
+        else:
+            values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
+        return values + (chunk * chunk).sum(dim=1, keepdim=True), idx
+
+    def _screened(
+        self,
+        chunk: torch.Tensor,
+        positions: torch.Tensor,
+        k: int,
+        banned: torch.Tensor | None,
+        exclude: GroupExclusion | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_exact`, from a bfloat16 screen; the queries it cannot prove go to `_exact`."""
+        assert self.screen is not None
+        approx, lower_offset = self.screen.block(chunk)
+        _mask(approx, positions, banned, exclude)
+        values, idx, proven = screened_nearest(self.bank, chunk, approx, lower_offset, k)
+        if not bool(proven.all()):
+            unsure = (~proven).nonzero().flatten()
+            values[unsure], idx[unsure] = self._exact(
+                chunk[unsure], positions[unsure], k, banned, exclude
+            )
+        return values, idx
+
+
+def _mask(
+    block: torch.Tensor,
+    positions: torch.Tensor,
+    banned: torch.Tensor | None,
+    exclude: GroupExclusion | None,
+) -> None:
+    """Set the bank columns that the queries at ``positions`` (one per block row, ascending)
+    must not find to infinity."""
+    if banned is not None:
+        block[:, banned] = float("inf")
+    if exclude is None or block.shape[0] == 0:
+        return
+    groups = torch.div(positions, exclude.rows, rounding_mode="floor")
+    for group in torch.unique_consecutive(groups).tolist():
         columns = exclude.columns[group]
         if columns.numel():
-            first = max(group * exclude.rows, start) - start
-            last = min((group + 1) * exclude.rows, stop) - start
-            block[first:last].index_fill_(1, columns, float("inf"))
+            rows = (groups == group).nonzero().flatten()
+            first, last = int(rows[0]), int(rows[-1]) + 1  # a group's rows are contiguous
+            block[first:last].index_fill_(1, columns.to(block.device), float("inf"))
 
 
 def faiss_available() -> bool:

@@ -1,0 +1,114 @@
+"""The maximum of each leave-one-out anomaly map, without every patch's exact distance.
+
+Calibration needs each training image's map maximum (its image score under reduction 'max'),
+not the map. A map is a linear function of the patch distances with non-negative weights
+(upsampling, then the blur), so a map made from upper bounds of the distances lies above the
+true map everywhere, and equals it at a pixel all of whose patches are exact. The bfloat16
+screen gives the bounds cheaply (`TorchKnn.upper_bounds`: one row per patch, nearly always the
+nearest). Then, per image: find the pixel where the map of the current values peaks; if all its
+patches are exact, that peak is the true maximum (every other pixel's true value lies below its
+bound, which lies below the peak); otherwise search those patches exactly and look again.
+About one or two rounds of some 50 patches replace an exact search of every patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from defectscope.detector.knn import GroupExclusion, TorchKnn
+from defectscope.detector.scoring import AnomalyScorer
+
+
+def leave_one_out_maxima(
+    scorer: AnomalyScorer,
+    embeddings: torch.Tensor,
+    own: Sequence[torch.Tensor],
+    extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> torch.Tensor | None:
+    """The maxima (B,) of the maps `AnomalyScorer.score_excluding` would return for the same
+    arguments, or None where this shortcut does not apply (a search without the screen, k > 1,
+    or an image score other than the map's maximum)."""
+    index = scorer.index
+    config = scorer.config
+    if not isinstance(index, TorchKnn) or index.screen is None:
+        return None
+    if config.k != 1 or config.reduction != "max":
+        return None
+    b, d, h, w = embeddings.shape
+    patches = h * w
+    queries = embeddings.permute(0, 2, 3, 1).reshape(b * patches, d)
+    values = index.upper_bounds(queries, GroupExclusion(patches, own)).reshape(b, patches)
+    if extra is not None:
+        values = torch.minimum(values, _nearest_extra(queries, patches, extra))
+    if not bool(torch.isfinite(values).all()):
+        return None  # an image with nothing left to find: the full path reports it
+    rows, cols = scorer.map_operators(h, w)
+    exact = torch.zeros(b, patches, dtype=torch.bool, device=values.device)
+    maxima = values.new_empty(b)
+    pending = list(range(b))
+    while pending:
+        maps = scorer.to_input_maps(values[pending].reshape(-1, h, w)).flatten(1)
+        peaks = maps.argmax(dim=1)
+        missing: list[tuple[int, torch.Tensor]] = []
+        for row, image in enumerate(pending):
+            pixel = int(peaks[row])
+            support = _support(rows[pixel // cols.shape[0]], cols[pixel % cols.shape[0]], w)
+            unknown = support[~exact[image, support]]
+            if unknown.numel():
+                missing.append((image, unknown))
+            else:
+                maxima[image] = maps[row, pixel]
+        if missing:
+            _search_exactly(index, queries, patches, missing, own, extra, values, exact)
+        pending = [image for image, _ in missing]
+    return maxima
+
+
+def _support(row_weights: torch.Tensor, col_weights: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat indices of the patches with a non-zero weight at one pixel."""
+    i = row_weights.nonzero().flatten()
+    j = col_weights.nonzero().flatten()
+    return (i[:, None] * width + j[None, :]).flatten()
+
+
+def _nearest_extra(
+    queries: torch.Tensor, patches: int, extra: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """(B, patches): each patch's distance to its image's nearest extra row (+inf if none)."""
+    out = torch.full((len(extra), patches), float("inf"), device=queries.device)
+    for image, (rows, _) in enumerate(extra):
+        if rows.shape[0]:
+            span = queries[image * patches : (image + 1) * patches]
+            out[image] = torch.cdist(span, rows.to(queries.dtype)).amin(dim=1)
+    return out
+
+
+def _search_exactly(
+    index: TorchKnn,
+    queries: torch.Tensor,
+    patches: int,
+    missing: list[tuple[int, torch.Tensor]],
+    own: Sequence[torch.Tensor],
+    extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    values: torch.Tensor,
+    exact: torch.Tensor,
+) -> None:
+    """Exact distances of the ``missing`` patches of each image, in one search: every image's
+    list is padded to the same length (repeating its first patch) for the group exclusion."""
+    length = max(len(found) for _, found in missing)
+    padded = [torch.cat([found, found[:1].expand(length - len(found))]) for _, found in missing]
+    starts = [image * patches for image, _ in missing]
+    flat = torch.cat([start + found for start, found in zip(starts, padded, strict=True)])
+    groups = GroupExclusion(length, [own[image] for image, _ in missing])
+    dist, _ = index.search(queries[flat], 1, exclude=groups)
+    dist = dist[:, 0].reshape(len(missing), length)
+    for row, (image, found) in enumerate(missing):
+        best = dist[row, : len(found)]
+        if extra is not None and extra[image][0].shape[0]:
+            stand_ins = extra[image][0].to(queries.dtype)
+            to_stand_ins = torch.cdist(queries[image * patches + found], stand_ins)
+            best = torch.minimum(best, to_stand_ins.amin(dim=1))
+        values[image, found] = best
+        exact[image, found] = True
