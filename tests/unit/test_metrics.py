@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from defectscope.detector.ranking import auroc
 from defectscope.evaluation.metrics import (
     aupro,
     f1_max,
@@ -293,3 +294,12 @@ def test_aupro_undefined_and_bad_limit():
         aupro([_square_mask()], [np.zeros((16, 16), np.float32)], fpr_limit=0.0)
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro([_square_mask()], [np.zeros((16, 16), np.float32)], fpr_limit=1.5)
+
+
+def test_the_detectors_auroc_matches_scikit_learn_with_ties_and_is_nan_for_one_class() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(size=500) + 0.7 * labels, 1)  # many ties
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert np.isnan(auroc(np.zeros(5), np.arange(5.0)))
+    assert np.isnan(auroc(np.ones(5, bool), np.arange(5.0)))

@@ -20,6 +20,7 @@ from defectscope.config import ScoringConfig
 from defectscope.detector.knn_screen import (
     SCREEN_CHUNK,
     BankScreen,
+    nearest_guess,
     screen_supported,
     screened_nearest,
 )
@@ -101,11 +102,11 @@ class TorchKnn:
         for start in range(0, queries.shape[0], SCREEN_CHUNK):
             chunk = queries[start : start + SCREEN_CHUNK]
             positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
-            approx, _ = self.screen.block(chunk)
-            _mask(approx, positions, None, exclude)
-            values, idx = approx.min(dim=1)
+            block = self.screen.distance_block(chunk)
+            _mask(block, positions, None, exclude)
+            idx, found = nearest_guess(block)
             squared = (chunk - self.bank[idx]).square_().sum(dim=1)
-            bounds.append(squared.masked_fill_(torch.isinf(values), float("inf")).sqrt_())
+            bounds.append(squared.masked_fill_(~found, float("inf")).sqrt_())
         if not bounds:
             return queries.new_empty(0)
         return torch.cat(bounds)

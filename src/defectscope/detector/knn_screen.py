@@ -35,26 +35,46 @@ def screen_supported(device: torch.device) -> bool:
 
 
 class BankScreen:
-    """A bfloat16 copy of the bank, centred and with its squared norms as one more column, so
-    one product gives ``|c|^2 - 2 q.c`` (the squared distance less ``|q|^2``) for every row."""
+    """A bfloat16 copy of the bank, centred, with its squared norms and ones as two more
+    columns, so one product gives ``|c|^2 - 2 q.c`` (the squared distance less ``|q|^2``) or
+    the whole squared distance for every row."""
 
     def __init__(self, bank: torch.Tensor) -> None:
         self.mean = bank.mean(dim=0, keepdim=True)
         centred = bank - self.mean
         squared = (centred * centred).sum(dim=1)
         self.max_norm = float(squared.max().sqrt()) if bank.shape[0] else 0.0
-        self.operand = torch.cat([centred, squared[:, None]], dim=1).to(torch.bfloat16)
-        self.operand = self.operand.T.contiguous()
+        ones = torch.ones_like(squared)
+        operand = torch.cat([centred, squared[:, None], ones[:, None]], dim=1)
+        self.operand = operand.to(torch.bfloat16).T.contiguous()
+
+    def _left(self, queries: torch.Tensor, with_norms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        centred = queries - self.mean
+        norms = centred.norm(dim=1)
+        last = norms * norms if with_norms else torch.zeros_like(norms)
+        left = torch.cat([centred * -2.0, torch.ones_like(last)[:, None], last[:, None]], dim=1)
+        return left.to(torch.bfloat16), norms
 
     def block(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate ``|c|^2 - 2 q.c`` (Q, M) in bfloat16, and per query the offset that
         turns an approximate value into a lower bound of the row's squared distance."""
-        centred = queries - self.mean
-        ones = torch.ones(centred.shape[0], 1, dtype=centred.dtype, device=centred.device)
-        left = torch.cat([centred * -2.0, ones], dim=1).to(torch.bfloat16)
-        norms = centred.norm(dim=1)
+        left, norms = self._left(queries, with_norms=False)  # the zero column adds nothing
         slack = SAFETY * UNIT_ROUNDOFF * (self.max_norm**2 + 2.0 * norms * self.max_norm)
         return left @ self.operand, norms * norms - slack
+
+    def distance_block(self, queries: torch.Tensor) -> torch.Tensor:
+        """Approximate squared distances (Q, M) in bfloat16 (no bound: for `nearest_guess`)."""
+        left, _ = self._left(queries, with_norms=True)
+        return left @ self.operand
+
+
+def nearest_guess(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a `BankScreen.distance_block` (excluded rows set to +inf), the column with the
+    smallest value, nearly always the nearest row, and whether any column was left."""
+    # Squared distances are >= 0 (bar rounding near 0), and non-negative bfloat16 values order
+    # as their bits do: an int16 minimum is 2x faster than a bfloat16 one here.
+    rows = block.view(torch.int16).min(dim=1).indices
+    return rows, torch.isfinite(block.gather(1, rows[:, None])[:, 0])
 
 
 def screened_nearest(

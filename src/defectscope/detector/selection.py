@@ -33,6 +33,7 @@ from defectscope.data.loading import iter_loaded
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.parts import FeatureParts, input_multiple
 from defectscope.detector.progress import ProgressFn
+from defectscope.detector.ranking import auroc
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
@@ -281,9 +282,7 @@ def select_configuration(
             "configuration as given"
         )
         return SelectionResult(None, reason, geometry=geometry), PreparedMaps()
-    # Imported here: only auto mode needs them, and they take a second to import.
-    from sklearn.metrics import roc_auc_score
-
+    # Imported here: only auto mode needs it.
     from defectscope.data.defect_synthesis import synthesize_defects
 
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
@@ -336,7 +335,7 @@ def select_configuration(
         seconds = round(time.perf_counter() - t0, 3)
         for reduction in auto.reductions:
             image_scores = reduce_maps(all_maps, reduction, config.scoring.topk_fraction)
-            image_auroc = float(roc_auc_score(labels, image_scores.numpy()))
+            image_auroc = auroc(labels, image_scores.numpy())
             table.append(
                 {
                     "name": name if reduction == "max" else f"{name}+{reduction}",
@@ -467,9 +466,4 @@ def _pixel_auroc(preprocessor: Any, maps: torch.Tensor, truths: list[np.ndarray]
         step = max(1, int(math.sqrt(truth.size / 16384)))
         values.append(original[::step, ::step].ravel())
         labels.append(truth[::step, ::step].ravel())
-    y = np.concatenate(labels)
-    if y.all() or not y.any():
-        return float("nan")
-    from sklearn.metrics import roc_auc_score  # see select_configuration
-
-    return float(roc_auc_score(y, np.concatenate(values)))
+    return auroc(np.concatenate(labels), np.concatenate(values))

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-# Queries are searched in chunks so that the index arrays stay small (~32 MiB each).
-_CHUNK = 4_000_000
+from defectscope.detector.ranking import mann_whitney_auc
+
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -103,7 +103,7 @@ def image_auroc(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) ->
     """
     y, s = _labels_and_scores(labels, scores)
     _require_both_classes(y, "image AUROC")
-    return _mann_whitney_auc(s[y], s[~y])
+    return mann_whitney_auc(s[y], s[~y])
 
 
 def roc_curve_points(
@@ -209,27 +209,7 @@ def pixel_auroc(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> floa
     negatives = np.concatenate([m[~k] for m, k in zip(maps, masks, strict=True)]).astype(dtype)
     if positives.size == 0 or negatives.size == 0:
         return float("nan")
-    return _mann_whitney_auc(positives, negatives)
-
-
-def _mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(positive > negative) + P(equal) / 2, by sorting the smaller set only."""
-    if positives.size <= negatives.size:
-        ref, queries, query_is_positive = np.sort(positives), negatives, False
-    else:
-        ref, queries, query_is_positive = np.sort(negatives), positives, True
-    below = 0  # pairs where the positive is higher
-    ties = 0
-    for start in range(0, queries.size, _CHUNK):
-        chunk = np.sort(queries[start : start + _CHUNK])  # sorted queries search faster
-        left = np.searchsorted(ref, chunk, side="left")
-        right = np.searchsorted(ref, chunk, side="right")
-        ties += int((right - left).sum())
-        if query_is_positive:
-            below += int(left.sum())  # negatives strictly below each positive
-        else:
-            below += int((ref.size - right).sum())  # positives strictly above each negative
-    return (below + 0.5 * ties) / (float(positives.size) * float(negatives.size))
+    return mann_whitney_auc(positives, negatives)
 
 
 def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
