@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ class LoadedImage:
     source: str | None
     image: np.ndarray | None
     error: ImageLoadError | None
+    prepared: Any = None  # what `iter_loaded`'s ``prepare`` made of the image, in its thread
 
 
 def describe_source(source: ImageInput) -> str | None:
@@ -27,17 +29,23 @@ def describe_source(source: ImageInput) -> str | None:
 
 
 def iter_loaded(
-    sources: Sequence[ImageInput], batch_size: int, workers: int = 2
+    sources: Sequence[ImageInput],
+    batch_size: int,
+    workers: int = 2,
+    prepare: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[list[LoadedImage]]:
-    """Decode images in background threads, a batch ahead of the model (PIL releases the GIL)."""
+    """Decode images in background threads, a batch ahead of the model (PIL releases the GIL).
+    ``prepare`` (e.g. the resize to the model's input) runs in the same thread on each decoded
+    image, so that it too overlaps the model instead of waiting for it."""
 
     def load(item: tuple[int, ImageInput]) -> LoadedImage:
         index, source = item
         name = describe_source(source)
         try:
-            return LoadedImage(index, name, load_image(source), None)
+            image = load_image(source)
         except ImageLoadError as exc:
             return LoadedImage(index, name, None, exc)
+        return LoadedImage(index, name, image, None, prepare(image) if prepare else None)
 
     if all(isinstance(source, np.ndarray) for source in sources):
         # Already decoded (e.g. by the server): checking and converting an array costs less

@@ -369,13 +369,16 @@ class Detector:
         calibration, preprocessor = self._fitted_calibration, self._fitted_preprocessor
         image_threshold = self.threshold if threshold is None else float(threshold)
         mask_threshold = self.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
-        for batch in iter_loaded(list(images), batch_size or self.config.batch_size):
+        loaded = iter_loaded(
+            list(images), batch_size or self.config.batch_size, prepare=preprocessor.resize
+        )
+        for batch in loaded:
             # A LoadedImage holds an image or its error.
             good = [(item, item.image) for item in batch if item.image is not None]
             results: dict[int, Prediction] = {}
             if good:
                 t0 = time.perf_counter()
-                tensor = preprocessor([image for _, image in good])
+                tensor = preprocessor.batch([item.prepared for item, _ in good])
                 maps, scores = self.score_batch(tensor)
                 elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(good)
                 normalized = calibration.normalize(scores.cpu().numpy(), image_threshold)

@@ -214,15 +214,20 @@ def embedded_batches(
                 [e.hash for e in entries],
             )
         return
-    for batch in iter_loaded(images, size):
+    preprocessor = parts.preprocessor
+
+    def prepare(image: np.ndarray) -> tuple[torch.Tensor, str]:
+        return preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
+
+    for batch in iter_loaded(images, size, prepare=prepare):
         good = [k for k, item in enumerate(batch) if item.image is not None]
-        arrays = [image for item in batch if (image := item.image) is not None]
-        inputs = parts.preprocessor(arrays) if arrays else None
+        prepared = [batch[k].prepared for k in good]
+        inputs = preprocessor.batch([resized for resized, _ in prepared]) if prepared else None
         yield EmbeddedBatch(
             batch,
             good,
             parts.embed(inputs) if inputs is not None else None,
-            [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays],
+            [digest for _, digest in prepared],
             inputs,
         )
 

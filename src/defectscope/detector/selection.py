@@ -397,13 +397,18 @@ def _prepare_sample(
     out = PreparedMaps()
     decoded: dict[int, np.ndarray] = {}
     done = 0
-    for batch in iter_loaded(sources, batch_size):
+
+    def prepare(image: np.ndarray) -> tuple[torch.Tensor, str]:
+        return preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
+
+    for batch in iter_loaded(sources, batch_size, prepare=prepare):
         done += len(batch)
         report(done)
         good = [(item, image) for item in batch if (image := item.image) is not None]
         if not good:
             continue
-        maps = [m.cpu() for m in parts.backbone_maps(preprocessor([i for _, i in good]))]
+        inputs = preprocessor.batch([item.prepared[0] for item, _ in good])
+        maps = [m.cpu() for m in parts.backbone_maps(inputs)]
         for row, (item, image) in enumerate(good):
             index = chosen[item.index]
             if len(decoded) < keep:
@@ -411,7 +416,7 @@ def _prepare_sample(
             out[index] = PreparedImage(
                 identity=identity(sources[item.index]),
                 source=item.source,
-                hash=hashlib.sha256(image.tobytes()).hexdigest(),
+                hash=item.prepared[1],
                 maps=[m[row : row + 1].clone() for m in maps],
             )
     return out, decoded

@@ -105,9 +105,13 @@ class Preprocessor:
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """A batch of RGB uint8 images -> normalised float32 tensor (B, 3, H, W)."""
-        if len(images) == 0:
+        return self.batch([self.resize(image) for image in images])
+
+    def batch(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images already through `resize` -> the normalised batch `__call__` would give."""
+        if len(resized) == 0:
             raise ValueError("no images to preprocess")
-        return self.normalize(torch.stack([self.resize(image) for image in images]))
+        return self.normalize(torch.stack(list(resized)))
 
     def to_original(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """Bring maps (B, H, W) at input size back onto an original image of ``original_size``."""
