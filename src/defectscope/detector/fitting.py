@@ -221,13 +221,13 @@ def embedded_batches(
 
     for batch in iter_loaded(images, size, prepare=prepare):
         good = [k for k, item in enumerate(batch) if item.image is not None]
-        prepared = [batch[k].prepared for k in good]
-        inputs = preprocessor.batch([resized for resized, _ in prepared]) if prepared else None
+        ready: list[tuple[torch.Tensor, str]] = [batch[k].prepared for k in good]
+        inputs = preprocessor.batch([resized for resized, _ in ready]) if ready else None
         yield EmbeddedBatch(
             batch,
             good,
             parts.embed(inputs) if inputs is not None else None,
-            [digest for _, digest in prepared],
+            [digest for _, digest in ready],
             inputs,
         )
 
