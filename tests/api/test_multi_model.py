@@ -21,6 +21,7 @@ from _images import png, texture_crops
 from _models import copy_model, rewritten_model
 from _server import AUTH, KEY, served
 
+from defectscope.detector.knn_screen import screen_bytes
 from defectscope.features.backbones import module_bytes
 
 pytest.importorskip("fastapi")
@@ -158,9 +159,11 @@ def test_least_recently_used_model_is_unloaded_beyond_the_budget(
     root = tmp_path / "models"
     for name in ("a", "b", "c"):
         copy_model(texture_model_dir, root / name)
-    bank = fitted.memory_bank.numel() * fitted.memory_bank.element_size()
+    memory_bank = fitted.memory_bank
+    bank = memory_bank.numel() * memory_bank.element_size() + screen_bytes(memory_bank)
     backbone = module_bytes(fitted.feature_parts().features.backbone)
-    # Room for the backbone and two banks and a half: the default and one more model.
+    # Room for the backbone and two banks (with the search's copy) and a half: the default
+    # and one more model.
     budget = (backbone + 2.5 * bank) / (1024 * 1024)
     args = ["--models", str(root), "--default-model", "a", "--memory-budget-mb", f"{budget:.6f}"]
     with serving(args, {"DEFECTSCOPE_PREDICTION_LOG_URL": "none"}) as c:

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from defectscope.detector.knn import GroupExclusion, TorchKnn
-from defectscope.detector.knn_screen import BankScreen, screen_supported, screened_nearest
+from defectscope.detector.knn_screen import (
+    BankScreen,
+    screen_bytes,
+    screen_supported,
+    screened_nearest,
+)
 
 
 def data(n_bank: int, n_query: int, dim: int, seed: int, scale: float = 1.0, shift: float = 0.0):
@@ -125,3 +130,11 @@ def test_queries_far_from_the_bank_stay_exact() -> None:
     bounds = TorchKnn(bank, screen=True).upper_bounds(queries)
     nearest = torch.cdist(queries.double(), bank.double()).amin(dim=1)
     assert (bounds.double() >= nearest - 1e-4).all()
+
+
+def test_the_screens_memory_is_counted_where_it_is_built() -> None:
+    bank, _ = data(40, 1, 8, seed=9)
+    index = TorchKnn(bank)
+    expected = 0 if index.screen is None else index.screen.operand.numel() * 2
+    assert screen_bytes(bank) == expected
+    assert screen_bytes(bank.double()) == 0

@@ -369,10 +369,8 @@ class Detector:
         calibration, preprocessor = self._fitted_calibration, self._fitted_preprocessor
         image_threshold = self.threshold if threshold is None else float(threshold)
         mask_threshold = self.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
-        loaded = iter_loaded(
-            list(images), batch_size or self.config.batch_size, prepare=preprocessor.resize
-        )
-        for batch in loaded:
+        size = batch_size or self.config.batch_size
+        for batch in iter_loaded(list(images), size, prepare=preprocessor.resize):
             # A LoadedImage holds an image or its error.
             good = [(item, item.image) for item in batch if item.image is not None]
             results: dict[int, Prediction] = {}

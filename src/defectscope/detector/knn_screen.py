@@ -34,6 +34,13 @@ def screen_supported(device: torch.device) -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def screen_bytes(bank: torch.Tensor) -> int:
+    """Memory the exact search's bfloat16 copy of ``bank`` takes where the screen is on."""
+    if not screen_supported(bank.device) or bank.dtype != torch.float32:
+        return 0
+    return bank.shape[0] * (bank.shape[1] + 2) * 2
+
+
 class BankScreen:
     """A bfloat16 copy of the bank, centred, with its squared norms and ones as two more
     columns, so one product gives ``|c|^2 - 2 q.c`` (the squared distance less ``|q|^2``) or

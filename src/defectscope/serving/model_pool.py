@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from defectscope.detector.detector import Detector
+from defectscope.detector.knn_screen import screen_bytes
 from defectscope.errors import DefectscopeError
 from defectscope.features.backbones import BackboneCache, FeatureBackbone, module_bytes
 from defectscope.registry import parse_ref, resolve_model_ref
@@ -215,8 +216,9 @@ class ModelPool:
         ]
 
     def estimate(self, name: str, count_shared: bool = True) -> int:
-        """Bytes of a loaded model: its bank, plus its backbone unless a model loaded before
-        it already holds that backbone (``count_shared`` counts it anyway)."""
+        """Bytes of a loaded model: its bank (and the search's bfloat16 copy of it), plus its
+        backbone unless a model loaded before it already holds that backbone (``count_shared``
+        counts it anyway)."""
         state = self.states[name]
         detector = state.detector
         if detector is None:
@@ -226,7 +228,7 @@ class ModelPool:
             path = state.settings.model_path
             return path.stat().st_size if path is not None and path.is_file() else 0
         bank = detector.memory_bank
-        total = bank.numel() * bank.element_size()
+        total = bank.numel() * bank.element_size() + screen_bytes(bank)
         earlier = [n for n in self.loaded() if n != name and self.order(n) < self.order(name)]
         if count_shared or not (set(self.sharing(name)) & set(earlier)):
             total += module_bytes(backbone)
