@@ -5,7 +5,8 @@ the full query x bank matrix (small blocks stay in cache, which is faster than o
 On CPUs with fast bfloat16 each block is screened first (`knn_screen`: candidates in bfloat16,
 proven in float32, the same result). `FaissKnn` wraps a faiss index for large banks when faiss
 is installed: exact (flat), or approximate (IVF, HNSW, IVF-PQ: `approximate_faiss_index`), built
-from the bank when a model is fitted or loaded, never stored. All return Euclidean distances, nearest first.
+from the bank when a model is fitted or loaded, never stored. All return Euclidean distances,
+nearest first.
 """
 
 from __future__ import annotations
