@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,58 +52,58 @@ def greedy_kcenter(
     # Centring keeps norms small, so ||x||^2 - 2x.c + ||c||^2 does not cancel catastrophically.
     features = features - features.mean(dim=0, keepdim=True)
     if features.device.type == "cpu" and features.dtype == torch.float32:
-        chosen = _greedy_numpy(features.detach().numpy(), n_select, first, progress)
-        return torch.from_numpy(chosen)
-    squared_norms = (features * features).sum(dim=1)
-    selected = torch.empty(n_select, dtype=torch.long, device=features.device)
-    selected[0] = first
-    min_dist = squared_norms - 2.0 * (features @ features[first]) + squared_norms[first]
-    min_dist[first] = -1.0  # never pick a point twice, whatever rounding says
-    distances = torch.empty_like(min_dist)
-    report_every = max(1, n_select // 100)
-    for i in range(1, n_select):
-        index = torch.argmax(min_dist)
-        selected[i] = index
-        center = features[index]
+        # numpy's BLAS matrix-vector product, the whole cost of a step, is 2-3x torch's here.
+        x = features.detach().numpy()
+        squared = np.einsum("ij,ij->i", x, x)
+        min_dist = squared - 2.0 * (x @ x[first]) + squared[first]
+        step = np.empty_like(min_dist)
+
+        def add_center(index: Any) -> None:
+            np.matmul(x, x[index], out=step)
+            np.multiply(step, -2.0, out=step)
+            np.add(step, squared, out=step)
+            np.add(step, squared[index], out=step)
+            np.minimum(min_dist, step, out=min_dist)
+
+        picks = _farthest_first(n_select, first, min_dist, np.argmax, add_center, progress)
+        return torch.tensor(picks, dtype=torch.long)
+    squared_t = (features * features).sum(dim=1)
+    min_dist_t = squared_t - 2.0 * (features @ features[first]) + squared_t[first]
+    step_t = torch.empty_like(min_dist_t)
+
+    def add_center_t(index: Any) -> None:
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, in one fused matrix-vector product.
-        torch.addmv(
-            squared_norms + squared_norms[index], features, center, alpha=-2.0, out=distances
-        )
-        torch.minimum(min_dist, distances, out=min_dist)
-        min_dist[index] = -1.0
-        if progress is not None and i % report_every == 0:
-            progress(i, n_select)
-    if progress is not None:
-        progress(n_select, n_select)
-    return selected
+        torch.addmv(squared_t + squared_t[index], features, features[index], alpha=-2.0, out=step_t)
+        torch.minimum(min_dist_t, step_t, out=min_dist_t)
+
+    # Indices stay on the device: no host round trip per step on a GPU.
+    picks_t = _farthest_first(n_select, first, min_dist_t, torch.argmax, add_center_t, progress)
+    return torch.stack([torch.as_tensor(i, device=features.device) for i in picks_t])
 
 
-def _greedy_numpy(
-    features: np.ndarray, n_select: int, first: int, progress: ProgressFn | None
-) -> np.ndarray:
-    """`greedy_kcenter`'s loop on the CPU: numpy's BLAS matrix-vector product, the whole cost
-    of an iteration, is 2-3x faster here than torch's (measured in BENCHMARKS.md)."""
-    squared_norms = np.einsum("ij,ij->i", features, features)
-    selected = np.empty(n_select, dtype=np.int64)
-    selected[0] = first
-    min_dist = squared_norms - 2.0 * (features @ features[first]) + squared_norms[first]
+def _farthest_first(
+    n_select: int,
+    first: int,
+    min_dist: Any,
+    argmax: Callable[[Any], Any],
+    add_center: Callable[[Any], None],
+    progress: ProgressFn | None,
+) -> list[Any]:
+    """The greedy loop, on numpy or torch arrays: ``min_dist`` holds each row's squared
+    distance to the nearest pick, ``add_center`` lowers it for a new pick."""
+    picks = [first]
     min_dist[first] = -1.0  # never pick a point twice, whatever rounding says
-    distances = np.empty_like(min_dist)
     report_every = max(1, n_select // 100)
     for i in range(1, n_select):
-        index = int(np.argmax(min_dist))
-        selected[i] = index
-        np.matmul(features, features[index], out=distances)
-        distances *= -2.0
-        distances += squared_norms
-        distances += squared_norms[index]
-        np.minimum(min_dist, distances, out=min_dist)
+        index = argmax(min_dist)
+        picks.append(index)
+        add_center(index)
         min_dist[index] = -1.0
         if progress is not None and i % report_every == 0:
             progress(i, n_select)
     if progress is not None:
         progress(n_select, n_select)
-    return selected
+    return picks
 
 
 class CoresetChoice(NamedTuple):
