@@ -164,16 +164,16 @@ def _first_level(
     """Greedy picks inside each (shard, quota, seed), in order. On the CPU the shards run in
     parallel, one single-threaded BLAS each: a shard's matrix-vector products are too small to
     spread over cores, so this is 1.5x faster on two cores (the picks do not change)."""
-    workers = min(len(jobs), torch.get_num_threads())
-    if features.device.type != "cpu" or workers < 2:
-        for shard, quota, seed in jobs:
-            yield greedy_kcenter(features[shard], quota, seed)
-        return
-    from threadpoolctl import threadpool_limits
 
     def run(job: tuple[torch.Tensor, int, int]) -> torch.Tensor:
         shard, quota, seed = job
         return greedy_kcenter(features[shard], quota, seed)
+
+    workers = min(len(jobs), torch.get_num_threads())
+    if features.device.type != "cpu" or workers < 2:
+        yield from map(run, jobs)
+        return
+    from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         yield from pool.map(run, jobs)

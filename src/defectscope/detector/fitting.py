@@ -214,15 +214,10 @@ def embedded_batches(
                 [e.hash for e in entries],
             )
         return
-    preprocessor = parts.preprocessor
-
-    def prepare(image: np.ndarray) -> tuple[torch.Tensor, str]:
-        return preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
-
-    for batch in iter_loaded(images, size, prepare=prepare):
+    for batch in iter_loaded(images, size, prepare=parts.resize_and_hash):
         good = [k for k, item in enumerate(batch) if item.image is not None]
         ready: list[tuple[torch.Tensor, str]] = [batch[k].prepared for k in good]
-        inputs = preprocessor.batch([resized for resized, _ in ready]) if ready else None
+        inputs = parts.preprocessor.batch([resized for resized, _ in ready]) if ready else None
         yield EmbeddedBatch(
             batch,
             good,

@@ -40,8 +40,10 @@ def leave_one_out_maxima(
     patches = h * w
     queries = embeddings.permute(0, 2, 3, 1).reshape(b * patches, d)
     values = index.upper_bounds(queries, GroupExclusion(patches, own)).reshape(b, patches)
-    if extra is not None:
-        values = torch.minimum(values, _nearest_extra(queries, patches, extra))
+    # Stand-ins are exact already: every patch's distance to its image's nearest one, once.
+    to_extra = _nearest_extra(queries, patches, extra) if extra is not None else None
+    if to_extra is not None:
+        values = torch.minimum(values, to_extra)
     if not bool(torch.isfinite(values).all()):
         return None  # an image with nothing left to find: the full path reports it
     rows, cols = scorer.map_operators(h, w)
@@ -61,7 +63,7 @@ def leave_one_out_maxima(
             else:
                 maxima[image] = maps[row, pixel]
         if missing:
-            _search_exactly(index, queries, patches, missing, own, extra, values, exact)
+            _search_exactly(index, queries, patches, missing, own, to_extra, values, exact)
         pending = [image for image, _ in missing]
     return maxima
 
@@ -91,12 +93,13 @@ def _search_exactly(
     patches: int,
     missing: list[tuple[int, torch.Tensor]],
     own: Sequence[torch.Tensor],
-    extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    to_extra: torch.Tensor | None,
     values: torch.Tensor,
     exact: torch.Tensor,
 ) -> None:
-    """Exact distances of the ``missing`` patches of each image, in one search: every image's
-    list is padded to the same length (repeating its first patch) for the group exclusion."""
+    """Exact distances of the ``missing`` patches of each image (the nearer of the bank search
+    and ``to_extra``, the distances to the stand-ins), in one search: every image's list is
+    padded to the same length (repeating its first patch) for the group exclusion."""
     length = max(len(found) for _, found in missing)
     padded = [torch.cat([found, found[:1].expand(length - len(found))]) for _, found in missing]
     starts = [image * patches for image, _ in missing]
@@ -106,9 +109,7 @@ def _search_exactly(
     dist = dist[:, 0].reshape(len(missing), length)
     for row, (image, found) in enumerate(missing):
         best = dist[row, : len(found)]
-        if extra is not None and extra[image][0].shape[0]:
-            stand_ins = extra[image][0].to(queries.dtype)
-            to_stand_ins = torch.cdist(queries[image * patches + found], stand_ins)
-            best = torch.minimum(best, to_stand_ins.amin(dim=1))
+        if to_extra is not None:
+            best = torch.minimum(best, to_extra[image, found])
         values[image, found] = best
         exact[image, found] = True

@@ -6,8 +6,10 @@ fit takes it explicitly instead of reaching into a `Detector`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from defectscope.config import FeatureConfig
@@ -58,6 +60,11 @@ class FeatureParts:
         if self.half:
             batch = batch.half()
         return [m.float() for m in self.features.backbone(batch)]
+
+    def resize_and_hash(self, image: np.ndarray) -> tuple[torch.Tensor, str]:
+        """A decoded image resized to the input (not yet normalised) and its content hash: what
+        the image loader's threads prepare for a fit's batches (`data.loading.iter_loaded`)."""
+        return self.preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ same shape and about the configured pixel count.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import time
@@ -397,11 +396,7 @@ def _prepare_sample(
     out = PreparedMaps()
     decoded: dict[int, np.ndarray] = {}
     done = 0
-
-    def prepare(image: np.ndarray) -> tuple[torch.Tensor, str]:
-        return preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
-
-    for batch in iter_loaded(sources, batch_size, prepare=prepare):
+    for batch in iter_loaded(sources, batch_size, prepare=parts.resize_and_hash):
         done += len(batch)
         report(done)
         good = [(item, image) for item in batch if (image := item.image) is not None]
