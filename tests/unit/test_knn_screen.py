@@ -138,3 +138,9 @@ def test_the_screens_memory_is_counted_where_it_is_built() -> None:
     expected = 0 if index.screen is None else index.screen.operand.numel() * 2
     assert screen_bytes(bank) == expected
     assert screen_bytes(bank.double()) == 0
+
+
+def test_upper_bounds_without_the_screen_is_refused_clearly() -> None:
+    bank, queries = data(20, 3, 8, seed=10)
+    with pytest.raises(ValueError, match="needs the bfloat16 screen"):
+        TorchKnn(bank, screen=False).upper_bounds(queries)

@@ -53,6 +53,8 @@ def test_empty_batch() -> None:
     pre = Preprocessor((32, 32), MEAN, STD)
     with pytest.raises(ValueError, match="no images to preprocess"):
         pre([])
+    with pytest.raises(ValueError, match="no images to preprocess"):
+        pre.batch([])  # the loader threads' resized images, none of them readable
 
 
 @pytest.mark.parametrize("value", [0, 37, 128, 255])
