@@ -122,15 +122,21 @@ class TorchKnn:
         exclude: GroupExclusion | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances and indices of the k nearest rows, from one float32 block."""
-        # |q|^2 is the same for every bank row: it is added to the winners only, which saves a
-        # full pass over the block.
+        # The block ranks by |c|^2 - 2 q.c (|q|^2 is the same for every row); the winners'
+        # distances are then computed directly, so an exact match comes back as 0, not as
+        # the rounding of the expanded form.
         block = torch.addmm(self.bank_sq, chunk, self.bank.T, alpha=-2.0)
         _mask(block, positions, banned, exclude)
         if k == 1:  # min is a cheaper pass than topk
             values, idx = block.min(dim=1, keepdim=True)
         else:
             values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
-        return values + (chunk * chunk).sum(dim=1, keepdim=True), idx
+        direct = (chunk[:, None, :] - self.bank[idx]).square_().sum(dim=2)
+        direct.masked_fill_(torch.isinf(values), float("inf"))  # rows every query may not find
+        if k > 1:
+            direct, order = direct.sort(dim=1)
+            idx = idx.gather(1, order)
+        return direct, idx
 
     def _screened(
         self,
