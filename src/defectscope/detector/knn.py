@@ -22,6 +22,7 @@ from defectscope.config import ScoringConfig
 from defectscope.detector.knn_screen import (
     SCREEN_CHUNK,
     BankScreen,
+    direct_distances,
     nearest_guess,
     screen_supported,
     screened_nearest,
@@ -131,8 +132,7 @@ class TorchKnn:
             values, idx = block.min(dim=1, keepdim=True)
         else:
             values, idx = torch.topk(block, k, dim=1, largest=False, sorted=True)
-        direct = (chunk[:, None, :] - self.bank[idx]).square_().sum(dim=2)
-        direct.masked_fill_(torch.isinf(values), float("inf"))  # rows every query may not find
+        direct = direct_distances(self.bank, chunk, idx, values)
         if k > 1:
             direct, order = direct.sort(dim=1)
             idx = idx.gather(1, order)

@@ -84,6 +84,16 @@ def nearest_guess(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, torch.isfinite(block.gather(1, rows[:, None])[:, 0])
 
 
+def direct_distances(
+    bank: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, ranked: torch.Tensor
+) -> torch.Tensor:
+    """Squared float32 distances (Q, C) from each query to the bank ``rows`` (Q, C) a block
+    ranked for it, computed as |q - c|^2 (no cancellation); +inf where the block's ``ranked``
+    values are (excluded rows stay out)."""
+    exact = (queries[:, None, :] - bank[rows]).square_().sum(dim=2)
+    return exact.masked_fill_(torch.isinf(ranked), float("inf"))
+
+
 def screened_nearest(
     bank: torch.Tensor,
     queries: torch.Tensor,
@@ -96,9 +106,7 @@ def screened_nearest(
     result is proven exact (for the others, rows outside the candidates might be nearer)."""
     n_candidates = min(approx.shape[1], k + EXTRA_CANDIDATES)
     values, candidates = approx.topk(n_candidates, dim=1, largest=False, sorted=True)
-    rows = bank[candidates]  # (Q, C, D)
-    exact = (queries[:, None, :] - rows).square_().sum(dim=2)
-    exact.masked_fill_(torch.isinf(values), float("inf"))  # excluded rows stay out
+    exact = direct_distances(bank, queries, candidates, values)
     if k == 1:
         best, order = exact.min(dim=1, keepdim=True)
     else:
