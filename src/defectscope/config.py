@@ -288,6 +288,13 @@ class FewShotConfig(_Section):
     seed: int = 0
 
 
+def check_device(device: str) -> str:
+    """``device`` if it names one a detector can run on; ConfigError otherwise."""
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return device
+
+
 class DetectorConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
@@ -303,11 +310,9 @@ class DetectorConfig(_Section):
 
     @model_validator(mode="after")
     def _check_device(self) -> DetectorConfig:
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", device)):
-            # ConfigError, not ValueError: pydantic lets it through unwrapped, so a bad
-            # --device is one clear line also when it is assigned after validation.
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        # ConfigError, not ValueError: pydantic lets it through unwrapped, so a bad --device is
+        # one clear line also when it is assigned after validation.
+        check_device(self.device)
         return self
 
     @classmethod

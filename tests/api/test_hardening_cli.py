@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import stat
 import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -100,6 +102,48 @@ def test_an_impossible_device_is_one_line(texture_model_dir, good_images, tmp_pa
     if device == "tpu":  # fit assigns the device elsewhere (its config): the same one line
         proc = run_cli("fit", str(good_images), "--out", str(tmp_path / "m"), "--device", device)
         assert_one_line_error(proc, "device must be")
+
+
+# Runs the CLI in a fresh interpreter and reports whether torch was imported by the time it ended.
+WITHOUT_TORCH = """
+import sys
+from defectscope.cli import main
+try:
+    main()
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_common_mistakes_are_answered_before_torch_loads(good_images, tmp_path) -> None:
+    # Importing torch and timm takes seconds: a typo must not wait for them.
+    in_the_way = tmp_path / "results.txt"
+    in_the_way.write_text("keep me")
+    missing = str(tmp_path / "no-model")
+    mistakes = [
+        (["fit", str(good_images), "--out", str(in_the_way)], "not a folder"),
+        (["predict", missing, str(good_images), "--out", str(tmp_path / "p")], "not found"),
+        (["evaluate", missing, str(good_images)], "not found"),
+        (["export", missing], "not found"),
+        (["serve", missing], "not found"),
+        (["serve", "--models", missing], "not a folder"),
+        (["inspect", missing], "not found"),
+        (["predict", str(good_images), str(good_images), "--out", str(tmp_path / "p")], "no "),
+        (["predict", missing, str(good_images), "--device", "tpu"], "device must be"),
+    ]
+    for argv, words in mistakes:
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "200"},
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 2, (argv, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert lines[0].startswith("error:") and words in lines[0], (argv, proc.stderr)
+        assert lines[-1] == "torch imported: False", (argv, proc.stderr)
 
 
 # ---------------------------------------------------------------------------- bad models

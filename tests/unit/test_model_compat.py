@@ -14,7 +14,6 @@ from _models import FAST_TRAIN_SIZE
 
 import defectscope.detector.detector as detector_module
 from defectscope import Detector, __version__
-from defectscope.detector import model_file
 from defectscope.detector.model_file import (
     MODEL_FILENAME,
     read_header,
@@ -228,7 +227,9 @@ def test_read_header_without_backbone_or_tensors(
     def no_tensors(*args: object, **kwargs: object) -> None:
         raise AssertionError("read_header must not load tensors")
 
-    monkeypatch.setattr(model_file, "load_file", no_tensors)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_tensors)
     meta = read_header(saved)
     assert meta["defectscope_version"] == __version__
     assert meta["backbone"]["fingerprint"] == fitted.features.backbone.fingerprint

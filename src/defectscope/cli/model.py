@@ -108,7 +108,6 @@ def fit(
     """
     from defectscope import storage
     from defectscope.data.datasets import open_dataset
-    from defectscope.detector.detector import Detector
     from defectscope.distributed.cluster import check_engine
     from defectscope.experiment import compose
     from defectscope.tracking import log_fit, open_tracker
@@ -126,6 +125,9 @@ def fit(
     dataset = open_dataset(storage.localize(data_uri))
     paths = [sample.path for sample in dataset.train]
     console.print(f"Fitting on {len(paths)} good images from {data_uri} ({dataset.layout} layout)")
+    # Imported after the checks above: a mistake is reported without loading torch (seconds).
+    from defectscope.detector.detector import Detector
+
     detector = Detector(experiment.detector)
     with progress_bars() as progress:
         on_error = "skip" if skip_bad else "raise"
@@ -229,8 +231,6 @@ def evaluate(
     from defectscope import storage
     from defectscope.data.datasets import open_dataset
     from defectscope.errors import DefectscopeError
-    from defectscope.evaluation.report import write_report
-    from defectscope.evaluation.runner import evaluate as run_evaluation
     from defectscope.export.runtimes import load_detector, resolve_runtime
     from defectscope.tracking import log_evaluation, open_tracker
 
@@ -246,6 +246,9 @@ def evaluate(
     dataset = open_dataset(storage.localize(data_uri))
     if not dataset.test:
         raise DefectscopeError(f"{data_uri}: no labelled test images to evaluate on")
+    from defectscope.evaluation.report import write_report
+    from defectscope.evaluation.runner import evaluate as run_evaluation
+
     with progress_bars() as progress:
         result = run_evaluation(
             detector,
@@ -321,7 +324,6 @@ def predict(
     from defectscope.distributed.cluster import check_engine
     from defectscope.errors import DefectscopeError
     from defectscope.export.runtimes import load_detector
-    from defectscope.prediction_writer import PredictionWriter
 
     check_engine(engine, ray_address)
     storage.check_destination(out_dir)
@@ -330,6 +332,8 @@ def predict(
     paths = expand_image_paths([p for src in inputs for p in storage.localize_matches(src)])
     if not paths:
         raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
+    from defectscope.prediction_writer import PredictionWriter
+
     stack = ExitStack()
     local_out = stack.enter_context(storage.staged_output(out_dir))
     writer = PredictionWriter(local_out, paths, detector, write_images=images)
@@ -395,18 +399,19 @@ def export(
     ] = 64,
 ) -> None:
     """Export the whole detector (backbone, memory bank, thresholds) to one ONNX/OpenVINO file."""
-    from defectscope.detector.detector import Detector
     from defectscope.errors import ConfigError
-    from defectscope.export.onnx import export_onnx, export_openvino
+    from defectscope.export.runtimes import load_detector
 
     if fmt not in ("onnx", "openvino"):
         raise ConfigError(f"--format must be 'onnx' or 'openvino', not {fmt!r}")
-    detector = Detector.load(model, device="cpu")
+    if precision == "int8" and fmt != "openvino":
+        raise ConfigError("int8 is available for --format openvino only")
+    detector = load_detector(model, "torch", device="cpu")
+    from defectscope.export.onnx import export_onnx, export_openvino
+
     if out_file is None:
         folder = model if model.is_dir() else model.parent
         out_file = folder / ("model.onnx" if fmt == "onnx" else "model.xml")
-    if precision == "int8" and fmt != "openvino":
-        raise ConfigError("int8 is available for --format openvino only")
     if fmt == "onnx":
         path = export_onnx(detector, out_file, precision=precision)
     else:

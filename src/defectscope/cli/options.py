@@ -18,7 +18,16 @@ Overrides = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Experiment YAML (default: packaged configs).")
 ]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+def _device(value: str | None) -> str | None:
+    from defectscope.config import check_device
+
+    return None if value is None else check_device(value)
+
+
+# Checked as the command line is read: a typo is reported before a model or torch loads.
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_device)]
 RuntimeOpt = Annotated[
     str,
     typer.Option(

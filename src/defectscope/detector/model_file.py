@@ -16,16 +16,17 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from defectscope import storage
 from defectscope.config import DetectorConfig
 from defectscope.errors import ConfigError, ModelFileError
 from defectscope.version import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
@@ -105,6 +106,8 @@ def write_model_file(
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~current_umask()
     # A per-process, per-thread name: workers saving at the same instant never share a temp file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    from safetensors.torch import save_file  # torch only where tensors are written
+
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
         os.chmod(tmp, mode)
@@ -184,7 +187,7 @@ def check_model_contents(
         return  # Detector.load says what is missing or misshapen
     if bank.shape[0] == 0:
         raise ModelFileError(f"{path}: the memory bank is empty (shape {tuple(bank.shape)})")
-    if not bool(torch.isfinite(bank).all()):
+    if not bool(bank.isfinite().all()):
         raise ModelFileError(
             f"{path}: the memory bank holds NaN or infinite values; refit the model"
         )
@@ -243,6 +246,8 @@ def parse_versioned_meta(
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = resolve_model_path(path)
     meta = read_header(path)
+    from safetensors.torch import load_file  # torch only where tensors are read
+
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

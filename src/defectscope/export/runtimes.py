@@ -7,12 +7,15 @@ Every face (CLI, REST API, BentoML, Ray) loads through here, so all accept the s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from defectscope import storage
-from defectscope.detector.detector import Detector
-from defectscope.detector.model_file import resolve_model_path
+from defectscope.detector.model_file import read_header, resolve_model_path
 from defectscope.errors import ConfigError
-from defectscope.features.backbones import BackboneCache
+
+if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
+    from defectscope.features.backbones import BackboneCache
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 
@@ -52,6 +55,11 @@ def load_detector(
     runtime = resolve_runtime(path, runtime)
     path = localize_model(path, runtime)
     if runtime == "torch":
+        # A missing or foreign file is reported before torch is imported (seconds): the header
+        # alone tells.
+        read_header(resolve_model_path(path))
+        from defectscope.detector.detector import Detector
+
         return Detector.load(path, device=device, backbone_cache=backbone_cache)
     # Imported only here: the torch runtime must not need the export extra.
     from defectscope.export.graph import load_exported
