@@ -33,6 +33,13 @@ BOTTLE_SKIP_REASON = (
 )
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    import _mypy
+
+    if any(item.nodeid == _mypy.TEST_ID for item in session.items):
+        _mypy.start()  # a minute or two of one core, beside the tests that come before it
+
+
 @pytest.fixture(scope="session")
 def bottle_root() -> Path:
     """The MVTec AD bottle category, or a skip when this checkout has no ../shared."""
