@@ -140,7 +140,11 @@ def test_the_screens_memory_is_counted_where_it_is_built() -> None:
     assert screen_bytes(bank.double()) == 0
 
 
-def test_upper_bounds_without_the_screen_is_refused_clearly() -> None:
+def test_upper_bounds_where_a_search_is_cheaper_are_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a GPU the exact search is fast: bounds are for CPUs (the screen, else knn_guess).
     bank, queries = data(20, 3, 8, seed=10)
-    with pytest.raises(ValueError, match="needs the bfloat16 screen"):
+    monkeypatch.setattr(TorchKnn, "has_bounds", property(lambda self: False))
+    with pytest.raises(ValueError, match="search exactly instead"):
         TorchKnn(bank, screen=False).upper_bounds(queries)

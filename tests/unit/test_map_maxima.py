@@ -19,6 +19,7 @@ def setup(
     input_size: tuple[int, int],
     with_stand_ins: bool,
     seed: int = 0,
+    screen: bool = True,
     **scoring: object,
 ):
     generator = torch.Generator().manual_seed(seed)
@@ -31,7 +32,8 @@ def setup(
     embeddings[2, :, 1, 2] += 4.0
     config = ScoringConfig(smoothing_sigma=sigma, **scoring)  # type: ignore[arg-type]
     scorer = AnomalyScorer(bank, config, input_size)
-    scorer._index = TorchKnn(scorer.bank, screen=True)  # the shortcut needs the screen
+    # Bounds from the bfloat16 screen, or from the float32 subspace guess (knn_guess).
+    scorer._index = TorchKnn(scorer.bank, screen=screen)
     own = [(owner == i).nonzero().flatten() for i in range(n_images)]
     extra = None
     if with_stand_ins:
@@ -49,10 +51,15 @@ def setup(
     ("grid", "input_size"), [((8, 8), (64, 64)), ((6, 10), (48, 80)), ((5, 5), (37, 41))]
 )
 @pytest.mark.parametrize("with_stand_ins", [False, True])
+@pytest.mark.parametrize("screen", [True, False], ids=["bf16-screen", "subspace-guess"])
 def test_maxima_equal_those_of_the_full_maps(
-    sigma: float, grid: tuple[int, int], input_size: tuple[int, int], with_stand_ins: bool
+    sigma: float,
+    grid: tuple[int, int],
+    input_size: tuple[int, int],
+    with_stand_ins: bool,
+    screen: bool,
 ) -> None:
-    scorer, embeddings, own, extra = setup(sigma, grid, input_size, with_stand_ins)
+    scorer, embeddings, own, extra = setup(sigma, grid, input_size, with_stand_ins, screen=screen)
     maps, scores = scorer.score_excluding(embeddings, own, extra)
     maxima = leave_one_out_maxima(scorer, embeddings, own, extra)
     assert maxima is not None
@@ -89,19 +96,19 @@ def test_loose_upper_bounds_take_more_rounds_but_give_the_same_maxima(
 
 
 @pytest.mark.parametrize(
-    ("scoring", "screen"),
+    ("scoring", "bounds"),
     [
         ({"k": 3}, True),
         ({"reduction": "topk_mean"}, True),
         ({"reduction": "patchcore"}, True),
-        ({}, False),
+        ({}, False),  # a search without cheap bounds (a GPU's): the exact search is used
     ],
 )
 def test_no_shortcut_where_the_score_is_not_the_maximum_of_a_nearest_neighbour_map(
-    scoring: dict, screen: bool
+    scoring: dict, bounds: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scorer, embeddings, own, extra = setup(4.0, (8, 8), (64, 64), False, **scoring)
-    scorer._index = TorchKnn(scorer.bank, screen=screen)
+    monkeypatch.setattr(TorchKnn, "has_bounds", property(lambda self: bounds))
     assert leave_one_out_maxima(scorer, embeddings, own, extra) is None
 
 

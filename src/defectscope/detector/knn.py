@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from defectscope.config import ScoringConfig
+from defectscope.detector.knn_guess import SubspaceGuess
 from defectscope.detector.knn_screen import (
     SCREEN_CHUNK,
     BankScreen,
@@ -64,6 +65,13 @@ class TorchKnn:
         if screen is None:
             screen = screen_supported(bank.device) and bank.dtype == torch.float32
         self.screen = BankScreen(bank) if screen else None
+        self._guess: SubspaceGuess | None = None
+
+    @property
+    def has_bounds(self) -> bool:
+        """Whether `upper_bounds` is cheaper than a search here: with the bfloat16 screen, or
+        on a CPU (a subspace guess); a GPU's exact search is fast already."""
+        return self.screen is not None or self.bank.device.type == "cpu"
 
     def search(
         self,
@@ -96,20 +104,30 @@ class TorchKnn:
     def upper_bounds(
         self, queries: torch.Tensor, exclude: GroupExclusion | None = None
     ) -> torch.Tensor:
-        """Per query, the distance to the row the bfloat16 screen ranks nearest: at least the
-        nearest row's distance and almost always equal to it, at a fraction of the search's
-        cost (no top-k, one row per query). Needs the screen; +inf where every row is excluded."""
-        if self.screen is None:
-            raise ValueError("upper_bounds needs the bfloat16 screen")
+        """Per query, the exact distance to a row a cheap search ranks nearest (the bfloat16
+        screen, else `knn_guess`): at least the nearest row's distance and almost always equal
+        to it, at a fraction of the search's cost. +inf where every row is excluded."""
+        if not self.has_bounds:
+            raise ValueError("upper_bounds is for CPUs: search exactly instead")
+        if self.screen is None and self._guess is None:
+            self._guess = SubspaceGuess(self.bank)
         bounds = []
         for start in range(0, queries.shape[0], SCREEN_CHUNK):
             chunk = queries[start : start + SCREEN_CHUNK]
             positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
-            block = self.screen.distance_block(chunk)
+            if self.screen is not None:
+                block = self.screen.distance_block(chunk)
+                _mask(block, positions, None, exclude)
+                idx, found = nearest_guess(block)
+                squared = (chunk - self.bank[idx]).square_().sum(dim=1)
+                bounds.append(squared.masked_fill_(~found, float("inf")).sqrt_())
+                continue
+            assert self._guess is not None
+            block = self._guess.block(chunk)
             _mask(block, positions, None, exclude)
-            idx, found = nearest_guess(block)
-            squared = (chunk - self.bank[idx]).square_().sum(dim=1)
-            bounds.append(squared.masked_fill_(~found, float("inf")).sqrt_())
+            rows = self._guess.candidates(block)
+            squared = direct_distances(self.bank, chunk, rows, block.gather(1, rows))
+            bounds.append(squared.amin(dim=1).sqrt_())
         if not bounds:
             return queries.new_empty(0)
         return torch.cat(bounds)

@@ -4,7 +4,8 @@ Calibration needs each training image's map maximum (its image score under reduc
 not the map. A map is a linear function of the patch distances with non-negative weights
 (upsampling, then the blur), so a map made from upper bounds of the distances lies above the
 true map everywhere, and equals it at a pixel all of whose patches are exact. The bfloat16
-screen gives the bounds cheaply (`TorchKnn.upper_bounds`: one row per patch, nearly always the
+screen, or on CPUs without it a float32 search in the bank's principal directions (`knn_guess`),
+gives the bounds cheaply (`TorchKnn.upper_bounds`: one row per patch, nearly always the
 nearest). Then, per image: find the pixel where the map of the current values peaks; if all its
 patches are exact, that peak is the true maximum (every other pixel's true value lies below its
 bound, which lies below the peak); otherwise search those patches exactly and look again.
@@ -28,11 +29,11 @@ def leave_one_out_maxima(
     extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
 ) -> torch.Tensor | None:
     """The maxima (B,) of the maps `AnomalyScorer.score_excluding` would return for the same
-    arguments, or None where this shortcut does not apply (a search without the screen, k > 1,
+    arguments, or None where this shortcut does not apply (a search without cheap bounds, k > 1,
     or an image score other than the map's maximum)."""
     index = scorer.index
     config = scorer.config
-    if not isinstance(index, TorchKnn) or index.screen is None:
+    if not isinstance(index, TorchKnn) or not index.has_bounds:
         return None
     if config.k != 1 or config.reduction != "max":
         return None
