@@ -126,7 +126,7 @@ def test_thresholds_that_cannot_be_persisted_are_409(
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("defectscope.detector.model_file.save_file", disk_full)
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
     with TestClient(
         create_app(settings_for(model_dir, tmp_path)), raise_server_exceptions=False
     ) as c:
