@@ -13,6 +13,8 @@ from defectscope.cli.console import console, out, progress_bars
 from defectscope.cli.options import DeviceOpt, LabelledDataArg, ModelArg
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     import numpy as np
 
 
@@ -44,7 +46,6 @@ def drift(
 ) -> None:
     """Test whether recent images drifted from the model's training images."""
     from defectscope.data.io import expand_image_paths
-    from defectscope.detector.detector import Detector
     from defectscope.errors import DefectscopeError
     from defectscope.monitoring.drift import VERDICTS, DriftDetector, DriftThresholds
 
@@ -52,10 +53,14 @@ def drift(
         raise DefectscopeError("--fail-on must be 'never', 'warning' or 'drift'")
     if (images is None) == (log is None):
         raise DefectscopeError("give either --images or --log")
+    bounds = time_bounds(since, until)
+    # Imported after the checks: a mistake is answered before torch loads (seconds).
+    from defectscope.detector.detector import Detector
+
     detector = Detector.load(model, device=device)
     monitor = DriftDetector.from_detector(detector, DriftThresholds(min_window=min_window))
     if log is not None:
-        scores = logged_scores(model, log, since, until, limit)
+        scores = logged_scores(model, log, bounds, limit)
         report = monitor.check_scores(scores)
         title = f"Drift check: {len(scores)} logged predictions"
     else:
@@ -90,12 +95,21 @@ def drift(
         raise typer.Exit(1)
 
 
-def logged_scores(
-    model: Path, url: str, since: str | None, until: str | None, limit: int
-) -> np.ndarray:
-    """Scores this model logged while serving (rows of other models are not comparable)."""
+def time_bounds(since: str | None, until: str | None) -> list[datetime | None]:
+    """--since and --until as times (None where not given); a one-line error otherwise."""
     from datetime import datetime
 
+    from defectscope.errors import DefectscopeError
+
+    try:
+        return [datetime.fromisoformat(v) if v else None for v in (since, until)]
+    except ValueError as exc:
+        raise DefectscopeError(f"--since/--until must be ISO 8601 times: {exc}") from None
+
+
+def logged_scores(model: Path, url: str, bounds: list[datetime | None], limit: int) -> np.ndarray:
+    """Scores this model logged while serving (rows of other models are not comparable);
+    ``bounds`` from `time_bounds`."""
     import numpy as np
 
     from defectscope.errors import DefectscopeError
@@ -107,10 +121,6 @@ def logged_scores(
         raise DefectscopeError(
             "--log needs the serve extra: pip install 'defectscope[serve]'"
         ) from None
-    try:
-        bounds = [datetime.fromisoformat(v) if v else None for v in (since, until)]
-    except ValueError as exc:
-        raise DefectscopeError(f"--since/--until must be ISO 8601 times: {exc}") from None
     try:
         repository = PredictionLogRepository(url)
         rows = repository.recent_scores(
