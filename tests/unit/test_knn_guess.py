@@ -74,3 +74,10 @@ def test_any_subspace_size_gives_valid_bounds(dims: int) -> None:
         torch.testing.assert_close(bounds.double(), nearest, atol=1e-4, rtol=1e-5)
     else:
         assert (bounds.double() > nearest + 1e-3).any()  # one direction misses some
+
+
+def test_no_guess_for_a_bank_too_large_for_its_neighbour_graph() -> None:
+    from defectscope.detector.knn_guess import GUESS_MAX_BANK
+
+    assert TorchKnn(torch.zeros(GUESS_MAX_BANK, 4), screen=False).has_bounds
+    assert not TorchKnn(torch.zeros(GUESS_MAX_BANK + 1, 4), screen=False).has_bounds

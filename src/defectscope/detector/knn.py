@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from defectscope.config import ScoringConfig
-from defectscope.detector.knn_guess import SubspaceGuess
+from defectscope.detector.knn_guess import GUESS_MAX_BANK, SubspaceGuess
 from defectscope.detector.knn_screen import (
     SCREEN_CHUNK,
     BankScreen,
@@ -70,8 +70,11 @@ class TorchKnn:
     @property
     def has_bounds(self) -> bool:
         """Whether `upper_bounds` is cheaper than a search here: with the bfloat16 screen, or
-        on a CPU (a subspace guess); a GPU's exact search is fast already."""
-        return self.screen is not None or self.bank.device.type == "cpu"
+        on a CPU for a bank of at most `GUESS_MAX_BANK` rows (a subspace guess); a GPU's exact
+        search is fast already."""
+        if self.screen is not None:
+            return True
+        return self.bank.device.type == "cpu" and self.bank.shape[0] <= GUESS_MAX_BANK
 
     def search(
         self,

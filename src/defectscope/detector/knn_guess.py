@@ -15,6 +15,9 @@ import torch
 
 GUESS_DIMS = 32  # principal directions searched: 4-5x fewer than the usual 100-150 features
 GUESS_NEIGHBOURS = 8  # the guess's nearest bank rows, also measured: a near miss is repaired
+# The neighbour graph costs one bank-against-bank search: beyond this many rows (a bank without a
+# coreset) it would cost as much as the exact search it is meant to save.
+GUESS_MAX_BANK = 20_000
 
 
 class SubspaceGuess:
