@@ -52,3 +52,10 @@ def result(timeout: float = 900) -> tuple[int, str]:
     assert _running is not None
     output, _ = _running.communicate(timeout=timeout)
     return _running.returncode, output
+
+
+def stop() -> None:
+    """End a run nobody waited for (a session cut short), so it does not outlive pytest."""
+    if _running is not None and _running.poll() is None:
+        _running.kill()
+        _running.communicate()

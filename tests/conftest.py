@@ -40,6 +40,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _mypy.start()  # a minute or two of one core, beside the tests that come before it
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import _mypy
+
+    _mypy.stop()
+
+
 @pytest.fixture(scope="session")
 def bottle_root() -> Path:
     """The MVTec AD bottle category, or a skip when this checkout has no ../shared."""
