@@ -113,22 +113,22 @@ class TorchKnn:
         if not self.has_bounds:
             raise ValueError("upper_bounds is for CPUs: search exactly instead")
         if self.screen is None and self._guess is None:
-            self._guess = SubspaceGuess(self.bank)
+            self._guess = SubspaceGuess(self.bank)  # built on first use: calibration only
         bounds = []
         for start in range(0, queries.shape[0], SCREEN_CHUNK):
             chunk = queries[start : start + SCREEN_CHUNK]
             positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
             if self.screen is not None:
                 block = self.screen.distance_block(chunk)
-                _mask(block, positions, None, exclude)
-                idx, found = nearest_guess(block)
-                squared = (chunk - self.bank[idx]).square_().sum(dim=1)
-                bounds.append(squared.masked_fill_(~found, float("inf")).sqrt_())
-                continue
-            assert self._guess is not None
-            block = self._guess.block(chunk)
+            else:
+                assert self._guess is not None
+                block = self._guess.block(chunk)
             _mask(block, positions, None, exclude)
-            rows = self._guess.candidates(block)
+            if self._guess is None:
+                rows = nearest_guess(block)[:, None]
+            else:
+                rows = self._guess.candidates(block)
+            # +inf where the guessed rows are excluded (every row, for that query).
             squared = direct_distances(self.bank, chunk, rows, block.gather(1, rows))
             bounds.append(squared.amin(dim=1).sqrt_())
         if not bounds:

@@ -51,6 +51,8 @@ class SubspaceGuess:
 def _bank_neighbours(bank: torch.Tensor, count: int, chunk: int = 1024) -> torch.Tensor:
     """Each bank row's ``count`` nearest other rows (M, count), by one exact search."""
     count = min(count, bank.shape[0] - 1)
+    if count <= 0:
+        return torch.zeros(bank.shape[0], 0, dtype=torch.long, device=bank.device)
     squared = (bank * bank).sum(dim=1)[None, :]
     found = []
     for start in range(0, bank.shape[0], chunk):
@@ -60,6 +62,4 @@ def _bank_neighbours(bank: torch.Tensor, count: int, chunk: int = 1024) -> torch
             "inf"
         )
         found.append(block.topk(count, dim=1, largest=False).indices)
-    if not found or count <= 0:
-        return torch.zeros(bank.shape[0], 0, dtype=torch.long, device=bank.device)
     return torch.cat(found)
