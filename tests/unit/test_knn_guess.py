@@ -1,14 +1,15 @@
-"""Upper bounds from the float32 subspace guess (CPUs without fast bfloat16): every bound is a
-real row's exact distance, never below the nearest one, equal to it for nearly every query on
-features with a low-dimensional structure, and +inf only where every row is excluded."""
+"""Upper bounds from the float32 cluster guess (CPUs without fast bfloat16): every bound is a
+real, allowed row's exact distance, never below the nearest one, equal to it for nearly every
+query on features with a low-dimensional structure, and +inf only where every row is excluded."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from defectscope.detector import knn_guess
 from defectscope.detector.knn import GroupExclusion, TorchKnn
-from defectscope.detector.knn_guess import SubspaceGuess
+from defectscope.detector.knn_guess import ClusterGuess, owners
 
 
 def structured(n: int, dim: int, seed: int, rank: int = 12) -> torch.Tensor:
@@ -29,7 +30,9 @@ def test_bounds_are_real_distances_and_nearly_always_the_nearest() -> None:
     nearest = torch.cdist(queries.double(), bank.double()).amin(dim=1)
     assert (bounds.double() >= nearest - 1e-4).all()
     tight = (bounds.double() - nearest).abs() <= 1e-4 * (1.0 + nearest)
-    assert tight.float().mean() >= 0.95, tight.float().mean()
+    # Gaussian rows without clusters are the hard case for an inverted file (88 % here; 96 % on
+    # bottle's patch features): a missed row only costs map_maxima an exact search.
+    assert tight.float().mean() >= 0.85, tight.float().mean()
 
 
 def test_bounds_respect_group_exclusions() -> None:
@@ -50,34 +53,59 @@ def test_bounds_respect_group_exclusions() -> None:
             assert (bounds[span].double() >= nearest - 1e-4).all()
 
 
-def test_the_subspace_keeps_the_leading_directions() -> None:
+def test_leave_one_out_exclusions_are_searched_in_the_clusters() -> None:
+    # Queries that are bank rows themselves, each group excluding its own rows (as calibration
+    # does): a bound of 0 would mean an own row was found.
+    bank = structured(2000, 48, seed=5)
+    own = [torch.arange(g * 100, (g + 1) * 100) for g in range(20)]
+    queries = bank.clone()
+    bounds = TorchKnn(bank, screen=False).upper_bounds(queries, GroupExclusion(100, own))
+    full = torch.cdist(queries.double(), bank.double())
+    for g, rows in enumerate(own):
+        full[g * 100 : (g + 1) * 100, rows] = float("inf")
+    nearest = full.amin(dim=1)
+    assert (bounds > 0).all()
+    assert (bounds.double() >= nearest - 1e-4).all()
+    tight = (bounds.double() - nearest).abs() <= 1e-4 * (1.0 + nearest)
+    assert tight.float().mean() >= 0.85, tight.float().mean()
+
+
+def test_clusters_partition_the_bank_and_are_reproducible() -> None:
     bank = structured(1500, 64, seed=3, rank=6)
-    guess = SubspaceGuess(bank, dims=6)
-    centred = bank - bank.mean(dim=0, keepdim=True)
-    kept = (centred @ guess.basis).square().sum() / centred.square().sum()
-    assert kept > 0.99  # six directions hold nearly all of a rank-6 bank's spread
-    assert torch.allclose(guess.basis.T @ guess.basis, torch.eye(6), atol=1e-4)
+    first, second = ClusterGuess(bank), ClusterGuess(bank)
+    assert sorted(first.order.tolist()) == list(range(1500))
+    assert sum(first.sizes) == 1500 and len(first.sizes) == round(1500**0.5)
+    assert torch.equal(first.order, second.order)
+    assert torch.equal(first.rows, bank[first.order])
 
 
-@pytest.mark.parametrize("dims", [1, 200])
-def test_any_subspace_size_gives_valid_bounds(dims: int) -> None:
-    # A poor guess (one direction) only loosens the bounds; more directions than features are
-    # capped at the features, where every guess is the nearest row.
+def test_owners_refuse_groups_that_share_rows() -> None:
+    cpu = torch.device("cpu")
+    empty = torch.tensor([], dtype=torch.long)
+    separate = owners([torch.tensor([0, 2]), empty, torch.tensor([1])], 4, cpu)
+    assert separate is not None and separate.tolist() == [0, 2, 0, -1]
+    assert owners([torch.tensor([0, 1]), torch.tensor([1])], 3, cpu) is None
+
+
+@pytest.mark.parametrize("probes", [1, 40])
+def test_any_number_of_probes_gives_valid_bounds(
+    probes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One probe only loosens the bounds; probing every cluster searches the whole bank, where
+    # every guess is the nearest row.
+    monkeypatch.setattr(knn_guess, "GUESS_PROBES", probes)
     rows = structured(900, 32, seed=4)
     bank, queries = rows[:800], rows[800:]
-    index = TorchKnn(bank, screen=False)
-    index._guess = SubspaceGuess(bank, dims=dims)
-    bounds = index.upper_bounds(queries)
+    bounds = TorchKnn(bank, screen=False).upper_bounds(queries)
     nearest = torch.cdist(queries.double(), bank.double()).amin(dim=1)
     assert (bounds.double() >= nearest - 1e-4).all()
-    if dims >= 32:
+    if probes >= 28:  # sqrt(800) clusters
         torch.testing.assert_close(bounds.double(), nearest, atol=1e-4, rtol=1e-5)
     else:
-        assert (bounds.double() > nearest + 1e-3).any()  # one direction misses some
+        assert (bounds.double() > nearest + 1e-3).any()  # one cluster misses some
 
 
-def test_no_guess_for_a_bank_too_large_for_its_neighbour_graph() -> None:
-    from defectscope.detector.knn_guess import GUESS_MAX_BANK
-
+def test_no_guess_for_a_bank_without_a_coreset() -> None:
+    GUESS_MAX_BANK = knn_guess.GUESS_MAX_BANK
     assert TorchKnn(torch.zeros(GUESS_MAX_BANK, 4), screen=False).has_bounds
     assert not TorchKnn(torch.zeros(GUESS_MAX_BANK + 1, 4), screen=False).has_bounds

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from defectscope.config import ScoringConfig
-from defectscope.detector.knn_guess import GUESS_MAX_BANK, SubspaceGuess
+from defectscope.detector.knn_guess import GUESS_CHUNK, GUESS_MAX_BANK, ClusterGuess, owners
 from defectscope.detector.knn_screen import (
     SCREEN_CHUNK,
     BankScreen,
@@ -65,12 +65,12 @@ class TorchKnn:
         if screen is None:
             screen = screen_supported(bank.device) and bank.dtype == torch.float32
         self.screen = BankScreen(bank) if screen else None
-        self._guess: SubspaceGuess | None = None
+        self._guess: ClusterGuess | None = None
 
     @property
     def has_bounds(self) -> bool:
         """Whether `upper_bounds` is cheaper than a search here: with the bfloat16 screen, or
-        on a CPU for a bank of at most `GUESS_MAX_BANK` rows (a subspace guess); a GPU's exact
+        on a CPU for a bank of at most `GUESS_MAX_BANK` rows (a cluster guess); a GPU's exact
         search is fast already."""
         if self.screen is not None:
             return True
@@ -112,28 +112,50 @@ class TorchKnn:
         to it, at a fraction of the search's cost. +inf where every row is excluded."""
         if not self.has_bounds:
             raise ValueError("upper_bounds is for CPUs: search exactly instead")
-        if self.screen is None and self._guess is None:
-            self._guess = SubspaceGuess(self.bank)  # built on first use: calibration only
+        if self.screen is None:
+            return self._guessed_bounds(queries, exclude)
         bounds = []
         for start in range(0, queries.shape[0], SCREEN_CHUNK):
             chunk = queries[start : start + SCREEN_CHUNK]
             positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
-            if self.screen is not None:
-                block = self.screen.distance_block(chunk)
-            else:
-                assert self._guess is not None
-                block = self._guess.block(chunk)
+            block = self.screen.distance_block(chunk)
             _mask(block, positions, None, exclude)
-            if self._guess is None:
-                rows = nearest_guess(block)[:, None]
-            else:
-                rows = self._guess.candidates(block)
-            # +inf where the guessed rows are excluded (every row, for that query).
+            rows = nearest_guess(block)[:, None]
+            # +inf where the guessed row is excluded (every row, for that query).
             squared = direct_distances(self.bank, chunk, rows, block.gather(1, rows))
-            bounds.append(squared.amin(dim=1).sqrt_())
+            bounds.append(squared[:, 0].sqrt_())
         if not bounds:
             return queries.new_empty(0)
         return torch.cat(bounds)
+
+    def _guessed_bounds(
+        self, queries: torch.Tensor, exclude: GroupExclusion | None
+    ) -> torch.Tensor:
+        """`upper_bounds` from the float32 cluster guess; queries it finds no allowed row for
+        (or all of them, where groups share excluded rows) are searched exactly."""
+        if self._guess is None:
+            self._guess = ClusterGuess(self.bank)  # built on first use: calibration only
+        owner = None
+        if exclude is not None:
+            owner = owners(exclude.columns, self.bank.shape[0], self.bank.device)
+        bounds = queries.new_full((queries.shape[0],), float("inf"))
+        for start in range(0, queries.shape[0], GUESS_CHUNK):
+            chunk = queries[start : start + GUESS_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)
+            if exclude is not None and owner is None:
+                rows = torch.full_like(positions, -1)
+            else:
+                groups = None if exclude is None else positions // exclude.rows
+                rows = self._guess.nearest(chunk, groups, owner)
+            found = (rows >= 0).nonzero().flatten()
+            # Computed as |q - c|^2: an exact match is 0, not the rounding of the expanded form.
+            direct = (chunk[found] - self.bank[rows[found]]).square_().sum(dim=1)
+            bounds[start + found] = direct.sqrt_()
+            unsure = (rows < 0).nonzero().flatten()
+            if unsure.numel():
+                values, _ = self._exact(chunk[unsure], positions[unsure], 1, None, exclude)
+                bounds[start + unsure] = values[:, 0].clamp_(min=0.0).sqrt_()
+        return bounds
 
     def _exact(
         self,
