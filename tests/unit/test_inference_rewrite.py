@@ -122,3 +122,22 @@ def test_a_rewrite_that_changes_the_outputs_is_refused() -> None:
 def test_a_model_with_nothing_to_rewrite_is_returned_as_is() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     assert rewrite_for_inference(model, lambda m, images: [m(images)]) is model
+
+
+class _FixedSize(nn.Module):
+    """Takes only 224 x 224 inputs, as some models with a fixed position table do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (224, 224):
+            raise ValueError("224 x 224 only")
+        return self.norm(self.conv(x))
+
+
+def test_a_model_that_cannot_take_the_probes_is_kept_as_built() -> None:
+    model = _FixedSize().eval()
+    assert rewrite_for_inference(model, lambda m, images: [m(images)]) is model
