@@ -109,3 +109,14 @@ def test_no_guess_for_a_bank_without_a_coreset() -> None:
     GUESS_MAX_BANK = knn_guess.GUESS_MAX_BANK
     assert TorchKnn(torch.zeros(GUESS_MAX_BANK, 4), screen=False).has_bounds
     assert not TorchKnn(torch.zeros(GUESS_MAX_BANK + 1, 4), screen=False).has_bounds
+
+
+def test_repeated_bank_rows_leave_empty_clusters_that_are_skipped() -> None:
+    # A bank of two repeated rows (as from blank training images): k-means has more centres
+    # than distinct rows, so some clusters own nothing; every query still gets an exact bound.
+    bank = torch.zeros(100, 8)
+    bank[50:] = 1.0
+    queries = torch.rand(20, 8, generator=torch.Generator().manual_seed(0))
+    bounds = TorchKnn(bank, screen=False).upper_bounds(queries)
+    nearest = torch.cdist(queries.double(), bank.double()).amin(dim=1)
+    torch.testing.assert_close(bounds.double(), nearest, atol=1e-5, rtol=1e-5)

@@ -67,6 +67,8 @@ class ClusterGuess:
             offset += count
             asking = query_of[span]
             start, size = self.starts[cluster], self.sizes[cluster]
+            if size == 0:  # a centre duplicated by k-means (repeated bank rows) owns no row
+                continue
             block = torch.addmm(
                 self.rows_sq[:, start : start + size],
                 queries[asking],
