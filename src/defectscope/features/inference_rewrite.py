@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
+from timm.layers.conv2d_same import conv2d_same
+from timm.layers.padding import get_same_padding
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -37,27 +38,23 @@ class SamePaddedConv2d(nn.Conv2d):
     """A convolution with TensorFlow "same" padding computed without padding its input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # The exporter cannot shape a kernel padded at trace time: timm's padded form
+            # (runtimes fuse the pad).
+            stride = (self.stride[0], self.stride[1])
+            return conv2d_same(x, self.weight, self.bias, stride, (0, 0), (1, 1), self.groups)
         # Per axis the padding is (before, after) with after - before 0 or 1; a leading zero
         # tap turns (before, after) into (after, after), which the convolution pads itself.
         pads = [
-            _same_padding(int(size), self.kernel_size[axis], self.stride[axis])
+            get_same_padding(int(size), self.kernel_size[axis], self.stride[axis], 1)
             for axis, size in enumerate(x.shape[-2:])
         ]
-        if torch.onnx.is_in_onnx_export():
-            # The exporter cannot shape a kernel padded at trace time; runtimes fuse the pad.
-            before_h, before_w = (total // 2 for total in pads)
-            padded = F.pad(x, (before_w, pads[1] - before_w, before_h, pads[0] - before_h))
-            return F.conv2d(padded, self.weight, self.bias, self.stride, 0, 1, self.groups)
         lead_h, lead_w = (total % 2 for total in pads)
         weight = self.weight
         if lead_h or lead_w:
             weight = F.pad(weight, (lead_w, 0, lead_h, 0))
         padding = tuple(total - total // 2 for total in pads)
         return F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
-
-
-def _same_padding(size: int, kernel: int, stride: int) -> int:
-    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
 
 
 def fold_batch_norms(model: nn.Module) -> int:
