@@ -469,5 +469,8 @@ def test_model_page_saves_a_threshold_after_confirmation_and_lists_it(ui_env) ->
     assert info["calibration"]["threshold"] == pytest.approx(stored * 0.5)
     last = info["threshold_audit"][-1]
     assert (last["who"], last["new"]) == ("Ben", pytest.approx(stored * 0.5))
+    # The confirmation stays on the page after the rerun that follows the save.
+    notice = f"Threshold saved to the model: {fmt_score(stored)} → {fmt_score(stored * 0.5)}."
+    assert any(s.value.startswith(notice) for s in at.success), [s.value for s in at.success]
     audit = at.table[0].value
     assert "Ben" in set(audit["who"])

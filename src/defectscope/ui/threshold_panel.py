@@ -21,6 +21,9 @@ from defectscope.ui.api import UiSettings, friendly
 from defectscope.ui.formatting import fmt_rate, fmt_score, fmt_time
 
 PENDING = "threshold_pending"
+# The last saved change: shown on the page (a toast before st.rerun can be lost) while the
+# stored threshold is still the one saved.
+SAVED = "threshold_saved"
 # A value chosen on the Inspect page, handed to this panel to be checked and saved.
 PROPOSED = "threshold_proposed"
 MODEL_PAGE = Path(__file__).parent / "views" / "model.py"
@@ -103,20 +106,34 @@ def audit_table(model: dict[str, Any]) -> None:
     st.table(pd.DataFrame(rows).set_index("when (UTC)"))
 
 
-def save(client: DefectscopeClient, settings: UiSettings, change: dict[str, Any]) -> None:
+def save(
+    client: DefectscopeClient, settings: UiSettings, change: dict[str, Any], current: float
+) -> None:
     try:
-        client.set_thresholds(**change)
+        model = client.set_thresholds(**change)
     except ClientError as exc:
         st.error(friendly(exc, settings, "saving the threshold"), icon=":material/error:")
         return
     st.session_state.pop(PENDING, None)
-    st.toast("Threshold saved to the model")
+    stored = (model.get("calibration") or {}).get("threshold")
+    st.session_state[SAVED] = {"old": current, "new": stored}
     st.rerun()
+
+
+def saved_notice(current: float) -> None:
+    saved = st.session_state.get(SAVED)
+    if saved and saved.get("new") is not None and float(saved["new"]) == current:
+        st.success(
+            f"Threshold saved to the model: {fmt_score(saved['old'])} → {fmt_score(current)}. "
+            "Every prediction from now on uses it.",
+            icon=":material/check_circle:",
+        )
 
 
 def threshold_panel(client: DefectscopeClient, settings: UiSettings, model: dict[str, Any]) -> None:
     st.subheader("Change the image threshold")
     current = float(model["calibration"]["threshold"])
+    saved_notice(current)
     try:
         calibration = client.calibration()
     except ClientError as exc:
@@ -192,6 +209,7 @@ def threshold_panel(client: DefectscopeClient, settings: UiSettings, model: dict
                     client,
                     settings,
                     {**pending, "reason": reason or None, "reviewer": reviewer or None},
+                    current,
                 )
             if cancel.button("Cancel", key="threshold-cancel"):
                 st.session_state.pop(PENDING, None)
