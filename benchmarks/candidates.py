@@ -58,9 +58,15 @@ def run(root: Path) -> dict:
     )
     rows = {}
     for name, candidate in CANDIDATES.items():
-        trial = PatchFeatures(features.backbone, candidate.neighbourhood, None, candidate.normalize)
+        trial = PatchFeatures(
+            features.backbone,
+            candidate.neighbourhood,
+            None,
+            candidate.normalize,
+            features.half_scale,
+        )
         bank = _bank(trial, train, config, detector.device)
-        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size)
+        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size, trial.column_groups)
         scores, maps = [], []
         for batch in test:
             m, s = scorer(trial.aggregate(batch))

@@ -76,6 +76,12 @@ class FeatureConfig(_Section):
     embedding_dim: int | None = Field(
         None, ge=8, description="Reduce patch features to this many dims (adaptive pooling)."
     )
+    half_scale: bool = Field(
+        False,
+        description="Also run the backbone on the input at half size and add those layers to "
+        "each patch's features: context over twice the area, for large low-contrast defects "
+        "(about 1.25x the backbone cost, a bank twice as wide).",
+    )
 
     @field_validator("input_size")
     @classmethod

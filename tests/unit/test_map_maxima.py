@@ -20,6 +20,7 @@ def setup(
     with_stand_ins: bool,
     seed: int = 0,
     screen: bool = True,
+    passes: list[tuple[int, int]] | None = None,
     **scoring: object,
 ):
     generator = torch.Generator().manual_seed(seed)
@@ -31,9 +32,13 @@ def setup(
     # A "defect": one image has a few patches far from everything, so maxima differ.
     embeddings[2, :, 1, 2] += 4.0
     config = ScoringConfig(smoothing_sigma=sigma, **scoring)  # type: ignore[arg-type]
-    scorer = AnomalyScorer(bank, config, input_size)
+    scorer = AnomalyScorer(bank, config, input_size, passes, [1.5, 0.7] if passes else None)
     # Bounds from the bfloat16 screen, or from the float32 subspace guess (knn_guess).
     scorer._index = TorchKnn(scorer.bank, screen=screen)
+    if passes is not None:
+        scorer._group_indexes = [
+            TorchKnn(scorer.bank[:, a:b].contiguous(), screen=screen) for a, b in passes
+        ]
     own = [(owner == i).nonzero().flatten() for i in range(n_images)]
     extra = None
     if with_stand_ins:
@@ -52,14 +57,18 @@ def setup(
 )
 @pytest.mark.parametrize("with_stand_ins", [False, True])
 @pytest.mark.parametrize("screen", [True, False], ids=["bf16-screen", "subspace-guess"])
+@pytest.mark.parametrize("passes", [None, [(0, 10), (10, 16)]], ids=["one-pass", "two-passes"])
 def test_maxima_equal_those_of_the_full_maps(
     sigma: float,
     grid: tuple[int, int],
     input_size: tuple[int, int],
     with_stand_ins: bool,
     screen: bool,
+    passes: list[tuple[int, int]] | None,
 ) -> None:
-    scorer, embeddings, own, extra = setup(sigma, grid, input_size, with_stand_ins, screen=screen)
+    scorer, embeddings, own, extra = setup(
+        sigma, grid, input_size, with_stand_ins, screen=screen, passes=passes
+    )
     maps, scores = scorer.score_excluding(embeddings, own, extra)
     maxima = leave_one_out_maxima(scorer, embeddings, own, extra)
     assert maxima is not None

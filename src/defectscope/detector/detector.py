@@ -25,6 +25,7 @@ from defectscope.detector.fit_info import FitInfo
 from defectscope.detector.fitting import FitResult, extract_shard, fit_from_shards
 from defectscope.detector.model_file import (
     config_from_metadata,
+    load_scorer,
     read_model_file,
     resolve_model_path,
     write_model_file,
@@ -445,6 +446,7 @@ class Detector:
             },
             "preprocessing": preprocessor.to_dict(),
             "feature_dim": int(scorer.bank.shape[1]),
+            **scorer.groups_metadata(),
             "grid_size": list(features.grid_size(preprocessor.input_size)),
             "calibration": calibration.to_dict(),
             **{k: v for k, v in self.info.to_dict().items() if k != "defectscope_version"},
@@ -488,7 +490,7 @@ class Detector:
                 f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
                 f"match the feature size {features.dim} of this configuration"
             )
-        scorer = AnomalyScorer(bank, config.scoring, config.features.input_size)
+        scorer = load_scorer(file, bank, config, features.column_groups, meta.get("column_groups"))
         detector.engine = TorchEngine(detector.feature_parts(), scorer.to(detector.device))
         try:
             detector.calibration = Calibration.from_dict(meta["calibration"])

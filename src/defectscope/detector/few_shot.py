@@ -313,7 +313,9 @@ def compare_view_sets(
         truths += [t[region][::step] for t in fold_truths]
         for name in names:
             bank = _fold_bank(rows, origins, VIEW_SETS[name], held, side, len(images), fs.seed)
-            scorer = AnomalyScorer(bank, config.scoring, size).to(parts.device)
+            scorer = AnomalyScorer(bank, config.scoring, size, parts.features.column_groups).to(
+                parts.device
+            )
             maps = pre.to_original(scorer(queries)[0].float().cpu(), shape).numpy()
             for amap in maps:
                 values = amap[region]

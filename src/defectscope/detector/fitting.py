@@ -300,7 +300,9 @@ def fit_from_shards(
     del candidates
     timings["coreset_s"] = timings["shard_coreset_s"] + timings["final_coreset_s"]
 
-    scorer = AnomalyScorer(bank, config.scoring, config.features.input_size).to(device)
+    scorer = AnomalyScorer(
+        bank, config.scoring, config.features.input_size, parts.features.column_groups
+    ).to(device)
 
     t0 = time.perf_counter()
     if plan.method == "halves":

@@ -15,11 +15,24 @@ About one or two rounds of some 50 patches replace an exact search of every patc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from defectscope.detector.knn import GroupExclusion, TorchKnn
 from defectscope.detector.scoring import AnomalyScorer
+
+
+@dataclass
+class _Pass:
+    """One pass's search (one column group of the bank): its queries, its distances so far
+    (upper bounds, exact where searched) and to its image's stand-ins."""
+
+    index: TorchKnn
+    queries: torch.Tensor
+    weight: float
+    values: torch.Tensor
+    to_extra: torch.Tensor | None
 
 
 def leave_one_out_maxima(
@@ -30,28 +43,40 @@ def leave_one_out_maxima(
 ) -> torch.Tensor | None:
     """The maxima (B,) of the maps `AnomalyScorer.score_excluding` would return for the same
     arguments, or None where this shortcut does not apply (a search without cheap bounds, k > 1,
-    or an image score other than the map's maximum)."""
-    index = scorer.index
+    or an image score other than the map's maximum). A bank of several passes adds up each
+    pass's bound (in its units), a bound of the sum; a patch is exact once every pass is."""
     config = scorer.config
-    if not isinstance(index, TorchKnn) or not index.has_bounds:
+    indexes = scorer.group_indexes()
+    if not all(isinstance(index, TorchKnn) and index.has_bounds for index in indexes):
         return None
     if config.k != 1 or config.reduction != "max":
         return None
     b, d, h, w = embeddings.shape
     patches = h * w
     queries = embeddings.permute(0, 2, 3, 1).reshape(b * patches, d)
-    values = index.upper_bounds(queries, GroupExclusion(patches, own)).reshape(b, patches)
-    # Stand-ins are exact already: every patch's distance to its image's nearest one, once.
-    to_extra = _nearest_extra(queries, patches, extra) if extra is not None else None
-    if to_extra is not None:
-        values = torch.minimum(values, to_extra)
-    if not bool(torch.isfinite(values).all()):
+    spans = scorer.groups or [(0, d)]
+    passes = []
+    for (start, stop), weight, index in zip(
+        spans, scorer.group_weights or [1.0], indexes, strict=True
+    ):
+        assert isinstance(index, TorchKnn)
+        part = queries if scorer.groups is None else queries[:, start:stop].contiguous()
+        values = index.upper_bounds(part, GroupExclusion(patches, own)).reshape(b, patches)
+        # Stand-ins are exact already: every patch's distance to its image's nearest one, once.
+        to_extra = None
+        if extra is not None:
+            columns = [(rows[:, start:stop], reported) for rows, reported in extra]
+            to_extra = _nearest_extra(part, patches, columns)
+            values = torch.minimum(values, to_extra)
+        passes.append(_Pass(index, part, weight, values, to_extra))
+    if not all(bool(torch.isfinite(p.values).all()) for p in passes):
         return None  # an image with nothing left to find: the full path reports it
     rows, cols = scorer.map_operators(h, w)
-    exact = torch.zeros(b, patches, dtype=torch.bool, device=values.device)
-    maxima = values.new_empty(b)
+    exact = torch.zeros(b, patches, dtype=torch.bool, device=queries.device)
+    maxima = queries.new_empty(b)
     pending = list(range(b))
     while pending:
+        values = _combined(passes)
         maps = scorer.to_input_maps(values[pending].reshape(-1, h, w)).flatten(1)
         peaks = maps.argmax(dim=1)
         missing: list[tuple[int, torch.Tensor]] = []
@@ -63,10 +88,25 @@ def leave_one_out_maxima(
                 missing.append((image, unknown))
             else:
                 maxima[image] = maps[row, pixel]
-        if missing:
-            _search_exactly(index, queries, patches, missing, own, to_extra, values, exact)
+        for search in passes if missing else []:
+            _search_exactly(
+                search.index, search.queries, patches, missing, own, search.to_extra, search.values
+            )
+        for image, found in missing:
+            exact[image, found] = True
         pending = [image for image, _ in missing]
     return maxima
+
+
+def _combined(passes: Sequence[_Pass]) -> torch.Tensor:
+    """The patch distances the scorer would report: one pass's own, or the passes' weighted sum
+    (`AnomalyScorer._search`'s order)."""
+    if len(passes) == 1:
+        return passes[0].values
+    total = passes[0].values * passes[0].weight
+    for search in passes[1:]:
+        total = total + search.values * search.weight
+    return total
 
 
 def _support(row_weights: torch.Tensor, col_weights: torch.Tensor, width: int) -> torch.Tensor:
@@ -96,7 +136,6 @@ def _search_exactly(
     own: Sequence[torch.Tensor],
     to_extra: torch.Tensor | None,
     values: torch.Tensor,
-    exact: torch.Tensor,
 ) -> None:
     """Exact distances of the ``missing`` patches of each image (the nearer of the bank search
     and ``to_extra``, the distances to the stand-ins), in one search: every image's list is
@@ -113,4 +152,3 @@ def _search_exactly(
         if to_extra is not None:
             best = torch.minimum(best, to_extra[image, found])
         values[image, found] = best
-        exact[image, found] = True

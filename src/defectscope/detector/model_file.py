@@ -28,6 +28,8 @@ from defectscope.version import __version__
 if TYPE_CHECKING:
     import torch
 
+    from defectscope.detector.scoring import AnomalyScorer
+
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
@@ -272,7 +274,10 @@ def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
         # Models written before padding was an option padded with the mean colour.
         features = config.get("features")
         if isinstance(features, dict) and "padding" not in features:
-            config["features"] = {**features, "padding": "mean"}
+            config["features"] = features = {**features, "padding": "mean"}
+        # ... and before the half-scale pass existed, saw the image at one size only.
+        if isinstance(features, dict) and "half_scale" not in features:
+            config["features"] = {**features, "half_scale": False}
         return DetectorConfig.from_dict(config)
     except (KeyError, TypeError, ConfigError) as exc:
         raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None
@@ -295,3 +300,29 @@ def _check_version(file: Path, saved: str) -> None:
             f"{file}: written by defectscope {saved}, which is not compatible with this "
             f"defectscope {__version__}; refit the model or use a matching version"
         )
+
+
+def load_scorer(
+    file: Path,
+    bank: torch.Tensor,
+    config: DetectorConfig,
+    spans: list[tuple[int, int]] | None,
+    saved: Any,
+) -> AnomalyScorer:
+    """The scorer of a saved bank, with the column groups its features have and the units of
+    distance the fit measured (a model without them, or with others, is refused)."""
+    from defectscope.detector.scoring import AnomalyScorer  # torch: only where a bank is loaded
+
+    if spans is None:
+        return AnomalyScorer(bank, config.scoring, config.features.input_size)
+    stored = saved.get("spans") if isinstance(saved, dict) else None
+    weights = saved.get("weights") if isinstance(saved, dict) else None
+    if stored != [list(g) for g in spans] or not isinstance(weights, list):
+        raise ModelFileError(
+            f"{file}: the column groups of its half-scale features are missing or do not match "
+            f"this configuration ({stored} against {[list(g) for g in spans]}); refit the model"
+        )
+    try:
+        return AnomalyScorer(bank, config.scoring, config.features.input_size, spans, weights)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{file}: {exc}") from None

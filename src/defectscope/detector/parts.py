@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from defectscope.config import FeatureConfig
+from defectscope.errors import ConfigError
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
@@ -41,8 +42,19 @@ class FeatureParts:
             config.aspect = "stretch"
         height, width = config.input_size
         backbone.check_input_size((height, width))
+        if config.half_scale:
+            try:
+                backbone.check_input_size((-(-height // 2), -(-width // 2)))
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"features.half_scale needs the half of the {height}x{width} input: {exc}"
+                ) from None
         features = PatchFeatures(
-            backbone, config.neighbourhood, config.embedding_dim, config.normalize
+            backbone,
+            config.neighbourhood,
+            config.embedding_dim,
+            config.normalize,
+            config.half_scale,
         ).to(device)
         half = half_precision and device.type == "cuda"
         if half:
@@ -59,7 +71,7 @@ class FeatureParts:
         batch = batch.to(self.device, non_blocking=True)
         if self.half:
             batch = batch.half()
-        return [m.float() for m in self.features.backbone(batch)]
+        return [m.float() for m in self.features.layer_maps(batch)]
 
     def resize_and_hash(self, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """A decoded image resized to the input (not yet normalised) and its content hash: what

@@ -1,8 +1,12 @@
 """From patch embeddings to an anomaly map and an image score.
 
 The map is the distance of each patch to its nearest memory-bank patches, upsampled to the input
-size and Gaussian-smoothed. The image score is a reduction of that map (so a mask drawn at the
-image threshold and the image decision agree), or PatchCore's re-weighted maximum.
+size and Gaussian-smoothed. A bank of several passes (`PatchFeatures.column_groups`: the image at
+full and at half size) is searched once per pass, on that pass's columns: each pass finds its own
+nearest patch, and the distances add up, each in units of its pass's typical gap between good
+patches (`group_weights`), so neither pass drowns the other. The image score is a reduction of
+that map (so a mask drawn at the image threshold and the image decision agree), or PatchCore's
+re-weighted maximum.
 
 Upsampling and smoothing are both linear and separable, so `AnomalyScorer.to_input_maps` applies
 them as two small matrix products per map (``A_h @ P @ A_w.T``) instead of interpolating and
@@ -20,6 +24,10 @@ from torch import nn
 
 from defectscope.config import ScoringConfig
 from defectscope.detector.knn import GroupExclusion, KnnIndex, TorchKnn, build_index
+from defectscope.errors import ConfigError
+
+# Rows of the bank whose nearest other row sets a pass's unit of distance (`group_weights`).
+WEIGHT_SAMPLE_ROWS = 4096
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -79,6 +87,23 @@ def merge_extra_rows(
     return dist, idx
 
 
+def group_weights(bank: torch.Tensor, groups: Sequence[tuple[int, int]]) -> list[float]:
+    """1 / (median distance from a bank row to its nearest other row) in each column group: the
+    unit in which that pass's distances count. Rows evenly spaced through the bank stand for all."""
+    step = max(1, bank.shape[0] // WEIGHT_SAMPLE_ROWS)
+    sample = torch.arange(0, bank.shape[0], step, device=bank.device)[:WEIGHT_SAMPLE_ROWS]
+    weights = []
+    for start, stop in groups:
+        columns = bank[:, start:stop].float()
+        gaps = torch.cdist(columns[sample], columns)
+        gaps[torch.arange(sample.numel(), device=bank.device), sample] = float("inf")
+        nearest = gaps.amin(dim=1)
+        positive = nearest[torch.isfinite(nearest) & (nearest > 0)]
+        # A bank of repeated rows has no gap to measure: distances count as they are.
+        weights.append(1.0 / float(positive.median()) if positive.numel() else 1.0)
+    return weights
+
+
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
@@ -87,8 +112,15 @@ class AnomalyScorer(nn.Module):
     blur_kernel: torch.Tensor
 
     def __init__(
-        self, bank: torch.Tensor, config: ScoringConfig, input_size: tuple[int, int]
+        self,
+        bank: torch.Tensor,
+        config: ScoringConfig,
+        input_size: tuple[int, int],
+        groups: Sequence[Sequence[int]] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
+        """``groups``: column spans [start, stop) searched apart (one per pass), with their
+        ``weights`` (measured on ``bank`` when not given: a fit's; a loaded model keeps them)."""
         super().__init__()
         self.config = config
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -97,7 +129,34 @@ class AnomalyScorer(nn.Module):
         self.register_buffer(
             "blur_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         )
+        self.groups: list[tuple[int, int]] | None = None
+        self.group_weights: list[float] | None = None
+        if groups is not None and len(groups) > 1:
+            self.groups = [(int(start), int(stop)) for start, stop in groups]
+            edges = [edge for span in self.groups for edge in span]
+            if (
+                edges[0] != 0
+                or edges[-1] != self.bank.shape[1]
+                or edges != sorted(edges)
+                or any(a != b for a, b in zip(edges[1:-1:2], edges[2::2], strict=True))
+            ):
+                raise ConfigError(
+                    f"column groups {self.groups} do not tile the bank's {self.bank.shape[1]} "
+                    "columns"
+                )
+            if config.reduction == "patchcore":
+                raise ConfigError(
+                    "scoring.reduction 'patchcore' re-weights one nearest bank patch; with "
+                    "features.half_scale each pass has its own: use 'max' or 'topk_mean'"
+                )
+            given = None if weights is None else [float(w) for w in weights]
+            if given is not None and (
+                len(given) != len(self.groups) or not all(math.isfinite(w) and w > 0 for w in given)
+            ):
+                raise ConfigError(f"column group weights {given} do not fit {self.groups}")
+            self.group_weights = given or group_weights(self.bank, self.groups)
         self._index: KnnIndex | None = None
+        self._group_indexes: list[KnnIndex] | None = None
         self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -115,10 +174,70 @@ class AnomalyScorer(nn.Module):
             )
         return self._index
 
+    def groups_metadata(self) -> dict[str, dict[str, list]]:
+        """What a model file keeps of a bank of several passes (`load_scorer` reads it back):
+        their columns and units of distance; nothing for a single pass."""
+        if self.groups is None or self.group_weights is None:
+            return {}
+        spans = [list(span) for span in self.groups]
+        return {"column_groups": {"spans": spans, "weights": list(self.group_weights)}}
+
+    def group_indexes(self) -> list[KnnIndex]:
+        """One index per column group, on that group's columns of the bank."""
+        if self.groups is None:
+            return [self.index]
+        if self._group_indexes is None or any(
+            getattr(index, "device", self.bank.device) != self.bank.device
+            for index in self._group_indexes
+        ):
+            self._group_indexes = [
+                build_index(
+                    self.bank[:, start:stop].contiguous(),
+                    self.config.knn_backend,
+                    self.config.chunk_size,
+                    self.config.faiss_min_bank,
+                    self.config,
+                )
+                for start, stop in self.groups
+            ]
+        return self._group_indexes
+
     def _apply(self, fn, recurse=True):
         self._index = None  # the index holds device copies; rebuild after .to()/.half()
+        self._group_indexes = None
         self._operators = {}
         return super()._apply(fn, recurse)
+
+    def _search(
+        self,
+        queries: torch.Tensor,
+        banned: torch.Tensor | None = None,
+        exclude: GroupExclusion | None = None,
+        extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        rows_per_group: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest distances (N, k) and bank indices: per column group, each group's
+        distances times its weight, summed (the indices are the first group's)."""
+        spans = self.groups or [(0, self.bank.shape[1])]
+        weights = self.group_weights or [1.0]
+        total, first = None, None
+        for (start, stop), weight, index in zip(spans, weights, self.group_indexes(), strict=True):
+            part = queries if self.groups is None else queries[:, start:stop].contiguous()
+            if banned is not None or exclude is not None:
+                if not isinstance(index, TorchKnn):
+                    index = TorchKnn(self.bank[:, start:stop].contiguous())
+                dist, idx = index.search(part, self.config.k, banned=banned, exclude=exclude)
+            else:
+                dist, idx = index.search(part, self.config.k)
+            if extra is not None:
+                columns = [(rows[:, start:stop], reported) for rows, reported in extra]
+                dist, idx = merge_extra_rows(part, dist, idx, rows_per_group, columns)
+            if self.groups is None:
+                return dist, idx
+            total = dist * weight if total is None else total + dist * weight
+            first = idx if first is None else first
+        assert total is not None and first is not None
+        return total, first
 
     def patch_distances(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
@@ -126,11 +245,7 @@ class AnomalyScorer(nn.Module):
         """Queries (B*h*w, D) and their k nearest distances and bank indices."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        if banned is not None:
-            index = self.index if isinstance(self.index, TorchKnn) else TorchKnn(self.bank)
-            dist, idx = index.search(queries, self.config.k, banned=banned)
-        else:
-            dist, idx = self.index.search(queries, self.config.k)
+        dist, idx = self._search(queries, banned=banned)
         return queries, dist, idx
 
     def forward(
@@ -152,10 +267,8 @@ class AnomalyScorer(nn.Module):
         reported as that bank index (leave-one-out's stand-ins)."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        index = self.index if isinstance(self.index, TorchKnn) else TorchKnn(self.bank)
-        dist, idx = index.search(queries, self.config.k, exclude=GroupExclusion(h * w, own))
-        if extra is not None:
-            dist, idx = merge_extra_rows(queries, dist, idx, h * w, extra)
+        exclude = GroupExclusion(h * w, own)
+        dist, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
         return self._maps_and_scores(embeddings.shape, queries, dist, idx)
 
     def _maps_and_scores(

@@ -47,9 +47,13 @@ class Candidate:
     neighbourhood: int
     description: str
 
-    def features(self, backbone: Any, embedding_dim: int | None) -> PatchFeatures:
+    def features(
+        self, backbone: Any, embedding_dim: int | None, half_scale: bool = False
+    ) -> PatchFeatures:
         """The patch-feature module this candidate stands for, on a shared backbone."""
-        return PatchFeatures(backbone, self.neighbourhood, embedding_dim, self.normalize)
+        return PatchFeatures(
+            backbone, self.neighbourhood, embedding_dim, self.normalize, half_scale
+        )
 
     def apply(self, config: DetectorConfig) -> None:
         config.features.normalize = self.normalize  # type: ignore[assignment]
@@ -325,10 +329,14 @@ def select_configuration(
     table = []
     for number, name in enumerate(auto.candidates):
         candidate = CANDIDATES[name]
-        trial = candidate.features(features.backbone, config.features.embedding_dim)
+        trial = candidate.features(
+            features.backbone, config.features.embedding_dim, features.half_scale
+        )
         t0 = time.perf_counter()
         bank = _bank(trial, bank_maps, config, device)
-        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
+        scorer = AnomalyScorer(
+            bank, config.scoring, preprocessor.input_size, trial.column_groups
+        ).to(device)
         maps = []
         for batch in good_maps + defect_maps:
             batch_maps, _ = scorer(trial.aggregate(batch))

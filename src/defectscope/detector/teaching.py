@@ -119,7 +119,10 @@ def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult
         chosen = select_coreset(bank, detector.config.coreset, n_select=cap)
         bank, owners = bank[chosen].contiguous(), owners[chosen.cpu()]
     config = detector.config
-    new_scorer = AnomalyScorer(bank, config.scoring, config.features.input_size).to(device)
+    # The passes keep the fit's units of distance: the good scores below were measured in them.
+    new_scorer = AnomalyScorer(
+        bank, config.scoring, config.features.input_size, scorer.groups, scorer.group_weights
+    ).to(device)
 
     # Leave-one-out scores of the taught images: how the fit calibrates on its own images.
     parts = detector.feature_parts()

@@ -45,6 +45,7 @@ class ExportableDetector(nn.Module):
     match the eager scorer. A model fitted with an
     approximate ``scoring.knn_backend`` (faiss IVF/HNSW/PQ) exports with this exact search: its
     exported scores are the exact ones, at most as high as the approximate eager scores.
+    A bank of several passes (`features.half_scale`) is searched per pass, as the scorer does.
     """
 
     # Registered buffers, declared so type checkers see tensors.
@@ -60,6 +61,13 @@ class ExportableDetector(nn.Module):
         bank = self.scorer.bank.detach().float()
         self.register_buffer("bank_t", bank.T.contiguous())
         self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
+        # Per pass: its columns of the bank and its unit of distance (none for a single pass).
+        self.groups = self.scorer.groups
+        self.group_weights = self.scorer.group_weights
+        for number, (start, stop) in enumerate(self.groups or []):
+            columns = bank[:, start:stop]
+            self.register_buffer(f"bank_t_{number}", columns.T.contiguous())
+            self.register_buffer(f"bank_sq_{number}", (columns * columns).sum(dim=1)[None, :])
         self.k = min(int(self.scorer.config.k), bank.shape[0])
         # The scorer's upsampling + blur operators for this model's grid, built now: built while
         # tracing, their construction (an interpolation) would land in the graph.
@@ -70,17 +78,40 @@ class ExportableDetector(nn.Module):
         self.threshold = float(detector.calibration.threshold)
         self.scale = float(detector.calibration.scale)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embeddings = self.features(images).float()
-        _, d, h, w = embeddings.shape
-        queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
+    def _nearest(
+        self, queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         query_sq = (queries * queries).sum(dim=1, keepdim=True)
-        sq = torch.addmm(query_sq + self.bank_sq, queries, self.bank_t, alpha=-2.0)
+        sq = torch.addmm(query_sq + bank_sq, queries, bank_t, alpha=-2.0)
         if self.k == 1:
             values, idx = sq.min(dim=1, keepdim=True)
         else:
             values, idx = torch.topk(sq, self.k, dim=1, largest=False, sorted=True)
-        dist = values.clamp(min=0.0).sqrt()
+        return values.clamp(min=0.0).sqrt(), idx
+
+    def _nearest_per_pass(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`AnomalyScorer._search` of a bank of several passes: weighted sum, first pass's rows."""
+        total: list[torch.Tensor] = []
+        first: list[torch.Tensor] = []
+        for number, ((start, stop), weight) in enumerate(
+            zip(self.groups or [], self.group_weights or [], strict=True)
+        ):
+            bank_t = getattr(self, f"bank_t_{number}")
+            bank_sq = getattr(self, f"bank_sq_{number}")
+            dist, idx = self._nearest(queries[:, start:stop], bank_t, bank_sq)
+            total.append(dist * weight)
+            first = first or [idx]
+        return torch.stack(total).sum(dim=0), first[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeddings = self.features(images).float()
+        _, d, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = (
+            self._nearest(queries, self.bank_t, self.bank_sq)
+            if not self.groups
+            else (self._nearest_per_pass(queries))
+        )
         patch_scores = dist.mean(dim=1).reshape(-1, h, w)
         maps = self.map_rows @ (patch_scores @ self.map_cols.T)
         scores = self.scorer.reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)

@@ -18,6 +18,10 @@ class PatchFeatures(nn.Module):
     With ``normalize='l2'`` each layer's vectors get unit length, so that a wide or high-magnitude
     deep layer does not drown the finer shallow one; that also discards the activation strength,
     which is what flags small defects on plain backgrounds, so neither setting wins everywhere.
+
+    With ``half_scale`` the backbone also sees the image at half size, and those layers join each
+    patch's features: a view over twice the area, which large low-contrast defects (blotches,
+    uneven gloss) need and a patch of the full-size pass cannot see around.
     """
 
     def __init__(
@@ -26,32 +30,51 @@ class PatchFeatures(nn.Module):
         neighbourhood: int = 1,
         embedding_dim: int | None = None,
         normalize: str = "l2",
+        half_scale: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neighbourhood = int(neighbourhood)
         self.normalize = normalize
         self.embedding_dim = embedding_dim
+        self.half_scale = bool(half_scale)
         self.stride = min(backbone.strides)
+        channels = list(backbone.channels) * (2 if self.half_scale else 1)
         if embedding_dim is None:
-            self.layer_dims = list(backbone.channels)
+            self.layer_dims = channels
         else:
-            share = max(1, embedding_dim // len(backbone.channels))
-            self.layer_dims = [min(share, c) for c in backbone.channels]
-            self.layer_dims[-1] = min(
-                embedding_dim - sum(self.layer_dims[:-1]), backbone.channels[-1]
-            )
+            share = max(1, embedding_dim // len(channels))
+            self.layer_dims = [min(share, c) for c in channels]
+            self.layer_dims[-1] = min(embedding_dim - sum(self.layer_dims[:-1]), channels[-1])
         self.dim = sum(self.layer_dims)
+
+    @property
+    def column_groups(self) -> list[tuple[int, int]] | None:
+        """Column spans [start, stop) of each pass's layers in an embedding, which the scorer
+        searches apart; None for the single full-size pass."""
+        if not self.half_scale:
+            return None
+        full = sum(self.layer_dims[: len(self.backbone.channels)])
+        return [(0, full), (full, self.dim)]
 
     def grid_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         return (-(-input_size[0] // self.stride), -(-input_size[1] // self.stride))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.aggregate(self.backbone(images))
+        return self.aggregate(self.layer_maps(images))
+
+    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's layer maps of ``images``, then (``half_scale``) of the images at half
+        size (2x2 averaging: exact, and traceable for export)."""
+        maps = list(self.backbone(images))
+        if self.half_scale:
+            maps += list(self.backbone(F.avg_pool2d(images, 2, ceil_mode=True)))
+        return maps
 
     def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The backbone's layer maps -> patch embeddings (B, D, h, w). Separate from the
         backbone pass so that several aggregations can share one pass (auto mode)."""
+        # The finest grid of the full-size pass (half-scale maps, if any, come after its own).
         target = maps[int(torch.tensor(self.backbone.strides).argmin())].shape[-2:]
         parts = []
         for feature, dim in zip(maps, self.layer_dims, strict=True):
