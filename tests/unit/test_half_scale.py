@@ -195,3 +195,14 @@ def test_teaching_keeps_the_passes_units_of_distance(half: Detector) -> None:
     assert taught.scorer.groups == half.scorer.groups
     assert taught.scorer.group_weights == half.scorer.group_weights
     assert taught.memory_bank.shape[0] > half.memory_bank.shape[0]
+
+
+def test_auto_mode_compares_candidates_on_the_full_size_pass() -> None:
+    images = texture_crops(16, seed=4)
+    auto = {"candidates": ["l2", "raw"], "min_images": 10, "holdout_images": 4, "bank_images": 10}
+    plain = Detector({**FAST_CONFIG, "auto": auto}).prepare(images)
+    both = Detector({**HALF_CONFIG, "auto": auto}).prepare(images)
+    assert both.chosen == plain.chosen and len(both.candidates) >= 2
+    for with_half, without in zip(both.candidates, plain.candidates, strict=True):
+        assert with_half["name"] == without["name"]
+        assert with_half["objective"] == pytest.approx(without["objective"], abs=1e-6)

@@ -192,8 +192,8 @@ class _Blind(PatchFeatures):
 
 
 class _BlindCandidate(Candidate):
-    def features(self, backbone, embedding_dim, half_scale=False):  # type: ignore[no-untyped-def]
-        return _Blind(backbone, self.neighbourhood, embedding_dim, self.normalize, half_scale)
+    def features(self, backbone, embedding_dim):  # type: ignore[no-untyped-def]
+        return _Blind(backbone, self.neighbourhood, embedding_dim, self.normalize)
 
 
 def test_a_candidate_that_separates_synthetic_defects_beats_a_blind_one(monkeypatch) -> None:

@@ -47,13 +47,9 @@ class Candidate:
     neighbourhood: int
     description: str
 
-    def features(
-        self, backbone: Any, embedding_dim: int | None, half_scale: bool = False
-    ) -> PatchFeatures:
+    def features(self, backbone: Any, embedding_dim: int | None) -> PatchFeatures:
         """The patch-feature module this candidate stands for, on a shared backbone."""
-        return PatchFeatures(
-            backbone, self.neighbourhood, embedding_dim, self.normalize, half_scale
-        )
+        return PatchFeatures(backbone, self.neighbourhood, embedding_dim, self.normalize)
 
     def apply(self, config: DetectorConfig) -> None:
         config.features.normalize = self.normalize  # type: ignore[assignment]
@@ -314,13 +310,15 @@ def select_configuration(
     # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
     holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
     defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
-    good_maps = _backbone_maps(parts, config.batch_size, holdout)
-    defect_maps = _backbone_maps(parts, config.batch_size, [d.image for d in defects])
+    # Candidates are compared on the full-size pass alone (the half-size one, if configured,
+    # comes after it): with both, raw features win on synthetic blotches where real faint
+    # defects want L2 (BENCHMARKS.md, "The image at half size too").
+    full = len(features.backbone.channels)
+    good_maps = [m[:full] for m in _backbone_maps(parts, config.batch_size, holdout)]
+    defects_in = [d.image for d in defects]
+    defect_maps = [m[:full] for m in _backbone_maps(parts, config.batch_size, defects_in)]
     bank_maps = [
-        [
-            torch.cat([prepared[i].maps[layer] for i in chunk])
-            for layer in range(len(features.layer_dims))
-        ]
+        [torch.cat([prepared[i].maps[layer] for i in chunk]) for layer in range(full)]
         for chunk in _chunks(bank_ids, config.batch_size)
     ]
     labels = np.r_[np.zeros(len(holdout)), np.ones(len(defects))]
@@ -329,14 +327,10 @@ def select_configuration(
     table = []
     for number, name in enumerate(auto.candidates):
         candidate = CANDIDATES[name]
-        trial = candidate.features(
-            features.backbone, config.features.embedding_dim, features.half_scale
-        )
+        trial = candidate.features(features.backbone, config.features.embedding_dim)
         t0 = time.perf_counter()
         bank = _bank(trial, bank_maps, config, device)
-        scorer = AnomalyScorer(
-            bank, config.scoring, preprocessor.input_size, trial.column_groups
-        ).to(device)
+        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
         maps = []
         for batch in good_maps + defect_maps:
             batch_maps, _ = scorer(trial.aggregate(batch))
