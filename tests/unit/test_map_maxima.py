@@ -57,18 +57,30 @@ def setup(
 )
 @pytest.mark.parametrize("with_stand_ins", [False, True])
 @pytest.mark.parametrize("screen", [True, False], ids=["bf16-screen", "subspace-guess"])
-@pytest.mark.parametrize("passes", [None, [(0, 10), (10, 16)]], ids=["one-pass", "two-passes"])
 def test_maxima_equal_those_of_the_full_maps(
     sigma: float,
     grid: tuple[int, int],
     input_size: tuple[int, int],
     with_stand_ins: bool,
     screen: bool,
-    passes: list[tuple[int, int]] | None,
 ) -> None:
+    scorer, embeddings, own, extra = setup(sigma, grid, input_size, with_stand_ins, screen=screen)
+    assert_maxima_of_the_full_maps(scorer, embeddings, own, extra)
+
+
+@pytest.mark.parametrize("with_stand_ins", [False, True])
+@pytest.mark.parametrize("screen", [True, False], ids=["bf16-screen", "subspace-guess"])
+def test_two_passes_add_their_bounds_and_give_the_same_maxima(
+    with_stand_ins: bool, screen: bool
+) -> None:
+    # features.half_scale: each pass is bounded and searched on its own columns.
     scorer, embeddings, own, extra = setup(
-        sigma, grid, input_size, with_stand_ins, screen=screen, passes=passes
+        4.0, (6, 10), (48, 80), with_stand_ins, screen=screen, passes=[(0, 10), (10, 16)]
     )
+    assert_maxima_of_the_full_maps(scorer, embeddings, own, extra)
+
+
+def assert_maxima_of_the_full_maps(scorer, embeddings, own, extra) -> None:
     maps, scores = scorer.score_excluding(embeddings, own, extra)
     maxima = leave_one_out_maxima(scorer, embeddings, own, extra)
     assert maxima is not None

@@ -30,7 +30,7 @@ from defectscope.detector.model_file import (
     resolve_model_path,
     write_model_file,
 )
-from defectscope.detector.parts import FeatureParts, input_multiple
+from defectscope.detector.parts import FeatureParts, input_multiple, resolve_device
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.progress import ProgressFn
@@ -39,7 +39,6 @@ from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.errors import (
-    ConfigError,
     DefectscopeError,
     ImageLoadError,
     ModelFileError,
@@ -59,14 +58,6 @@ class PooledEmbeddings(NamedTuple):
 
     embeddings: np.ndarray
     scores: np.ndarray
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
-    return torch.device(name)
 
 
 class Detector:

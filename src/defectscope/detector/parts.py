@@ -87,3 +87,11 @@ class FeatureParts:
 def input_multiple(backbone: FeatureBackbone) -> int:
     """Input sides must be a multiple of this for ``backbone`` (CNNs: of their largest stride)."""
     return max(backbone.input_multiple, 32 if not backbone.is_vit else 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+    return torch.device(name)
