@@ -26,12 +26,10 @@ from defectscope.tracking import (
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra (mlflow-skinny) is not installed")
 
-# Tracking records whatever the fit did: auto mode's selection is tested elsewhere.
 FAST = [
     "detector.features.input_size=[128,128]",
     "detector.coreset.ratio=0.25",
     "detector.device=cpu",
-    "detector.auto.enabled=false",
 ]
 
 
@@ -122,7 +120,7 @@ def test_sweep_points_nest_under_one_parent_run(dataset: Path, tmp_path: Path) -
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ok(
         run_cli(
-            "experiment", f"data={dataset}", "name=tiles", *FAST[:1], *FAST[2:],
+            "experiment", f"data={dataset}", "name=tiles", *FAST[:1], "detector.device=cpu",
             "detector.coreset.ratio=0.2,0.4", "--multirun", "--out", str(tmp_path / "out"),
             "--mlflow-uri", uri, "--mlflow-experiment", "sweeps",
         )
