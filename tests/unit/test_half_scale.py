@@ -8,14 +8,17 @@ models written before the option existed load as single-scale ones.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli import run_cli
 from _images import FAST_CONFIG, texture_crops, with_defect
 from _models import fast_train_images, rewritten_model
+from PIL import Image
 
 from defectscope import Detector
 from defectscope.config import BackboneConfig, FeatureConfig, ScoringConfig
@@ -84,6 +87,20 @@ def test_save_and_load_give_the_same_predictions(half: Detector, probes, tmp_pat
     for ref, got in zip(half.predict(probes), loaded.predict(probes), strict=True):
         assert got.score == pytest.approx(ref.score, rel=1e-6)
         np.testing.assert_allclose(got.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_and_predict_from_the_cli(half: Detector, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    half.save(model)
+    image, _ = with_defect(texture_crops(1, seed=51)[0], seed=5)
+    Image.fromarray(image).save(tmp_path / "defect.png")
+    meta = json.loads(run_cli("inspect", str(model), check=True).stdout)
+    assert meta["config"]["features"]["half_scale"] is True
+    assert meta["column_groups"]["spans"] == [list(g) for g in half.scorer.groups]
+    run_cli("predict", str(model), str(tmp_path / "defect.png"), "--out", str(tmp_path / "out"),
+            "--no-images", check=True)  # fmt: skip
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    assert row["score"] == pytest.approx(half.predict(image)[0].score, rel=1e-5)
 
 
 def test_models_written_before_the_option_are_single_scale(half: Detector, tmp_path) -> None:
