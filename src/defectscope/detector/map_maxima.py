@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from defectscope.detector.knn import GroupExclusion, TorchKnn
-from defectscope.detector.scoring import AnomalyScorer
+from defectscope.detector.scoring import AnomalyScorer, sum_passes
 
 
 @dataclass
@@ -30,7 +30,6 @@ class _Pass:
 
     index: TorchKnn
     queries: torch.Tensor
-    weight: float
     values: torch.Tensor
     to_extra: torch.Tensor | None
 
@@ -56,9 +55,7 @@ def leave_one_out_maxima(
     queries = embeddings.permute(0, 2, 3, 1).reshape(b * patches, d)
     spans = scorer.groups or [(0, d)]
     passes = []
-    for (start, stop), weight, index in zip(
-        spans, scorer.group_weights or [1.0], indexes, strict=True
-    ):
+    for (start, stop), index in zip(spans, indexes, strict=True):
         assert isinstance(index, TorchKnn)
         part = queries if scorer.groups is None else queries[:, start:stop].contiguous()
         values = index.upper_bounds(part, GroupExclusion(patches, own)).reshape(b, patches)
@@ -68,7 +65,7 @@ def leave_one_out_maxima(
             columns = [(rows[:, start:stop], reported) for rows, reported in extra]
             to_extra = _nearest_extra(part, patches, columns)
             values = torch.minimum(values, to_extra)
-        passes.append(_Pass(index, part, weight, values, to_extra))
+        passes.append(_Pass(index, part, values, to_extra))
     if not all(bool(torch.isfinite(p.values).all()) for p in passes):
         return None  # an image with nothing left to find: the full path reports it
     rows, cols = scorer.map_operators(h, w)
@@ -76,7 +73,7 @@ def leave_one_out_maxima(
     maxima = queries.new_empty(b)
     pending = list(range(b))
     while pending:
-        values = _combined(passes)
+        values = sum_passes([p.values for p in passes], scorer.group_weights)
         maps = scorer.to_input_maps(values[pending].reshape(-1, h, w)).flatten(1)
         peaks = maps.argmax(dim=1)
         missing: list[tuple[int, torch.Tensor]] = []
@@ -96,17 +93,6 @@ def leave_one_out_maxima(
             exact[image, found] = True
         pending = [image for image, _ in missing]
     return maxima
-
-
-def _combined(passes: Sequence[_Pass]) -> torch.Tensor:
-    """The patch distances the scorer would report: one pass's own, or the passes' weighted sum
-    (`AnomalyScorer._search`'s order)."""
-    if len(passes) == 1:
-        return passes[0].values
-    total = passes[0].values * passes[0].weight
-    for search in passes[1:]:
-        total = total + search.values * search.weight
-    return total
 
 
 def _support(row_weights: torch.Tensor, col_weights: torch.Tensor, width: int) -> torch.Tensor:

@@ -65,13 +65,17 @@ class FeatureParts:
         return cls(features, preprocessor, device, half)
 
     @torch.inference_mode()
-    def backbone_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+    def backbone_maps(
+        self, batch: torch.Tensor, full_size_only: bool = False
+    ) -> list[torch.Tensor]:
         """Normalised input (B, 3, H, W) -> the backbone's layer maps, float32, on the device
-        (before aggregation: auto mode aggregates one pass in several ways)."""
+        (before aggregation: auto mode aggregates one pass in several ways); those of the
+        half-size pass too unless ``full_size_only``."""
         batch = batch.to(self.device, non_blocking=True)
         if self.half:
             batch = batch.half()
-        return [m.float() for m in self.features.layer_maps(batch)]
+        maps = self.features.backbone(batch) if full_size_only else self.features.layer_maps(batch)
+        return [m.float() for m in maps]
 
     def resize_and_hash(self, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """A decoded image resized to the input (not yet normalised) and its content hash: what

@@ -104,6 +104,18 @@ def group_weights(bank: torch.Tensor, groups: Sequence[tuple[int, int]]) -> list
     return weights
 
 
+def sum_passes(distances: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
+    """The patch distances of a bank of passes: one pass's own, or each pass's distances times
+    its weight, added in pass order (the scorer, its leave-one-out peaks and the export agree to
+    the bit). Traceable."""
+    if weights is None or len(distances) == 1:
+        return distances[0]
+    total = distances[0] * weights[0]
+    for dist, weight in zip(distances[1:], weights[1:], strict=True):
+        total = total + dist * weight
+    return total
+
+
 class AnomalyScorer(nn.Module):
     """Memory bank plus the scoring rules; ``forward`` takes (B, D, h, w) patch embeddings."""
 
@@ -219,9 +231,8 @@ class AnomalyScorer(nn.Module):
         """k nearest distances (N, k) and bank indices: per column group, each group's
         distances times its weight, summed (the indices are the first group's)."""
         spans = self.groups or [(0, self.bank.shape[1])]
-        weights = self.group_weights or [1.0]
-        total, first = None, None
-        for (start, stop), weight, index in zip(spans, weights, self.group_indexes(), strict=True):
+        found = []
+        for (start, stop), index in zip(spans, self.group_indexes(), strict=True):
             part = queries if self.groups is None else queries[:, start:stop].contiguous()
             if banned is not None or exclude is not None:
                 if not isinstance(index, TorchKnn):
@@ -232,12 +243,8 @@ class AnomalyScorer(nn.Module):
             if extra is not None:
                 columns = [(rows[:, start:stop], reported) for rows, reported in extra]
                 dist, idx = merge_extra_rows(part, dist, idx, rows_per_group, columns)
-            if self.groups is None:
-                return dist, idx
-            total = dist * weight if total is None else total + dist * weight
-            first = idx if first is None else first
-        assert total is not None and first is not None
-        return total, first
+            found.append((dist, idx))
+        return sum_passes([dist for dist, _ in found], self.group_weights), found[0][1]
 
     def patch_distances(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None

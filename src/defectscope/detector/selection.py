@@ -314,9 +314,8 @@ def select_configuration(
     # comes after it): with both, raw features win on synthetic blotches where real faint
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
-    good_maps = [m[:full] for m in _backbone_maps(parts, config.batch_size, holdout)]
-    defects_in = [d.image for d in defects]
-    defect_maps = [m[:full] for m in _backbone_maps(parts, config.batch_size, defects_in)]
+    good_maps = _full_size_maps(parts, config.batch_size, holdout)
+    defect_maps = _full_size_maps(parts, config.batch_size, [d.image for d in defects])
     bank_maps = [
         [torch.cat([prepared[i].maps[layer] for i in chunk]) for layer in range(full)]
         for chunk in _chunks(bank_ids, config.batch_size)
@@ -441,12 +440,13 @@ def _at_input_scale(preprocessor: Any, image: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _backbone_maps(
+def _full_size_maps(
     parts: FeatureParts, size: int, images: list[np.ndarray]
 ) -> list[list[torch.Tensor]]:
-    """The backbone's layer maps of ``images``, a list per batch (kept for every candidate)."""
+    """The full-size pass's layer maps of ``images``, a list per batch (kept for every
+    candidate)."""
     return [
-        parts.backbone_maps(parts.preprocessor(images[start : start + size]))
+        parts.backbone_maps(parts.preprocessor(images[start : start + size]), full_size_only=True)
         for start in range(0, len(images), size)
     ]
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from defectscope.detector.model_file import parse_versioned_meta
+from defectscope.detector.scoring import sum_passes
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 
 ONNX_FORMAT_NAME = "defectscope-onnx"
@@ -59,11 +60,13 @@ class ExportableDetector(nn.Module):
         self.features = detector.features
         self.scorer = detector.scorer
         bank = self.scorer.bank.detach().float()
-        self.register_buffer("bank_t", bank.T.contiguous())
-        self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
-        # Per pass: its columns of the bank and its unit of distance (none for a single pass).
+        # A bank of several passes keeps each pass's columns (and the scorer's units of
+        # distance); a single pass the whole bank, under the names its graphs always had.
         self.groups = self.scorer.groups
         self.group_weights = self.scorer.group_weights
+        if self.groups is None:
+            self.register_buffer("bank_t", bank.T.contiguous())
+            self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
         for number, (start, stop) in enumerate(self.groups or []):
             columns = bank[:, start:stop]
             self.register_buffer(f"bank_t_{number}", columns.T.contiguous())
@@ -90,28 +93,25 @@ class ExportableDetector(nn.Module):
         return values.clamp(min=0.0).sqrt(), idx
 
     def _nearest_per_pass(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`AnomalyScorer._search` of a bank of several passes: weighted sum, first pass's rows."""
-        total: list[torch.Tensor] = []
-        first: list[torch.Tensor] = []
-        for number, ((start, stop), weight) in enumerate(
-            zip(self.groups or [], self.group_weights or [], strict=True)
-        ):
-            bank_t = getattr(self, f"bank_t_{number}")
-            bank_sq = getattr(self, f"bank_sq_{number}")
-            dist, idx = self._nearest(queries[:, start:stop], bank_t, bank_sq)
-            total.append(dist * weight)
-            first = first or [idx]
-        return torch.stack(total).sum(dim=0), first[0]
+        """`AnomalyScorer._search` of a bank of passes: their weighted sum, the first's rows."""
+        found = [
+            self._nearest(
+                queries[:, start:stop],
+                getattr(self, f"bank_t_{number}"),
+                getattr(self, f"bank_sq_{number}"),
+            )
+            for number, (start, stop) in enumerate(self.groups or [])
+        ]
+        return sum_passes([dist for dist, _ in found], self.group_weights), found[0][1]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeddings = self.features(images).float()
         _, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
-        dist, idx = (
-            self._nearest(queries, self.bank_t, self.bank_sq)
-            if not self.groups
-            else (self._nearest_per_pass(queries))
-        )
+        if self.groups is None:
+            dist, idx = self._nearest(queries, self.bank_t, self.bank_sq)
+        else:
+            dist, idx = self._nearest_per_pass(queries)
         patch_scores = dist.mean(dim=1).reshape(-1, h, w)
         maps = self.map_rows @ (patch_scores @ self.map_cols.T)
         scores = self.scorer.reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
