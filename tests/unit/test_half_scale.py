@@ -22,6 +22,7 @@ from PIL import Image
 
 from defectscope import Detector
 from defectscope.config import BackboneConfig, FeatureConfig, ScoringConfig
+from defectscope.detector.fitting import weigh_passes
 from defectscope.detector.model_file import config_from_metadata, read_header, resolve_model_path
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.scoring import AnomalyScorer, group_weights
@@ -97,6 +98,7 @@ def test_inspect_and_predict_from_the_cli(half: Detector, tmp_path: Path) -> Non
     meta = json.loads(run_cli("inspect", str(model), check=True).stdout)
     assert meta["config"]["features"]["half_scale"] is True
     assert meta["column_groups"]["spans"] == [list(g) for g in half.scorer.groups]
+    assert meta["column_groups"]["score_weights"] == half.scorer.score_weights
     run_cli("predict", str(model), str(tmp_path / "defect.png"), "--out", str(tmp_path / "out"),
             "--no-images", check=True)  # fmt: skip
     (row,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
@@ -200,6 +202,8 @@ def test_a_model_whose_column_groups_do_not_match_is_refused(half: Detector, tmp
         "missing": lambda meta, _: meta.pop("column_groups"),
         "other": lambda meta, _: meta["column_groups"].update(spans=[[0, 10], [10, 304]]),
         "weights": lambda meta, _: meta["column_groups"].update(weights=[1.0, -2.0]),
+        "score_weights": lambda meta, _: meta["column_groups"].update(score_weights=[1.0]),
+        "score_text": lambda meta, _: meta["column_groups"].update(score_weights="1,2"),
     }.items():
         broken = rewritten_model(source, tmp_path / name, edit)
         with pytest.raises(ModelFileError, match=r"column groups|weights"):
@@ -211,6 +215,7 @@ def test_teaching_keeps_the_passes_units_of_distance(half: Detector) -> None:
     assert taught.scorer is not None and half.scorer is not None
     assert taught.scorer.groups == half.scorer.groups
     assert taught.scorer.group_weights == half.scorer.group_weights
+    assert taught.scorer.score_weights == half.scorer.score_weights
     assert taught.memory_bank.shape[0] > half.memory_bank.shape[0]
 
 
@@ -223,3 +228,61 @@ def test_auto_mode_compares_candidates_on_the_full_size_pass() -> None:
     for with_half, without in zip(both.candidates, plain.candidates, strict=True):
         assert with_half["name"] == without["name"]
         assert with_half["objective"] == pytest.approx(without["objective"], abs=1e-6)
+
+
+# ------------------------------------------------------- the image score of a bank of two passes
+def test_the_image_score_adds_each_pass_peak_in_its_units(half: Detector, probes) -> None:
+    scorer, features = half.scorer, half.features
+    assert scorer is not None and features is not None and scorer.groups is not None
+    assert scorer.score_weights is not None and len(scorer.score_weights) == 2
+    batch = half._fitted_preprocessor(probes)
+    with torch.inference_mode():
+        embeddings = half.embed(batch)
+        maps, scores = scorer(embeddings)
+        peaks = []
+        # Each pass alone: a one-pass scorer on that pass's columns of the bank.
+        for start, stop in scorer.groups:
+            alone = AnomalyScorer(scorer.bank[:, start:stop], scorer.config, scorer.input_size)
+            peaks.append(alone(embeddings[:, start:stop])[1])
+    weights = scorer.score_weights
+    torch.testing.assert_close(scores, weights[0] * peaks[0] + weights[1] * peaks[1])
+    # The map stays the passes' distances summed in units of their gaps.
+    assert not torch.allclose(scores, maps.flatten(1).amax(1))
+
+
+def test_each_pass_counts_in_units_of_its_own_threshold_on_good_images() -> None:
+    scorer = AnomalyScorer(torch.randn(50, 6), ScoringConfig(), (4, 4), [(0, 4), (4, 6)])
+    # The second pass's good scores are 100x the first's: alone it would decide every image.
+    first = np.linspace(1.0, 2.0, 101)
+    weighed = weigh_passes(scorer, np.stack([first, 100.0 * first]), false_alarm_rate=0.01)
+    assert scorer.score_weights == pytest.approx([1 / 1.99, 1 / 199.0])
+    assert weighed is not None
+    np.testing.assert_allclose(weighed, 2 * first / 1.99)
+    # Good scores of zero (identical images) have no unit: that pass counts as it is.
+    weigh_passes(scorer, np.stack([first, np.zeros(101)]), false_alarm_rate=0.01)
+    assert scorer.score_weights == pytest.approx([1 / 1.99, 1.0])
+    one = AnomalyScorer(torch.randn(50, 6), ScoringConfig(), (4, 4))
+    assert weigh_passes(one, None, 0.01) is None and one.score_weights is None
+
+
+def test_the_fit_calibrates_the_weighed_image_scores(half: Detector) -> None:
+    calibration, scorer = half.calibration, half.scorer
+    assert calibration is not None and scorer is not None and scorer.score_weights is not None
+    good = np.asarray(calibration.good_scores)
+    q = 1.0 - calibration.false_alarm_rate
+    assert calibration.threshold == pytest.approx(float(np.quantile(good, q, method="higher")))
+    # Each pass's threshold counts 1, so the sum's lies between 1 and 2 (a pass's peak on an
+    # image is at most its threshold on all but a few good images).
+    assert 1.0 <= calibration.threshold <= 2.0 + 1e-6
+
+
+def test_models_written_before_per_pass_image_scores_keep_theirs(half: Detector, tmp_path) -> None:
+    source = tmp_path / "model"
+    half.save(source)
+    old = rewritten_model(
+        source, tmp_path / "old", lambda meta, _: meta["column_groups"].pop("score_weights")
+    )
+    loaded = Detector.load(old)
+    assert loaded.scorer is not None and loaded.scorer.score_weights is None
+    maps, scores = loaded.score_batch(torch.rand(2, 3, *half.config.features.input_size))
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))

@@ -73,17 +73,29 @@ def test_maxima_equal_those_of_the_full_maps(
 def test_two_passes_add_their_bounds_and_give_the_same_maxima(
     with_stand_ins: bool, screen: bool
 ) -> None:
-    # features.half_scale: each pass is bounded and searched on its own columns.
+    # features.half_scale: each pass is bounded and searched on its own columns; besides the
+    # summed map's maxima come each pass's own, its image scores.
     scorer, embeddings, own, extra = setup(
         4.0, (6, 10), (48, 80), with_stand_ins, screen=screen, passes=[(0, 10), (10, 16)]
     )
-    assert_maxima_of_the_full_maps(scorer, embeddings, own, extra)
+    scorer.set_score_weights([0.5, 3.0])
+    maps, scores, per_pass = scorer.score_excluding_by_pass(embeddings, own, extra)
+    found = leave_one_out_maxima(scorer, embeddings, own, extra)
+    assert found is not None and found[1] is not None and per_pass is not None
+    torch.testing.assert_close(found[0], maps.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(found[1], per_pass, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(0.5 * per_pass[0] + 3.0 * per_pass[1], scores)
+    # The summed map peaks no higher than its passes' own peaks added.
+    weights = torch.tensor(scorer.group_weights)[:, None]
+    assert bool(((weights * found[1]).sum(0) >= found[0] - 1e-5).all())
 
 
 def assert_maxima_of_the_full_maps(scorer, embeddings, own, extra) -> None:
     maps, scores = scorer.score_excluding(embeddings, own, extra)
-    maxima = leave_one_out_maxima(scorer, embeddings, own, extra)
-    assert maxima is not None
+    found = leave_one_out_maxima(scorer, embeddings, own, extra)
+    assert found is not None
+    maxima, per_pass = found
+    assert per_pass is None  # one pass
     torch.testing.assert_close(maxima, maps.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(maxima, scores, rtol=1e-5, atol=1e-6)  # reduction 'max'
 
@@ -110,9 +122,9 @@ def test_loose_upper_bounds_take_more_rounds_but_give_the_same_maxima(
 
     monkeypatch.setattr(TorchKnn, "upper_bounds", loose)
     monkeypatch.setattr(map_maxima, "_search_exactly", counted)
-    maxima = leave_one_out_maxima(scorer, embeddings, own, extra)
-    assert maxima is not None and tight is not None
-    torch.testing.assert_close(maxima, maps.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+    found = leave_one_out_maxima(scorer, embeddings, own, extra)
+    assert found is not None and tight is not None
+    torch.testing.assert_close(found[0], maps.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
     assert len(rounds) >= 2  # the first peaks were not the true ones
 
 

@@ -312,9 +312,11 @@ def fit_from_shards(
         # Image scores are map maxima inside each half: one list serves both thresholds.
         good_scores = good_maxima = np.asarray(halves, dtype=np.float64)
     else:
-        good_scores, good_maxima = calibration_scores(
+        good_scores, good_maxima, pass_scores = calibration_scores(
             scorer, config.batch_size, shards, bank_owner, plan, progress, stand_ins
         )
+        weighed = weigh_passes(scorer, pass_scores, config.calibration.false_alarm_rate)
+        good_scores = good_scores if weighed is None else weighed
     calibration = calibrate(
         good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
     )
@@ -389,17 +391,19 @@ def calibration_scores(
     plan: FitPlan,
     progress: ProgressFn | None,
     stand_ins: StandIns | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-sample image scores and map maxima of the calibration sample."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Out-of-sample image scores and map maxima of the calibration sample, and for a bank of
+    passes each pass's own image scores (P, N)."""
     total = sum(len(s.calibration_ids) for s in shards)
     if total == 0:
         raise DefectscopeError("no readable calibration image: every one failed to load")
     device = scorer.bank.device
     owner_on_device = bank_owner.to(device)
-    scores, maxima = [], []
+    scores, maxima, by_pass = [], [], []
     done = 0
     for ids, embeddings in iter_calibration_batches(shards, batch_size):
         embeddings = embeddings.to(device)
+        pass_scores = None
         if plan.method == "leave_one_out":
             # Each image is scored against the bank without its own patches, which stand-ins
             # replace (see leave_one_out): an out-of-sample score for every training image from
@@ -407,14 +411,40 @@ def calibration_scores(
             own, extra = own_rows_and_stand_ins(ids, owner_on_device, stand_ins)
             peaks = leave_one_out_maxima(scorer, embeddings, own, extra)
             if peaks is not None:  # the image score is the map's maximum: no map needed
-                maps, image_scores = peaks[:, None], peaks
-            else:
+                map_maxima, pass_scores = peaks
+                maps = map_maxima[:, None]
+                weighed = scorer.weigh_pass_scores(pass_scores)
+                image_scores = map_maxima if weighed is None else weighed
+            elif scorer.groups is None:
                 maps, image_scores = scorer.score_excluding(embeddings, own, extra)
+            else:
+                maps, image_scores, pass_scores = scorer.score_excluding_by_pass(
+                    embeddings, own, extra
+                )
         else:
             maps, image_scores = scorer(embeddings)
         scores.append(image_scores.cpu())
         maxima.append(maps.flatten(1).amax(1).cpu())
+        if pass_scores is not None:
+            by_pass.append(pass_scores.cpu())
         done += len(ids)
         if progress:
             progress("calibration", done, total)
-    return torch.cat(scores).numpy(), torch.cat(maxima).numpy()
+    per_pass = torch.cat(by_pass, dim=1).numpy() if by_pass else None
+    return torch.cat(scores).numpy(), torch.cat(maxima).numpy(), per_pass
+
+
+def weigh_passes(
+    scorer: AnomalyScorer, pass_scores: np.ndarray | None, false_alarm_rate: float
+) -> np.ndarray | None:
+    """Set each pass's image score weight to 1 / its own threshold on the good images'
+    ``pass_scores`` (P, N), and return their image scores so weighed (None: not a bank of
+    passes, nothing set)."""
+    if scorer.groups is None or pass_scores is None:
+        return None
+    q = 1.0 - false_alarm_rate
+    thresholds = [float(np.quantile(row, q, method="higher")) for row in pass_scores]
+    # A pass whose good scores are all zero (identical images) has no unit: it counts as is.
+    weights = [1.0 / t if t > 0 and np.isfinite(t) else 1.0 for t in thresholds]
+    scorer.set_score_weights(weights)
+    return np.sum(pass_scores * np.asarray(weights)[:, None], axis=0)

@@ -26,12 +26,13 @@ from defectscope.detector.scoring import AnomalyScorer, sum_passes
 @dataclass
 class _Pass:
     """One pass's search (one column group of the bank): its queries, its distances so far
-    (upper bounds, exact where searched) and to its image's stand-ins."""
+    (upper bounds, exact where searched), to its image's stand-ins, and which are exact."""
 
     index: TorchKnn
     queries: torch.Tensor
     values: torch.Tensor
     to_extra: torch.Tensor | None
+    exact: torch.Tensor
 
 
 def leave_one_out_maxima(
@@ -39,11 +40,12 @@ def leave_one_out_maxima(
     embeddings: torch.Tensor,
     own: Sequence[torch.Tensor],
     extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The maxima (B,) of the maps `AnomalyScorer.score_excluding` would return for the same
-    arguments, or None where this shortcut does not apply (a search without cheap bounds, k > 1,
-    or an image score other than the map's maximum). A bank of several passes adds up each
-    pass's bound (in its units), a bound of the sum; a patch is exact once every pass is."""
+    arguments, and for a bank of passes those of each pass's own map (P, B; else None); or None
+    where this shortcut does not apply (a search without cheap bounds, k > 1, or an image score
+    other than the map's maximum). A bank of several passes adds up each pass's bound (in its
+    units), a bound of the sum; a patch is exact once every pass is."""
     config = scorer.config
     indexes = scorer.group_indexes()
     if not all(isinstance(index, TorchKnn) and index.has_bounds for index in indexes):
@@ -65,33 +67,64 @@ def leave_one_out_maxima(
             columns = [(rows[:, start:stop], reported) for rows, reported in extra]
             to_extra = _nearest_extra(part, patches, columns)
             values = torch.minimum(values, to_extra)
-        passes.append(_Pass(index, part, values, to_extra))
+        exact = torch.zeros(b, patches, dtype=torch.bool, device=queries.device)
+        passes.append(_Pass(index, part, values, to_extra, exact))
     if not all(bool(torch.isfinite(p.values).all()) for p in passes):
         return None  # an image with nothing left to find: the full path reports it
+    maxima = _peaks(scorer, passes, scorer.group_weights, (h, w), own)
+    if scorer.groups is None:
+        return maxima, None
+    # Each pass's own peak: exact distances found above are reused.
+    return maxima, torch.stack([_peaks(scorer, [one], None, (h, w), own) for one in passes])
+
+
+def _peaks(
+    scorer: AnomalyScorer,
+    passes: list[_Pass],
+    weights: Sequence[float] | None,
+    grid: tuple[int, int],
+    own: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Exact maxima (B,) of the maps of ``passes``' distances summed with ``weights``: find the
+    pixel where the map of the current values peaks; if all its patches are exact in every
+    pass, that is the maximum, else search them exactly and look again."""
+    h, w = grid
+    patches = h * w
     rows, cols = scorer.map_operators(h, w)
-    exact = torch.zeros(b, patches, dtype=torch.bool, device=queries.device)
-    maxima = queries.new_empty(b)
+    b = passes[0].values.shape[0]
+    maxima = passes[0].values.new_empty(b)
     pending = list(range(b))
     while pending:
-        values = sum_passes([p.values for p in passes], scorer.group_weights)
+        values = sum_passes([p.values for p in passes], weights)
         maps = scorer.to_input_maps(values[pending].reshape(-1, h, w)).flatten(1)
         peaks = maps.argmax(dim=1)
-        missing: list[tuple[int, torch.Tensor]] = []
+        missing: list[list[tuple[int, torch.Tensor]]] = [[] for _ in passes]
+        searching: list[int] = []
         for row, image in enumerate(pending):
             pixel = int(peaks[row])
             support = _support(rows[pixel // cols.shape[0]], cols[pixel % cols.shape[0]], w)
-            unknown = support[~exact[image, support]]
-            if unknown.numel():
-                missing.append((image, unknown))
+            unknown = [support[~p.exact[image, support]] for p in passes]
+            if any(found.numel() for found in unknown):
+                searching.append(image)
+                for number, found in enumerate(unknown):
+                    if found.numel():
+                        missing[number].append((image, found))
             else:
                 maxima[image] = maps[row, pixel]
-        for search in passes if missing else []:
-            _search_exactly(
-                search.index, search.queries, patches, missing, own, search.to_extra, search.values
-            )
-        for image, found in missing:
-            exact[image, found] = True
-        pending = [image for image, _ in missing]
+        for search, wanted in zip(passes, missing, strict=True):
+            if wanted:
+                _search_exactly(
+                    search.index,
+                    search.queries,
+                    patches,
+                    wanted,
+                    own,
+                    search.to_extra,
+                    search.values,
+                )
+                for image, found in wanted:
+                    search.exact[image, found] = True
+        pending = searching
     return maxima
 
 

@@ -317,12 +317,16 @@ def load_scorer(
         return AnomalyScorer(bank, config.scoring, config.features.input_size)
     stored = saved.get("spans") if isinstance(saved, dict) else None
     weights = saved.get("weights") if isinstance(saved, dict) else None
+    # Absent in models written before per-pass image scores: theirs is the summed map's.
+    score_weights = saved.get("score_weights") if isinstance(saved, dict) else None
     if stored != [list(g) for g in spans] or not isinstance(weights, list):
         raise ModelFileError(
             f"{file}: the column groups of its half-scale features are missing or do not match "
             f"this configuration ({stored} against {[list(g) for g in spans]}); refit the model"
         )
     try:
-        return AnomalyScorer(bank, config.scoring, config.features.input_size, spans, weights)
+        return AnomalyScorer(
+            bank, config.scoring, config.features.input_size, spans, weights, score_weights
+        )
     except (ConfigError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{file}: {exc}") from None

@@ -6,7 +6,10 @@ full and at half size) is searched once per pass, on that pass's columns: each p
 nearest patch, and the distances add up, each in units of its pass's typical gap between good
 patches (`group_weights`), so neither pass drowns the other. The image score is a reduction of
 that map (so a mask drawn at the image threshold and the image decision agree), or PatchCore's
-re-weighted maximum.
+re-weighted maximum. A bank of passes scores an image per pass, and adds the passes' scores,
+each in units of its own threshold on good images (``score_weights``, set by the calibration):
+a pass that sees a defect counts in full, and one that separates nothing on a product cannot
+raise every good image to a defect's score.
 
 Upsampling and smoothing are both linear and separable, so `AnomalyScorer.to_input_maps` applies
 them as two small matrix products per map (``A_h @ P @ A_w.T``) instead of interpolating and
@@ -16,7 +19,7 @@ convolving a full-size map; `gaussian_blur` is the reference it is built from.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +108,9 @@ def group_weights(bank: torch.Tensor, groups: Sequence[tuple[int, int]]) -> list
 
 
 def sum_passes(distances: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
-    """The patch distances of a bank of passes: one pass's own, or each pass's distances times
-    its weight, added in pass order (the scorer, its leave-one-out peaks and the export agree to
-    the bit). Traceable."""
+    """The patch distances (or image scores) of a bank of passes: one pass's own, or each
+    pass's values times its weight, added in pass order (the scorer, its leave-one-out peaks
+    and the export agree to the bit). Traceable."""
     if weights is None or len(distances) == 1:
         return distances[0]
     total = distances[0] * weights[0]
@@ -130,9 +133,12 @@ class AnomalyScorer(nn.Module):
         input_size: tuple[int, int],
         groups: Sequence[Sequence[int]] | None = None,
         weights: Sequence[float] | None = None,
+        score_weights: Sequence[float] | None = None,
     ) -> None:
         """``groups``: column spans [start, stop) searched apart (one per pass), with their
-        ``weights`` (measured on ``bank`` when not given: a fit's; a loaded model keeps them)."""
+        map ``weights`` (measured on ``bank`` when not given: a fit's; a loaded model keeps
+        them) and the ``score_weights`` of their image scores (None: the image score is a
+        reduction of the summed map; the calibration sets them, `set_score_weights`)."""
         super().__init__()
         self.config = config
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -143,6 +149,7 @@ class AnomalyScorer(nn.Module):
         )
         self.groups: list[tuple[int, int]] | None = None
         self.group_weights: list[float] | None = None
+        self.score_weights: list[float] | None = None
         if groups is not None and len(groups) > 1:
             self.groups = [(int(start), int(stop)) for start, stop in groups]
             edges = [edge for span in self.groups for edge in span]
@@ -161,15 +168,30 @@ class AnomalyScorer(nn.Module):
                     "scoring.reduction 'patchcore' re-weights one nearest bank patch; with "
                     "features.half_scale each pass has its own: use 'max' or 'topk_mean'"
                 )
-            given = None if weights is None else [float(w) for w in weights]
-            if given is not None and (
-                len(given) != len(self.groups) or not all(math.isfinite(w) and w > 0 for w in given)
-            ):
-                raise ConfigError(f"column group weights {given} do not fit {self.groups}")
+            given = None if weights is None else self._checked_weights(weights, "column group")
             self.group_weights = given or group_weights(self.bank, self.groups)
+            if score_weights is not None:
+                self.set_score_weights(score_weights)
         self._index: KnnIndex | None = None
         self._group_indexes: list[KnnIndex] | None = None
         self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _checked_weights(self, weights: Sequence[float], name: str) -> list[float]:
+        """One finite positive number per pass (model files are read through here)."""
+        try:
+            if isinstance(weights, str | bytes):
+                raise TypeError
+            given = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} weights {weights!r} are not a list of numbers") from None
+        groups = self.groups or []
+        if len(given) != len(groups) or not all(math.isfinite(w) and w > 0 for w in given):
+            raise ConfigError(f"{name} weights {given} do not fit {self.groups}")
+        return given
+
+    def set_score_weights(self, weights: Sequence[float]) -> None:
+        """The weight of each pass's image score (one positive number per pass)."""
+        self.score_weights = self._checked_weights(weights, "image score")
 
     @property
     def index(self) -> KnnIndex:
@@ -192,7 +214,10 @@ class AnomalyScorer(nn.Module):
         if self.groups is None or self.group_weights is None:
             return {}
         spans = [list(span) for span in self.groups]
-        return {"column_groups": {"spans": spans, "weights": list(self.group_weights)}}
+        kept: dict[str, list] = {"spans": spans, "weights": list(self.group_weights)}
+        if self.score_weights is not None:
+            kept["score_weights"] = list(self.score_weights)
+        return {"column_groups": kept}
 
     def group_indexes(self) -> list[KnnIndex]:
         """One index per column group, on that group's columns of the bank."""
@@ -227,9 +252,9 @@ class AnomalyScorer(nn.Module):
         exclude: GroupExclusion | None = None,
         extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         rows_per_group: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest distances (N, k) and bank indices: per column group, each group's
-        distances times its weight, summed (the indices are the first group's)."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per column group, its k nearest distances (N, k), and the first group's bank
+        indices (N, k)."""
         spans = self.groups or [(0, self.bank.shape[1])]
         found = []
         for (start, stop), index in zip(spans, self.group_indexes(), strict=True):
@@ -244,23 +269,27 @@ class AnomalyScorer(nn.Module):
                 columns = [(rows[:, start:stop], reported) for rows, reported in extra]
                 dist, idx = merge_extra_rows(part, dist, idx, rows_per_group, columns)
             found.append((dist, idx))
-        return sum_passes([dist for dist, _ in found], self.group_weights), found[0][1]
+        return [dist for dist, _ in found], found[0][1]
 
     def patch_distances(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B*h*w, D) and their k nearest distances and bank indices."""
+        """Queries (B*h*w, D) and their k nearest distances (the passes' weighted sum) and
+        bank indices."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        dist, idx = self._search(queries, banned=banned)
-        return queries, dist, idx
+        passes, idx = self._search(queries, banned=banned)
+        return queries, sum_passes(passes, self.group_weights), idx
 
     def forward(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (anomaly maps (B, H, W) at input size, image scores (B,))."""
-        queries, dist, idx = self.patch_distances(embeddings, banned)
-        return self._maps_and_scores(embeddings.shape, queries, dist, idx)
+        b, d, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+        passes, idx = self._search(queries, banned=banned)
+        maps, scores, _ = self.maps_and_scores(passes, idx, queries, (h, w))
+        return maps, scores
 
     def score_excluding(
         self,
@@ -272,20 +301,63 @@ class AnomalyScorer(nn.Module):
         scores of a whole batch in one exact search, the same as one ``banned`` call each).
         ``extra[i]`` = (rows (m, D), bank index of each): rows item i also searches, a hit
         reported as that bank index (leave-one-out's stand-ins)."""
+        maps, scores, _ = self.score_excluding_by_pass(embeddings, own, extra)
+        return maps, scores
+
+    def score_excluding_by_pass(
+        self,
+        embeddings: torch.Tensor,
+        own: Sequence[torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As `score_excluding`, plus each pass's own image scores (P, B) for a bank of
+        passes (None for one pass)."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
         exclude = GroupExclusion(h * w, own)
-        dist, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
-        return self._maps_and_scores(embeddings.shape, queries, dist, idx)
+        passes, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
+        return self.maps_and_scores(passes, idx, queries, (h, w))
 
-    def _maps_and_scores(
-        self, shape: torch.Size, queries: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = shape
-        patch_scores = dist.mean(dim=1).reshape(b, h, w)
-        maps = self.to_input_maps(patch_scores)
-        scores = self.reduce(maps, patch_scores, queries.reshape(b, h * w, -1), idx)
-        return maps, scores
+    def maps_and_scores(
+        self,
+        passes: list[torch.Tensor],
+        idx: torch.Tensor,
+        queries: torch.Tensor,
+        grid: tuple[int, int],
+        to_maps: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each pass's k nearest distances (B*h*w, k), the bank indices and the queries
+        (B*h*w, D) -> (maps, image scores, each pass's image scores (P, B) or None). Traceable
+        (the export passes its own ``to_maps``, `to_input_maps` held as buffers)."""
+        h, w = grid
+        to_maps = to_maps or self.to_input_maps
+        pass_patches = [dist.mean(dim=1).reshape(-1, h, w) for dist in passes]
+        patch_scores = sum_passes(pass_patches, self.group_weights)
+        maps = to_maps(patch_scores)
+        rows = queries.reshape(-1, h * w, queries.shape[-1])
+        per_pass = None
+        if self.groups is not None:
+            per_pass = torch.stack([self.reduce(to_maps(p), p, rows, idx) for p in pass_patches])
+        return maps, self.image_scores(maps, patch_scores, rows, idx, per_pass), per_pass
+
+    def image_scores(
+        self,
+        maps: torch.Tensor,
+        patch_scores: torch.Tensor,
+        queries: torch.Tensor,
+        idx: torch.Tensor,
+        per_pass: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Image scores (B,): for a bank of passes with score weights, `weigh_pass_scores` of
+        each pass's score (``per_pass`` (P, B)); else the reduction of the map. Traceable."""
+        weighed = self.weigh_pass_scores(per_pass)
+        return self.reduce(maps, patch_scores, queries, idx) if weighed is None else weighed
+
+    def weigh_pass_scores(self, per_pass: torch.Tensor | None) -> torch.Tensor | None:
+        """The passes' image scores (P, B), each in its units, added (None without weights)."""
+        if self.score_weights is None or per_pass is None:
+            return None
+        return sum_passes(list(per_pass), self.score_weights)
 
     def map_operators(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_h (H, h), A_w (W, w)) with maps = A_h @ patch_scores @ A_w.T (cached per grid)."""

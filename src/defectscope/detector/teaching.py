@@ -119,9 +119,15 @@ def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult
         chosen = select_coreset(bank, detector.config.coreset, n_select=cap)
         bank, owners = bank[chosen].contiguous(), owners[chosen.cpu()]
     config = detector.config
-    # The passes keep the fit's units of distance: the good scores below were measured in them.
+    # The passes keep the fit's units of distance and of image score: the good scores below were
+    # measured in them.
     new_scorer = AnomalyScorer(
-        bank, config.scoring, config.features.input_size, scorer.groups, scorer.group_weights
+        bank,
+        config.scoring,
+        config.features.input_size,
+        scorer.groups,
+        scorer.group_weights,
+        scorer.score_weights,
     ).to(device)
 
     # Leave-one-out scores of the taught images: how the fit calibrates on its own images.

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from defectscope.detector.model_file import parse_versioned_meta
-from defectscope.detector.scoring import sum_passes
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 
 ONNX_FORMAT_NAME = "defectscope-onnx"
@@ -60,10 +59,9 @@ class ExportableDetector(nn.Module):
         self.features = detector.features
         self.scorer = detector.scorer
         bank = self.scorer.bank.detach().float()
-        # A bank of several passes keeps each pass's columns (and the scorer's units of
-        # distance); a single pass the whole bank, under the names its graphs always had.
+        # A bank of several passes keeps each pass's columns (the scorer holds their units);
+        # a single pass the whole bank, under the names its graphs always had.
         self.groups = self.scorer.groups
-        self.group_weights = self.scorer.group_weights
         if self.groups is None:
             self.register_buffer("bank_t", bank.T.contiguous())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
@@ -92,8 +90,8 @@ class ExportableDetector(nn.Module):
             values, idx = torch.topk(sq, self.k, dim=1, largest=False, sorted=True)
         return values.clamp(min=0.0).sqrt(), idx
 
-    def _nearest_per_pass(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`AnomalyScorer._search` of a bank of passes: their weighted sum, the first's rows."""
+    def _nearest_per_pass(self, queries: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`AnomalyScorer._search` of a bank of passes: each pass's distances, the first's rows."""
         found = [
             self._nearest(
                 queries[:, start:stop],
@@ -102,7 +100,10 @@ class ExportableDetector(nn.Module):
             )
             for number, (start, stop) in enumerate(self.groups or [])
         ]
-        return sum_passes([dist for dist, _ in found], self.group_weights), found[0][1]
+        return [dist for dist, _ in found], found[0][1]
+
+    def _to_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        return self.map_rows @ (patch_scores @ self.map_cols.T)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeddings = self.features(images).float()
@@ -110,11 +111,10 @@ class ExportableDetector(nn.Module):
         queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
         if self.groups is None:
             dist, idx = self._nearest(queries, self.bank_t, self.bank_sq)
+            passes = [dist]
         else:
-            dist, idx = self._nearest_per_pass(queries)
-        patch_scores = dist.mean(dim=1).reshape(-1, h, w)
-        maps = self.map_rows @ (patch_scores @ self.map_cols.T)
-        scores = self.scorer.reduce(maps, patch_scores, queries.reshape(-1, h * w, d), idx)
+            passes, idx = self._nearest_per_pass(queries)
+        maps, scores, _ = self.scorer.maps_and_scores(passes, idx, queries, (h, w), self._to_maps)
         z = ((scores - self.threshold) / self.scale).clamp(-60.0, 60.0)
         return maps, scores, torch.sigmoid(z)
 
