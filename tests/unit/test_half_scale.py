@@ -286,3 +286,17 @@ def test_models_written_before_per_pass_image_scores_keep_theirs(half: Detector,
     assert loaded.scorer is not None and loaded.scorer.score_weights is None
     maps, scores = loaded.score_batch(torch.rand(2, 3, *half.config.features.input_size))
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+
+
+@pytest.mark.parametrize("method", ["holdout", "in_sample"])
+def test_every_calibration_weighs_the_passes(method: str) -> None:
+    config = copy.deepcopy(HALF_CONFIG)
+    config["calibration"] = {"method": method}
+    detector = Detector(config).fit(fast_train_images())
+    scorer, calibration = detector.scorer, detector.calibration
+    assert scorer is not None and calibration is not None and scorer.score_weights is not None
+    # The stored good scores are the weighed sums: the threshold is their quantile.
+    good = np.asarray(calibration.good_scores)
+    q = 1.0 - calibration.false_alarm_rate
+    assert calibration.threshold == pytest.approx(float(np.quantile(good, q, method="higher")))
+    assert 1.0 <= calibration.threshold <= 2.0 + 1e-6

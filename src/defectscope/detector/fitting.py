@@ -422,7 +422,7 @@ def calibration_scores(
                     embeddings, own, extra
                 )
         else:
-            maps, image_scores = scorer(embeddings)
+            maps, image_scores, pass_scores = scorer.score_by_pass(embeddings)
         scores.append(image_scores.cpu())
         maxima.append(maps.flatten(1).amax(1).cpu())
         if pass_scores is not None:

@@ -285,11 +285,18 @@ class AnomalyScorer(nn.Module):
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (anomaly maps (B, H, W) at input size, image scores (B,))."""
+        maps, scores, _ = self.score_by_pass(embeddings, banned)
+        return maps, scores
+
+    def score_by_pass(
+        self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As ``forward``, plus each pass's own image scores (P, B) for a bank of passes
+        (None for one pass)."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
         passes, idx = self._search(queries, banned=banned)
-        maps, scores, _ = self.maps_and_scores(passes, idx, queries, (h, w))
-        return maps, scores
+        return self.maps_and_scores(passes, idx, queries, (h, w))
 
     def score_excluding(
         self,

@@ -1,0 +1,85 @@
+"""What `features.half_scale` costs: default fit and predict against the option, side by side.
+
+    python benchmarks/half_scale_cost.py [--data ../shared/datasets/mvtec_ad/bottle]
+                                         [--images 40] [--json out.json]
+
+One process fits the default, then the option, then the default again (the spread of the two
+default runs is the noise), each on every training image; then predicts ``--images`` test images
+one at a time from their files (decoding included). Prints the ratios and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from defectscope.detector.detector import Detector
+from defectscope.experiment import compose
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
+RUNS = [("default", []), ("half_scale", ["detector.features.half_scale=true"]), ("default", [])]
+
+
+def measure(train: list[str], tests: list[str], overrides: list[str]) -> dict:
+    start = time.perf_counter()
+    detector = Detector(compose(None, overrides).detector).fit(train)
+    fit_s = time.perf_counter() - start
+    detector.predict(tests[:2], batch_size=1)  # warm-up
+    start = time.perf_counter()
+    detector.predict(tests, batch_size=1)
+    per_image_ms = (time.perf_counter() - start) * 1000.0 / len(tests)
+    return {
+        "fit_s": round(fit_s, 2),
+        "predict_ms_per_image": round(per_image_ms, 1),
+        "bank": list(detector.memory_bank.shape),
+        "timings": detector.info.timings if detector.info else {},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (args.data / "train" / "good").is_dir():
+        raise SystemExit(f"no training images: {args.data / 'train' / 'good'} is not a folder")
+    train = sorted(str(p) for p in (args.data / "train" / "good").glob("*.png"))
+    tests = sorted(str(p) for p in (args.data / "test").glob("*/*.png"))[: args.images]
+    runs = []
+    for name, overrides in RUNS:
+        row = {"name": name, **measure(train, tests, overrides)}
+        print(f"{name:11s} fit {row['fit_s']:7.2f} s  predict {row['predict_ms_per_image']:6.1f} "
+              f"ms/image  bank {row['bank']}", flush=True)  # fmt: skip
+        runs.append(row)
+    defaults = [r for r in runs if r["name"] == "default"]
+    option = next(r for r in runs if r["name"] == "half_scale")
+    ratios = {
+        key: round(option[key] / (sum(r[key] for r in defaults) / len(defaults)), 2)
+        for key in ("fit_s", "predict_ms_per_image")
+    }
+    fit, predict = ratios["fit_s"], ratios["predict_ms_per_image"]
+    print(f"half_scale / default: fit {fit}x, predict {predict}x")
+    if args.json:
+        report = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python benchmarks/half_scale_cost.py",
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "data": str(args.data),
+            "n_train": len(train),
+            "n_predict": len(tests),
+            "runs": runs,
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
