@@ -265,17 +265,6 @@ def test_each_pass_counts_in_units_of_its_own_threshold_on_good_images() -> None
     assert weigh_passes(one, None, 0.01) is None and one.score_weights is None
 
 
-def test_the_fit_calibrates_the_weighed_image_scores(half: Detector) -> None:
-    calibration, scorer = half.calibration, half.scorer
-    assert calibration is not None and scorer is not None and scorer.score_weights is not None
-    good = np.asarray(calibration.good_scores)
-    q = 1.0 - calibration.false_alarm_rate
-    assert calibration.threshold == pytest.approx(float(np.quantile(good, q, method="higher")))
-    # Each pass's threshold counts 1, so the sum's lies between 1 and 2 (a pass's peak on an
-    # image is at most its threshold on all but a few good images).
-    assert 1.0 <= calibration.threshold <= 2.0 + 1e-6
-
-
 def test_models_written_before_per_pass_image_scores_keep_theirs(half: Detector, tmp_path) -> None:
     source = tmp_path / "model"
     half.save(source)
@@ -288,15 +277,20 @@ def test_models_written_before_per_pass_image_scores_keep_theirs(half: Detector,
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
 
 
-@pytest.mark.parametrize("method", ["holdout", "in_sample"])
-def test_every_calibration_weighs_the_passes(method: str) -> None:
-    config = copy.deepcopy(HALF_CONFIG)
-    config["calibration"] = {"method": method}
-    detector = Detector(config).fit(fast_train_images())
+@pytest.mark.parametrize("method", ["leave_one_out", "holdout", "in_sample"])
+def test_every_calibration_weighs_the_passes(method: str, request: pytest.FixtureRequest) -> None:
+    if method == "leave_one_out":  # the default: the module's model
+        detector = request.getfixturevalue("half")
+    else:
+        config = copy.deepcopy(HALF_CONFIG)
+        config["calibration"] = {"method": method}
+        detector = Detector(config).fit(fast_train_images())
     scorer, calibration = detector.scorer, detector.calibration
     assert scorer is not None and calibration is not None and scorer.score_weights is not None
     # The stored good scores are the weighed sums: the threshold is their quantile.
     good = np.asarray(calibration.good_scores)
     q = 1.0 - calibration.false_alarm_rate
     assert calibration.threshold == pytest.approx(float(np.quantile(good, q, method="higher")))
+    # Each pass's threshold counts 1 (here the highest of a dozen good scores), so the sum's
+    # lies between 1 and 2.
     assert 1.0 <= calibration.threshold <= 2.0 + 1e-6
