@@ -277,13 +277,25 @@ def test_models_written_before_per_pass_image_scores_keep_theirs(half: Detector,
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
 
 
-@pytest.mark.parametrize("method", ["leave_one_out", "holdout", "in_sample"])
-def test_every_calibration_weighs_the_passes(method: str, request: pytest.FixtureRequest) -> None:
-    if method == "leave_one_out":  # the default: the module's model
+@pytest.mark.parametrize(
+    ("method", "scoring"),
+    [
+        ("leave_one_out", {}),  # the module's model: the leave-one-out peaks
+        # Not a maximum: leave-one-out scores every patch of every pass.
+        ("leave_one_out", {"reduction": "topk_mean"}),
+        ("holdout", {}),
+        ("in_sample", {}),
+    ],
+)
+def test_every_calibration_weighs_the_passes(
+    method: str, scoring: dict, request: pytest.FixtureRequest
+) -> None:
+    if method == "leave_one_out" and not scoring:
         detector = request.getfixturevalue("half")
     else:
         config = copy.deepcopy(HALF_CONFIG)
         config["calibration"] = {"method": method}
+        config["scoring"] = scoring
         detector = Detector(config).fit(fast_train_images())
     scorer, calibration = detector.scorer, detector.calibration
     assert scorer is not None and calibration is not None and scorer.score_weights is not None
