@@ -105,25 +105,6 @@ def test_predict_threshold_override(model: Path, dataset: Path, tmp_path) -> Non
     assert not (tmp_path / "images").exists()
 
 
-def test_experiment_multirun_sweeps_and_summarises(dataset: Path, tmp_path) -> None:
-    proc = run_cli(
-        "experiment",
-        f"data={dataset}",
-        "name=sweep",
-        *FAST[:1],
-        "detector.device=cpu",
-        "detector.coreset.ratio=0.1,0.3",
-        "--multirun",
-        "--out",
-        str(tmp_path),
-    )
-    summary = next(tmp_path.glob("sweep/*/summary.csv"))
-    lines = summary.read_text().splitlines()
-    assert len(lines) == 3 and "detector.coreset.ratio=0.1" in lines[1]
-    assert "Sweep summary" in proc.stdout
-    assert len(list(tmp_path.glob("sweep/*/*/model/model.safetensors"))) == 2
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [

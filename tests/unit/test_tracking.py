@@ -117,14 +117,19 @@ def test_fit_and_evaluate_are_recorded_with_params_metrics_and_artefacts(
 
 
 def test_sweep_points_nest_under_one_parent_run(dataset: Path, tmp_path: Path) -> None:
+    # Also the CLI's multirun sweep itself (one sweep serves both: each costs two fits).
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ok(
+    proc = ok(
         run_cli(
             "experiment", f"data={dataset}", "name=tiles", *FAST[:1], "detector.device=cpu",
             "detector.coreset.ratio=0.2,0.4", "--multirun", "--out", str(tmp_path / "out"),
             "--mlflow-uri", uri, "--mlflow-experiment", "sweeps",
         )
     )  # fmt: skip
+    assert "Sweep summary" in proc.stdout
+    lines = next((tmp_path / "out").glob("tiles/*/summary.csv")).read_text().splitlines()
+    assert len(lines) == 3 and "detector.coreset.ratio=0.2" in lines[1]
+    assert len(list((tmp_path / "out").glob("tiles/*/*/model/model.safetensors"))) == 2
     runs = runs_of(uri, "sweeps")
     assert len(runs) == 3
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
