@@ -256,6 +256,7 @@ def test_each_pass_counts_in_units_of_its_own_threshold_on_good_images() -> None
     first = np.linspace(1.0, 2.0, 101)
     weighed = weigh_passes(scorer, np.stack([first, 100.0 * first]), false_alarm_rate=0.01)
     assert scorer.score_weights == pytest.approx([1 / 1.99, 1 / 199.0])
+    assert scorer.group_weights == scorer.score_weights  # the map's units too
     assert weighed is not None
     np.testing.assert_allclose(weighed, 2 * first / 1.99)
     # Good scores of zero (identical images) have no unit: that pass counts as it is.
@@ -306,3 +307,8 @@ def test_every_calibration_weighs_the_passes(
     # Each pass's threshold counts 1 (here the highest of a dozen good scores), so the sum's
     # lies between 1 and 2.
     assert 1.0 <= calibration.threshold <= 2.0 + 1e-6
+    # The map is in the same units, and its maxima were measured in them.
+    assert scorer.group_weights == scorer.score_weights
+    assert calibration.pixel_threshold >= 1.0 - 1e-6
+    if not scoring:  # image scores are map maxima: no pass's map tops its threshold
+        assert calibration.pixel_threshold <= 2.0 + 1e-6

@@ -316,7 +316,12 @@ def fit_from_shards(
             scorer, config.batch_size, shards, bank_owner, plan, progress, stand_ins
         )
         weighed = weigh_passes(scorer, pass_scores, config.calibration.false_alarm_rate)
-        good_scores = good_scores if weighed is None else weighed
+        if weighed is not None:
+            # The map is now in the image score's units: its maxima again, under them.
+            good_scores = weighed
+            _, good_maxima, _ = calibration_scores(
+                scorer, config.batch_size, shards, bank_owner, plan, None, stand_ins
+            )
     calibration = calibrate(
         good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
     )
@@ -437,9 +442,9 @@ def calibration_scores(
 def weigh_passes(
     scorer: AnomalyScorer, pass_scores: np.ndarray | None, false_alarm_rate: float
 ) -> np.ndarray | None:
-    """Set each pass's image score weight to 1 / its own threshold on the good images'
-    ``pass_scores`` (P, N), and return their image scores so weighed (None: not a bank of
-    passes, nothing set)."""
+    """Set each pass's weight, in the image score and in the map, to 1 / its own threshold on
+    the good images' ``pass_scores`` (P, N), and return their image scores so weighed (None:
+    not a bank of passes, nothing set)."""
     if scorer.groups is None or pass_scores is None:
         return None
     q = 1.0 - false_alarm_rate
@@ -447,4 +452,5 @@ def weigh_passes(
     # A pass whose good scores are all zero (identical images) has no unit: it counts as is.
     weights = [1.0 / t if t > 0 and np.isfinite(t) else 1.0 for t in thresholds]
     scorer.set_score_weights(weights)
+    scorer.group_weights = list(weights)
     return np.sum(pass_scores * np.asarray(weights)[:, None], axis=0)

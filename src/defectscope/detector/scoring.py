@@ -3,13 +3,13 @@
 The map is the distance of each patch to its nearest memory-bank patches, upsampled to the input
 size and Gaussian-smoothed. A bank of several passes (`PatchFeatures.column_groups`: the image at
 full and at half size) is searched once per pass, on that pass's columns: each pass finds its own
-nearest patch, and the distances add up, each in units of its pass's typical gap between good
-patches (`group_weights`), so neither pass drowns the other. The image score is a reduction of
+nearest patch, and the distances add up, each in its pass's units, so neither pass drowns the
+other: the typical gap between good patches (`group_weights`) until the calibration measures
+each pass's threshold on good images and makes that its unit. The image score is a reduction of
 that map (so a mask drawn at the image threshold and the image decision agree), or PatchCore's
-re-weighted maximum. A bank of passes scores an image per pass, and adds the passes' scores,
-each in units of its own threshold on good images (``score_weights``, set by the calibration):
-a pass that sees a defect counts in full, and one that separates nothing on a product cannot
-raise every good image to a defect's score.
+re-weighted maximum. A bank of passes scores an image per pass and adds the passes' scores in
+the same units (``score_weights``): a pass that sees a defect counts in full, and one that
+separates nothing on a product cannot raise every good image to a defect's score.
 
 Upsampling and smoothing are both linear and separable, so `AnomalyScorer.to_input_maps` applies
 them as two small matrix products per map (``A_h @ P @ A_w.T``) instead of interpolating and
