@@ -25,7 +25,7 @@ from defectscope.config import BackboneConfig, FeatureConfig, ScoringConfig
 from defectscope.detector.fitting import weigh_passes
 from defectscope.detector.model_file import config_from_metadata, read_header, resolve_model_path
 from defectscope.detector.parts import FeatureParts
-from defectscope.detector.scoring import AnomalyScorer, group_weights
+from defectscope.detector.scoring import AnomalyScorer, group_weights, sum_passes
 from defectscope.detector.teaching import extend_bank
 from defectscope.errors import ConfigError, ModelFileError
 from defectscope.features.backbones import create_backbone
@@ -154,7 +154,8 @@ def test_each_pass_finds_its_own_nearest_patch(k: int) -> None:
     spans, weights = [(0, 4), (4, 6)], [2.0, 0.5]
     scorer = AnomalyScorer(bank, ScoringConfig(k=k, smoothing_sigma=0.0), (4, 5), spans, weights)
     embeddings = queries.reshape(1, 4, 5, 6).permute(0, 3, 1, 2)
-    _, dist, _ = scorer.patch_distances(embeddings)
+    _, passes, _ = scorer.patch_distances(embeddings)
+    dist = sum_passes(passes, scorer.group_weights)
     want = brute_force(bank, queries, spans, weights, k)
     torch.testing.assert_close(dist.mean(dim=1).double(), want, rtol=1e-5, atol=1e-5)
     # Not the joint search: the two passes' nearest rows differ for most queries.

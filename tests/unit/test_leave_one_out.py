@@ -29,9 +29,10 @@ def per_image_reference(
     embeddings: torch.Tensor,
     own: Sequence[torch.Tensor],
     extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, None]:
     """The exact path the batched one replaces: one ``banned`` search per image, on a bank
-    whose own rows are overwritten by their stand-ins (banned where they have none)."""
+    whose own rows are overwritten by their stand-ins (banned where they have none); one pass,
+    so no per-pass scores."""
     maps, scores = [], []
     for row, columns in enumerate(own):
         banned = torch.zeros(scorer.bank.shape[0], dtype=torch.bool)
@@ -46,7 +47,7 @@ def per_image_reference(
         one_map, one_score = one(embeddings[row : row + 1], banned=banned)
         maps.append(one_map)
         scores.append(one_score)
-    return torch.cat(maps), torch.cat(scores)
+    return torch.cat(maps), torch.cat(scores), None
 
 
 def no_stand_ins(bank: torch.Tensor, *args: object) -> StandIns:
@@ -65,7 +66,7 @@ def fit(
     config["scoring"] = scoring or {}
     with monkeypatch.context() as patch:
         if reference:
-            patch.setattr(AnomalyScorer, "score_excluding", per_image_reference)
+            patch.setattr(AnomalyScorer, "score_excluding_by_pass", per_image_reference)
         if not stand_ins:
             patch.setattr(fitting, "find_stand_ins", no_stand_ins)
         return Detector(config).fit(TRAIN)

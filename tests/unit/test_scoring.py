@@ -155,7 +155,7 @@ def test_patch_distances_layout() -> None:
     bank = torch.zeros(1, 2)
     patches = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0], [6.0, 0.0]])
     scorer = AnomalyScorer(bank, config(), (8, 8))
-    queries, dist, idx = scorer.patch_distances(grid(patches, 2, 3))
+    queries, (dist,), idx = scorer.patch_distances(grid(patches, 2, 3))
     assert queries.shape == (6, 2)
     torch.testing.assert_close(queries, patches)  # row-major over (h, w)
     torch.testing.assert_close(dist[:, 0], torch.arange(1.0, 7.0))

@@ -420,8 +420,6 @@ def calibration_scores(
                 maps = map_maxima[:, None]
                 weighed = scorer.weigh_pass_scores(pass_scores)
                 image_scores = map_maxima if weighed is None else weighed
-            elif scorer.groups is None:
-                maps, image_scores = scorer.score_excluding(embeddings, own, extra)
             else:
                 maps, image_scores, pass_scores = scorer.score_excluding_by_pass(
                     embeddings, own, extra

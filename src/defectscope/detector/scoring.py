@@ -273,13 +273,13 @@ class AnomalyScorer(nn.Module):
 
     def patch_distances(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B*h*w, D) and their k nearest distances (the passes' weighted sum) and
-        bank indices."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Queries (B*h*w, D), each pass's k nearest distances (B*h*w, k) and the bank indices
+        (the first pass's)."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
         passes, idx = self._search(queries, banned=banned)
-        return queries, sum_passes(passes, self.group_weights), idx
+        return queries, passes, idx
 
     def forward(
         self, embeddings: torch.Tensor, banned: torch.Tensor | None = None
@@ -293,10 +293,10 @@ class AnomalyScorer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As ``forward``, plus each pass's own image scores (P, B) for a bank of passes
         (None for one pass)."""
-        b, d, h, w = embeddings.shape
-        queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        passes, idx = self._search(queries, banned=banned)
-        return self.maps_and_scores(passes, idx, queries, (h, w))
+        queries, passes, idx = self.patch_distances(embeddings, banned)
+        return self.maps_and_scores(
+            passes, idx, queries, (embeddings.shape[2], embeddings.shape[3])
+        )
 
     def score_excluding(
         self,
