@@ -30,8 +30,8 @@ def run(root: Path) -> dict:
     from defectscope.detector.scoring import AnomalyScorer
     from defectscope.detector.selection import (
         CANDIDATES,
-        _backbone_maps,
         _bank,
+        _layer_maps,
         _pixel_auroc,
     )
     from defectscope.features.patches import PatchFeatures
@@ -43,9 +43,10 @@ def run(root: Path) -> dict:
     features, preprocessor = parts.features, parts.preprocessor
     config = detector.config
     size = config.batch_size
-    train = _backbone_maps(parts, size, [load_image(s.path) for s in dataset.train])
+    # Both passes where the features have two (half_scale), as the trial features below.
+    train = _layer_maps(parts, size, [load_image(s.path) for s in dataset.train], None)
     images = [load_image(s.path) for s in dataset.test]
-    test = _backbone_maps(parts, size, images)
+    test = _layer_maps(parts, size, images, None)
     labels = np.array([s.label for s in dataset.test])
     has_masks = all(s.mask_path is not None for s in dataset.test if s.label == 1)
     truths = (

@@ -2,6 +2,7 @@
 
     python benchmarks/suite.py [--json benchmarks/results/suite.json] [--categories a,b]
                                [--data-root DIR] [--synthetic-root DIR] [key=value overrides]
+    python benchmarks/suite.py --known-defects 5 [--hold-out-only] ...   # known defects
 
 Categories: MVTec AD bottle and screw from ../shared (skipped when absent) and the synthetic
 categories of benchmarks/categories.py (textures, grayscale surfaces, varying-size strips, tiny
@@ -54,25 +55,63 @@ def category_roots(names: list[str] | None, data_root: Path, synthetic_root: Pat
     return roots
 
 
-def run_category(
-    root: Path, overrides: list[str], shots: int | None = None, seed: int = 0
-) -> dict[str, Any]:
-    """Fit on the training images (or ``shots`` of them, drawn with ``seed``) and evaluate."""
+def draw_known_defects(test: list[Any], count: int, seed: int = 0) -> list[Any]:
+    """``count`` defective test samples, taken in turn from each defect type (each type's
+    order shuffled with ``seed``): a user's few known defects are rarely all of one kind."""
     import random
+
+    by_type: dict[str, list[Any]] = {}
+    for sample in test:
+        if sample.label == 1:
+            by_type.setdefault(sample.defect_type, []).append(sample)
+    for name, samples in by_type.items():
+        random.Random(f"{seed}-{name}").shuffle(samples)
+    queues = [by_type[name] for name in sorted(by_type)]
+    drawn: list[Any] = []
+    while len(drawn) < count and any(queues):
+        for queue in queues:
+            if queue and len(drawn) < count:
+                drawn.append(queue.pop())
+    return drawn
+
+
+def run_category(
+    root: Path,
+    overrides: list[str],
+    shots: int | None = None,
+    seed: int = 0,
+    known_defects: int = 0,
+    use_known: bool = True,
+) -> dict[str, Any]:
+    """Fit on the training images (or ``shots`` of them, drawn with ``seed``) and evaluate.
+    ``known_defects`` defective test images are taken out of the evaluation and, with
+    ``use_known``, given to the fit (`detector.auto.known_defects`)."""
+    import dataclasses
+    import random
+    import tempfile
 
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
     from defectscope.evaluation.runner import evaluate
     from defectscope.experiment import compose
 
-    experiment = compose(None, overrides)
     dataset = open_dataset(root)
+    known = draw_known_defects(dataset.test, known_defects, seed)
+    dataset = dataclasses.replace(dataset, test=[s for s in dataset.test if s not in known])
+    folder = tempfile.TemporaryDirectory(prefix="known-defects-")
+    for number, sample in enumerate(known):
+        link = Path(folder.name) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
+        link.symlink_to(sample.path.resolve())
+    if known and use_known:
+        overrides = [*overrides, f"detector.auto.known_defects={folder.name}"]
+    experiment = compose(None, overrides)
     train = [s.path for s in dataset.train]
     if shots is not None:
         train = random.Random(seed).sample(train, shots)
     start = time.perf_counter()
     detector = Detector(experiment.detector).fit(train)
     fit_s = time.perf_counter() - start
+    folder.cleanup()
     result = evaluate(detector, dataset)
     metrics = result.to_dict()["metrics"]
     row: dict[str, Any] = {k: _finite(metrics.get(k)) for k in METRICS}
@@ -85,6 +124,7 @@ def run_category(
         for name, v in result.to_dict().get("per_defect", {}).items()
     }
     row["selection"] = (detector.info.selection or {}).get("chosen")
+    row["known_defects"] = len(known) if use_known else 0
     row["candidates"] = [
         {k: r[k] for k in ("name", "image_auroc", "pixel_auroc", "objective") if k in r}
         for r in (detector.info.selection or {}).get("candidates", [])
@@ -247,6 +287,19 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
+        "--known-defects",
+        type=int,
+        default=0,
+        help="take K defective test images (in turn from each defect type) out of the "
+        "evaluation and give them to the fit as known defects",
+    )
+    parser.add_argument(
+        "--hold-out-only",
+        action="store_true",
+        help="with --known-defects: take them out of the evaluation but do not give them to "
+        "the fit (the baseline on the same test images)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. detector.features.normalize=none"
     )
     args = parser.parse_args()
@@ -260,7 +313,12 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for name, root in roots.items():
         start = time.perf_counter()
-        rows[name] = run_category(root, args.overrides)
+        rows[name] = run_category(
+            root,
+            args.overrides,
+            known_defects=args.known_defects,
+            use_known=not args.hold_out_only,
+        )
         r = rows[name]
         print(
             f"{name:14s} image {r['image_auroc']} pixel {r['pixel_auroc']} aupro {r['aupro']} "
@@ -280,6 +338,8 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "overrides": args.overrides,
+        "known_defects": args.known_defects,
+        "known_defects_used": args.known_defects > 0 and not args.hold_out_only,
         "categories": rows,
         "summary": summary,
         "table": table,

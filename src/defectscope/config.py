@@ -228,6 +228,18 @@ class AutoConfig(_Section):
         "a smaller set); the fit reuses their backbone pass.",
     )
     defects_per_image: int = Field(3, ge=1, le=10)
+    known_defects: str | None = Field(
+        None,
+        description="A folder (searched recursively) or one image of real defective images of "
+        "the product. When given, candidates are judged on them instead of synthetic defects "
+        "(image AUROC against the held-out good images; at most 64 are read).",
+    )
+    try_half_scale: bool = Field(
+        True,
+        description="With known_defects, also try the chosen candidate with the image at half "
+        "size too (features.half_scale) and keep it if it separates them better by the margin. "
+        "Synthetic defects cannot make this choice: they do not show a product's defect sizes.",
+    )
     size_probe_images: int = Field(
         64, ge=1, description="Images whose sizes decide the geometry (aspect='auto')."
     )

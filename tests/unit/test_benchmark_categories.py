@@ -171,3 +171,20 @@ def test_command_line_prints_a_summary(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "strips" in out and "blowhole" in out and "sizes" in out
     assert (tmp_path / "strips" / "ground_truth" / "uneven" / "000_mask.png").is_file()
+
+
+def test_known_defects_are_drawn_in_turn_from_each_type_and_reproducibly() -> None:
+    from defectscope.data.datasets import Sample
+
+    spec = importlib.util.spec_from_file_location("benchmark_suite", _PATH.with_name("suite.py"))
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    test = [Sample(Path(f"good/{i}.png"), 0, "good") for i in range(4)]
+    test += [Sample(Path(f"crack/{i}.png"), 1, "crack") for i in range(5)]
+    test += [Sample(Path(f"hole/{i}.png"), 1, "hole") for i in range(2)]
+    drawn = suite.draw_known_defects(list(test), 5, seed=0)
+    assert [s.defect_type for s in drawn] == ["crack", "hole", "crack", "hole", "crack"]
+    assert len(set(drawn)) == 5 and all(s.label == 1 for s in drawn)
+    assert suite.draw_known_defects(list(test), 5, seed=0) == drawn
+    assert suite.draw_known_defects(list(test), 5, seed=1) != drawn
+    assert len(suite.draw_known_defects(list(test), 50)) == 7  # never more than there are

@@ -14,13 +14,8 @@ from _images import FAST_CONFIG, texture_crops, with_defect
 from defectscope.config import DetectorConfig
 from defectscope.detector import selection
 from defectscope.detector.detector import Detector
-from defectscope.detector.selection import (
-    Candidate,
-    choose,
-    probe_size,
-    resolve_geometry,
-    scale_spread,
-)
+from defectscope.detector.geometry import probe_size, resolve_geometry, scale_spread
+from defectscope.detector.selection import Candidate, choose
 from defectscope.features.patches import PatchFeatures
 from defectscope.features.preprocess import Preprocessor
 

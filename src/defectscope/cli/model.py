@@ -101,6 +101,15 @@ def fit(
             "images (default: on, unless the config sets detector.auto.enabled).",
         ),
     ] = None,
+    defects: Annotated[
+        str | None,
+        typer.Option(
+            "--defects",
+            help="Folder (or one image) of real defective images of this product: auto mode "
+            "chooses the configuration on them instead of synthetic defects, the half-size "
+            "pass included (detector.auto.known_defects).",
+        ),
+    ] = None,
 ) -> None:
     """Learn what good looks like from the good training images of DATA.
 
@@ -109,6 +118,7 @@ def fit(
     from defectscope import storage
     from defectscope.data.datasets import open_dataset
     from defectscope.distributed.cluster import check_engine
+    from defectscope.errors import ConfigError
     from defectscope.experiment import compose
     from defectscope.tracking import log_fit, open_tracker
 
@@ -116,6 +126,14 @@ def fit(
     experiment = compose(config, overrides, device)
     if auto is not None:
         experiment.detector.auto.enabled = auto
+    if defects is not None:
+        experiment.detector.auto.known_defects = defects
+    known = experiment.detector.auto.known_defects
+    if known is not None:
+        if not experiment.detector.auto.enabled:
+            raise ConfigError("known defects choose the configuration: they need auto mode")
+        if not Path(known).exists():
+            raise ConfigError(f"auto.known_defects: {known}: file or folder not found")
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
     stale_folder = model_destination(out_dir, overwrite)  # likewise an existing model
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now

@@ -66,16 +66,15 @@ class FeatureParts:
 
     @torch.inference_mode()
     def backbone_maps(
-        self, batch: torch.Tensor, full_size_only: bool = False
+        self, batch: torch.Tensor, half_scale: bool | None = None
     ) -> list[torch.Tensor]:
         """Normalised input (B, 3, H, W) -> the backbone's layer maps, float32, on the device
         (before aggregation: auto mode aggregates one pass in several ways); those of the
-        half-size pass too unless ``full_size_only``."""
+        half-size pass after them if ``half_scale`` (None: as the features are configured)."""
         batch = batch.to(self.device, non_blocking=True)
         if self.half:
             batch = batch.half()
-        maps = self.features.backbone(batch) if full_size_only else self.features.layer_maps(batch)
-        return [m.float() for m in maps]
+        return [m.float() for m in self.features.layer_maps(batch, half_scale)]
 
     def resize_and_hash(self, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """A decoded image resized to the input (not yet normalised) and its content hash: what

@@ -5,16 +5,15 @@ them (`defectscope.data.defect_synthesis`). Every candidate configuration is the
 well it separates those defects from the held-out good images (image AUROC) and localises them
 (pixel AUROC), with a small bank from other training images. The candidates differ only in how
 the backbone's layer maps are aggregated (per-layer normalisation, neighbourhood pooling), so
-one backbone pass serves them all; the coreset, kNN and scoring are the fit's own code.
+one backbone pass serves them all; the coreset, kNN and scoring are the fit's own code. Where
+the user gives a few real defective images (`auto.known_defects`), candidates are judged on them
+instead, and the half-size pass is tried too (`defectscope.detector.known_defects`).
 
-The image geometry is decided first, from the images' sizes: a set whose aspect ratios differ
-is padded to keep each image undistorted, and a set of one elongated shape gets an input of the
-same shape and about the configured pixel count.
+The image geometry is decided first, from the images' sizes (`defectscope.detector.geometry`).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.coreset import coreset_size, select_coreset
+from defectscope.detector.geometry import probe_size, resolve_geometry
 from defectscope.detector.parts import FeatureParts, input_multiple
 from defectscope.detector.progress import ProgressFn
 from defectscope.detector.ranking import auroc
@@ -107,113 +106,6 @@ class SelectionResult:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------- geometry
-def probe_size(source: ImageInput) -> tuple[int, int] | None:
-    """(height, width) of an image without decoding its pixels; None if unreadable."""
-    try:
-        if isinstance(source, np.ndarray):
-            return int(source.shape[0]), int(source.shape[1])
-        if isinstance(source, Image.Image):
-            return source.height, source.width
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(source))) as image:
-                return image.height, image.width
-        if isinstance(source, (str, Path)):
-            with Image.open(source) as image:
-                return image.height, image.width
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return None
-
-
-def shaped_input(area: int, ratio: float, multiple: int) -> tuple[int, int]:
-    """(height, width) of about ``area`` pixels with width/height ``ratio``, both sides a
-    multiple of ``multiple``."""
-    return (
-        max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple),
-        max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple),
-    )
-
-
-def scale_spread(sizes: Sequence[tuple[int, int]], ratio: float) -> float:
-    """How unevenly a padded canvas of width/height ``ratio`` shrinks ``sizes``: the 90th over
-    the 10th percentile of each image's scale (rare outliers do not count)."""
-    height, width = 1.0, ratio
-    scales = [min(height / h, width / w) for h, w in sizes]
-    low, high = np.percentile(scales, [10, 90])
-    return float(high / low)
-
-
-def canvas_ratio(sizes: Sequence[tuple[int, int]]) -> float:
-    """Width/height of the padded canvas for images of ``sizes``: the box most of them fit in
-    (95th percentile of widths over that of heights) if it shrinks them more evenly than a
-    square does, else 1. Scales a few times apart in one bank make the same surface look
-    different, and a square shrinks a long image far more than a short one."""
-    box = float(np.percentile([w for _, w in sizes], 95)) / float(
-        np.percentile([h for h, _ in sizes], 95)
-    )
-    if max(box, 1 / box) < 1.25 or scale_spread(sizes, box) > 0.8 * scale_spread(sizes, 1.0):
-        return 1.0
-    return box
-
-
-def resolve_geometry(
-    sizes: Sequence[tuple[int, int]], config: DetectorConfig, multiple: int = 32
-) -> dict[str, Any]:
-    """Settle ``features.aspect='auto'`` (and the input shape) from training image sizes."""
-    features = config.features
-    out: dict[str, Any] = {"aspect_requested": features.aspect}
-    if features.aspect != "auto":
-        return out
-    sizes = [(h, w) for h, w in sizes if h > 0 and w > 0]
-    ratios = [w / h for h, w in sizes]
-    if not ratios:
-        features.aspect = "stretch"
-        out.update(aspect="stretch", reason="no readable size: stretch")
-        return out
-    spread = max(ratios) / min(ratios)
-    out["aspect_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
-    reasons = []
-    ratio = float(np.median(ratios))
-    area = features.input_size[0] * features.input_size[1]
-    if spread > 1.1:
-        # Differently shaped images: stretching would distort each one differently.
-        features.aspect = "pad"
-        box = canvas_ratio(sizes)
-        if box != 1.0:
-            features.input_size = shaped_input(area, box, multiple)
-            reasons.append(f"aspect ratios differ by {spread:.2f}x: pad into a {box:.2f}:1 box")
-        else:
-            reasons.append(f"aspect ratios differ by {spread:.2f}x: pad")
-    else:
-        features.aspect = "stretch"
-        if max(ratio, 1 / ratio) >= 1.5:
-            # One elongated shape: an input of that shape, about the configured pixel count.
-            features.input_size = shaped_input(area, ratio, multiple)
-            reasons.append(f"all images {ratio:.2f}:1, stretch to that shape")
-        else:
-            reasons.append("one shape, near square: stretch")
-    short_side = float(np.median([min(h, w) for h, w in sizes]))
-    # Large images: a larger input keeps small defects a few patches wide, graded by how much
-    # the images would shrink (max_downscale); without it, only from 3x the input.
-    if features.max_downscale is None:
-        wanted = features.large_image_scale if short_side >= 3 * min(features.input_size) else 1
-    else:
-        wanted = short_side / features.max_downscale / min(features.input_size)
-    factor = min(features.large_image_scale, wanted)
-    height, width = (
-        min(2048, round(side * factor / multiple) * multiple) for side in features.input_size
-    )
-    if min(height, width) > min(features.input_size):
-        features.input_size = (height, width)
-        reasons.append(f"large images (short side {short_side:.0f} px): input x{factor:.2f}")
-    height, width = features.input_size
-    out.update(aspect=features.aspect, input_size=[height, width])
-    out["reason"] = "; ".join(reasons) + f"; input {height}x{width}"
-    return out
-
-
-# ------------------------------------------------------------------------------ selection
 @dataclass
 class PreparedImage:
     """A training image's backbone maps, computed by auto mode and reused by the fit."""
@@ -285,11 +177,26 @@ def select_configuration(
             "configuration as given"
         )
         return SelectionResult(None, reason, geometry=geometry), PreparedMaps()
-    # Imported here: only auto mode needs it.
+    # Imported here: only auto mode needs them.
     from defectscope.data.defect_synthesis import synthesize_defects
+    from defectscope.detector.known_defects import (
+        half_scale_row,
+        half_size_fits,
+        known_defect_paths,
+        load_known_defects,
+        soft_auroc,
+    )
 
+    known = known_defect_paths(auto.known_defects) if auto.known_defects else None
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
     parts = FeatureParts.build(backbone, config.features, device, config.half_precision)
+    # Only real defects show whether a product needs the half-size pass (known_defects.py).
+    try_half = (
+        known is not None
+        and auto.try_half_scale
+        and not config.features.half_scale
+        and half_size_fits(backbone, config.features.input_size)
+    )
     features, preprocessor = parts.features, parts.preprocessor
     # One backbone pass over a sample (every image of a set up to auto.bank_images), kept for
     # the fit: candidates are compared on banks as large as the fit's, which decides the ranking.
@@ -300,7 +207,9 @@ def select_configuration(
         if progress is not None:
             progress("auto", done, steps)
 
-    prepared, decoded = _prepare_sample(parts, config.batch_size, images, sample, n_holdout, report)
+    prepared, decoded = _prepare_sample(
+        parts, config.batch_size, images, sample, n_holdout, report, try_half or None
+    )
     indices = list(prepared)
     holdout_ids, bank_ids = indices[:n_holdout], indices[n_holdout:]
     if len(holdout_ids) < 2 or not bank_ids:
@@ -309,19 +218,24 @@ def select_configuration(
         ), PreparedMaps()
     # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
     holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
-    defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
+    if known is None:
+        defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
+        defect_images = [d.image for d in defects]
+        truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
+        kinds, evidence = sorted({d.kind for d in defects}), "synthetic defects"
+    else:
+        defect_images = load_known_defects(
+            known, lambda image: _at_input_scale(preprocessor, image)
+        )
+        truths, kinds = None, ["known"]
+        evidence = f"the {len(known)} known defects"
     # Candidates are compared on the full-size pass alone (the half-size one, if configured,
     # comes after it): with both, raw features win on synthetic blotches where real faint
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
-    good_maps = _full_size_maps(parts, config.batch_size, holdout)
-    defect_maps = _full_size_maps(parts, config.batch_size, [d.image for d in defects])
-    bank_maps = [
-        [torch.cat([prepared[i].maps[layer] for i in chunk]) for layer in range(full)]
-        for chunk in _chunks(bank_ids, config.batch_size)
-    ]
-    labels = np.r_[np.zeros(len(holdout)), np.ones(len(defects))]
-    truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
+    test_maps = _layer_maps(parts, config.batch_size, holdout + defect_images, try_half)
+    bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
+    labels = np.r_[np.zeros(len(holdout)), np.ones(len(defect_images))]
 
     table = []
     for number, name in enumerate(auto.candidates):
@@ -331,11 +245,11 @@ def select_configuration(
         bank = _bank(trial, bank_maps, config, device)
         scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
         maps = []
-        for batch in good_maps + defect_maps:
-            batch_maps, _ = scorer(trial.aggregate(batch))
+        for batch in test_maps:
+            batch_maps, _ = scorer(trial.aggregate(batch[:full]))
             maps.append(batch_maps.float().cpu())
         all_maps = torch.cat(maps)
-        pixel_auroc = _pixel_auroc(preprocessor, all_maps, truths)
+        pixel_auroc = None if truths is None else _pixel_auroc(preprocessor, all_maps, truths)
         seconds = round(time.perf_counter() - t0, 3)
         for reduction in auto.reductions:
             image_scores = reduce_maps(all_maps, reduction, config.scoring.topk_fraction)
@@ -348,24 +262,57 @@ def select_configuration(
                     "neighbourhood": candidate.neighbourhood,
                     "reduction": reduction,
                     "image_auroc": round(image_auroc, 4),
-                    "pixel_auroc": round(pixel_auroc, 4),
-                    "objective": round((image_auroc + pixel_auroc) / 2, 4),
+                    "pixel_auroc": None if pixel_auroc is None else round(pixel_auroc, 4),
+                    "objective": round(
+                        soft_auroc(labels, image_scores.numpy())
+                        if pixel_auroc is None
+                        else (image_auroc + pixel_auroc) / 2,
+                        4,
+                    ),
                     "seconds": seconds,
                 }
             )
         report(len(sample) + number + 1)
     best = choose(table)
-    CANDIDATES[best["name"].split("+")[0]].apply(config)
+    candidate = CANDIDATES[best["name"].split("+")[0]]
+    candidate.apply(config)
     config.scoring.reduction = best["reduction"]
+    if try_half:
+        trial = PatchFeatures(
+            features.backbone,
+            candidate.neighbourhood,
+            config.features.embedding_dim,
+            candidate.normalize,
+            half_scale=True,
+        )
+        layers = len(prepared[bank_ids[0]].maps)
+        chunks = _chunks(bank_ids, config.batch_size)
+        bank = _bank(trial, [_cat_layers(prepared, c, layers) for c in chunks], config, device)
+        row = half_scale_row(
+            trial, bank, config, preprocessor.input_size, test_maps, labels, best["reduction"]
+        )
+        described = best["description"] + "; the image at half size too"
+        half_name = f"{best['name']}+half_scale"
+        table.append({**best, **row, "name": half_name, "description": described, "seconds": None})
+        if row["objective"] > best["objective"] + MARGIN:
+            best = table[-1]
+            config.features.half_scale = True
+        else:
+            for entry in prepared.values():  # the fit's features have one pass: drop the other
+                entry.maps = entry.maps[:full]
     others = ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
+    pixel = "" if best["pixel_auroc"] is None else f", pixel AUROC {best['pixel_auroc']:.3f}"
     measured = (
-        f"objective {best['objective']:.3f} (image AUROC {best['image_auroc']:.3f}, "
-        f"pixel AUROC {best['pixel_auroc']:.3f}; {others})"
+        f"objective {best['objective']:.3f} (image AUROC {best['image_auroc']:.3f}{pixel}; "
+        f"{others})"
     )
     if all(best["objective"] >= r["objective"] for r in table):
-        reason = f"{best['name']} separates synthetic defects best: {measured}"
+        reason = f"{best['name']} separates {evidence} best: {measured}"
     else:
-        reason = f"{best['name']} kept: no other candidate leads it by {MARGIN}: {measured}"
+        reason = (
+            f"{best['name']} kept: no other candidate leads it by {MARGIN} on {evidence}: "
+            f"{measured}"
+        )
     result = SelectionResult(
         chosen=best["name"],
         reason=reason,
@@ -373,8 +320,8 @@ def select_configuration(
         geometry=geometry,
         n_bank_images=len(bank_ids),
         n_holdout_images=len(holdout),
-        n_defects=len(defects),
-        defect_kinds=sorted({d.kind for d in defects}),
+        n_defects=len(defect_images),
+        defect_kinds=kinds,
         seconds=round(time.perf_counter() - start, 3),
     )
     return result, prepared
@@ -392,6 +339,7 @@ def _prepare_sample(
     indices: np.ndarray,
     keep: int,
     report: Callable[[int], None],
+    half_scale: bool | None = None,
 ) -> tuple[PreparedMaps, dict[int, np.ndarray]]:
     """Backbone maps of the readable ``images[indices]``, in that order, decoded in background
     threads as the fit decodes; and the first ``keep`` of those images, decoded."""
@@ -408,7 +356,7 @@ def _prepare_sample(
         if not good:
             continue
         inputs = preprocessor.batch([item.prepared[0] for item, _ in good])
-        maps = [m.cpu() for m in parts.backbone_maps(inputs)]
+        maps = [m.cpu() for m in parts.backbone_maps(inputs, half_scale)]
         for row, (item, image) in enumerate(good):
             index = chosen[item.index]
             if len(decoded) < keep:
@@ -440,15 +388,19 @@ def _at_input_scale(preprocessor: Any, image: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _full_size_maps(
-    parts: FeatureParts, size: int, images: list[np.ndarray]
+def _layer_maps(
+    parts: FeatureParts, size: int, images: list[np.ndarray], half_scale: bool | None
 ) -> list[list[torch.Tensor]]:
-    """The full-size pass's layer maps of ``images``, a list per batch (kept for every
-    candidate)."""
+    """The full-size pass's layer maps of ``images`` (then the half-size pass's, if
+    ``half_scale``; None: as the features are configured), a list per batch."""
     return [
-        parts.backbone_maps(parts.preprocessor(images[start : start + size]), full_size_only=True)
+        parts.backbone_maps(parts.preprocessor(images[start : start + size]), half_scale)
         for start in range(0, len(images), size)
     ]
+
+
+def _cat_layers(prepared: PreparedMaps, ids: list[int], n_layers: int) -> list[torch.Tensor]:
+    return [torch.cat([prepared[i].maps[layer] for i in ids]) for layer in range(n_layers)]
 
 
 @torch.inference_mode()

@@ -63,11 +63,13 @@ class PatchFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.aggregate(self.layer_maps(images))
 
-    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The backbone's layer maps of ``images``, then (``half_scale``) of the images at half
-        size (2x2 averaging: exact, and traceable for export)."""
+    def layer_maps(
+        self, images: torch.Tensor, half_scale: bool | None = None
+    ) -> list[torch.Tensor]:
+        """The backbone's layer maps of ``images``, then (``half_scale``, by default this
+        module's) of the images at half size (2x2 averaging: exact, and traceable for export)."""
         maps = list(self.backbone(images))
-        if self.half_scale:
+        if self.half_scale if half_scale is None else half_scale:
             maps += list(self.backbone(F.avg_pool2d(images, 2, ceil_mode=True)))
         return maps
 
