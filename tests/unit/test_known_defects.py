@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _auto import AUTO_CONFIG, BlindCandidate
 from _cli import run_cli
 from _images import FAST_CONFIG, png, texture_crops, with_defect
 
@@ -21,22 +22,11 @@ from defectscope.detector.known_defects import (
     soft_auroc,
 )
 from defectscope.detector.ranking import auroc
-from defectscope.detector.selection import Candidate
 from defectscope.errors import ConfigError
-from defectscope.features.patches import PatchFeatures
-
-AUTO = {
-    "enabled": True,
-    "candidates": ["raw", "l2"],
-    "reductions": ["max"],
-    "min_images": 10,
-    "holdout_images": 4,
-    "bank_images": 10,
-}
 
 
 def _config(folder: Path, **auto: object) -> dict:
-    return {**FAST_CONFIG, "auto": {**AUTO, "known_defects": str(folder), **auto}}
+    return {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "known_defects": str(folder), **auto}}
 
 
 @pytest.fixture(scope="module")
@@ -93,22 +83,8 @@ def test_a_large_folder_is_read_up_to_the_cap_in_name_order(tmp_path: Path) -> N
 
 
 # -------------------------------------------------------------------------- selection
-class _Blind(PatchFeatures):
-    """Patch features that ignore the image: nothing separates."""
-
-    def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        real = super().aggregate(maps)
-        noise = torch.rand(real.shape[1:], generator=torch.Generator().manual_seed(0))
-        return noise.expand_as(real).contiguous()
-
-
-class _BlindCandidate(Candidate):
-    def features(self, backbone, embedding_dim):  # type: ignore[no-untyped-def]
-        return _Blind(backbone, self.neighbourhood, embedding_dim, self.normalize)
-
-
 def test_candidates_are_judged_on_the_known_defects(monkeypatch, defect_folder: Path) -> None:
-    monkeypatch.setitem(selection.CANDIDATES, "raw", _BlindCandidate("raw", "none", 1, "blind"))
+    monkeypatch.setitem(selection.CANDIDATES, "raw", BlindCandidate("raw", "none", 1, "blind"))
     detector = Detector(_config(defect_folder))
     result = detector.prepare(texture_crops(16, seed=4))
     rows = {row["name"]: row for row in result.candidates}
@@ -174,7 +150,7 @@ def test_fit_cli_takes_known_defects_and_refuses_bad_ones(
     for i, image in enumerate(texture_crops(14, seed=6)):
         (data / f"{i:03d}.png").write_bytes(png(image))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"detector": {**FAST_CONFIG, "auto": AUTO}}))
+    config.write_text(yaml.safe_dump({"detector": AUTO_CONFIG}))
     runner = CliRunner()
     model = tmp_path / "model"
     args = ["fit", str(data), "--out", str(model), "--config", str(config)]

@@ -9,28 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _auto import AUTO_CONFIG, BlindCandidate
 from _images import FAST_CONFIG, texture_crops, with_defect
 
 from defectscope.config import DetectorConfig
 from defectscope.detector import selection
 from defectscope.detector.detector import Detector
 from defectscope.detector.geometry import probe_size, resolve_geometry, scale_spread
-from defectscope.detector.selection import Candidate, choose
-from defectscope.features.patches import PatchFeatures
+from defectscope.detector.selection import choose
 from defectscope.features.preprocess import Preprocessor
-
-AUTO_CONFIG = {
-    **FAST_CONFIG,
-    "auto": {
-        "enabled": True,
-        "candidates": ["raw", "l2"],
-        "reductions": ["max"],
-        "min_images": 10,
-        "holdout_images": 4,
-        "bank_images": 10,
-        "defects_per_image": 3,
-    },
-}
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -176,24 +163,9 @@ def test_choose_prefers_the_earlier_candidate_unless_a_later_one_clearly_wins() 
     assert choose(rows)["name"] == "b"
 
 
-class _Blind(PatchFeatures):
-    """Patch features that ignore the image: every patch looks alike, so nothing separates."""
-
-    def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        real = super().aggregate(maps)
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.rand(real.shape[1:], generator=generator)
-        return noise.expand_as(real).contiguous()
-
-
-class _BlindCandidate(Candidate):
-    def features(self, backbone, embedding_dim):  # type: ignore[no-untyped-def]
-        return _Blind(backbone, self.neighbourhood, embedding_dim, self.normalize)
-
-
 def test_a_candidate_that_separates_synthetic_defects_beats_a_blind_one(monkeypatch) -> None:
     # The blind candidate comes first, so it is the one kept unless the other clearly wins.
-    blind = _BlindCandidate("raw", "none", 1, "blind")
+    blind = BlindCandidate("raw", "none", 1, "blind")
     monkeypatch.setitem(selection.CANDIDATES, "raw", blind)
     detector = Detector(AUTO_CONFIG)
     result = detector.prepare(texture_crops(16, seed=4))

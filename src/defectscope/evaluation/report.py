@@ -168,7 +168,8 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
 
 
 def _selection(result: EvaluationResult) -> Table:
-    """Auto mode's candidates (synthetic defects on held-out good images) and its choice."""
+    """Auto mode's candidates (synthetic or known defects against held-out good images) and
+    its choice."""
     selection = (result.context.get("detector") or {}).get("selection") or {}
     header = ["Candidate", "Image AUROC", "Pixel AUROC", "Objective", "Chosen"]
     rows = [
