@@ -26,7 +26,8 @@ from defectscope.errors import ConfigError
 
 
 def _config(folder: Path, **auto: object) -> dict:
-    return {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "known_defects": str(folder), **auto}}
+    known = {"known_defects": str(folder), "min_known_defects": 4, **auto}
+    return {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], **known}}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,14 @@ def test_candidates_are_judged_on_the_known_defects(monkeypatch, defect_folder: 
     assert detector.config.features.half_scale is False
 
 
+def test_fewer_known_defects_than_the_minimum_are_not_used(defect_folder: Path) -> None:
+    detector = Detector(_config(defect_folder, min_known_defects=5))
+    result = detector.prepare(texture_crops(16, seed=4))
+    assert "4 known defects, fewer than auto.min_known_defects=5: not used" in result.reason
+    assert result.defect_kinds != ["known"] and result.n_defects == 12
+    assert not any(row["name"].endswith("+half_scale") for row in result.candidates)
+
+
 @pytest.mark.parametrize("half_wins", [True, False])
 def test_the_fit_takes_auto_modes_maps_with_or_without_the_half_size_pass(
     monkeypatch, defect_folder: Path, half_wins: bool
@@ -150,7 +159,8 @@ def test_fit_cli_takes_known_defects_and_refuses_bad_ones(
     for i, image in enumerate(texture_crops(14, seed=6)):
         (data / f"{i:03d}.png").write_bytes(png(image))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"detector": AUTO_CONFIG}))
+    auto = {**AUTO_CONFIG["auto"], "min_known_defects": 4}
+    config.write_text(yaml.safe_dump({"detector": {**AUTO_CONFIG, "auto": auto}}))
     runner = CliRunner()
     model = tmp_path / "model"
     args = ["fit", str(data), "--out", str(model), "--config", str(config)]

@@ -188,6 +188,13 @@ def select_configuration(
     )
 
     known = known_defect_paths(auto.known_defects) if auto.known_defects else None
+    unused = ""
+    if known is not None and len(known) < auto.min_known_defects:
+        unused = (
+            f"; {len(known)} known defects, fewer than auto.min_known_defects="
+            f"{auto.min_known_defects}: not used"
+        )
+        known = None
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
     parts = FeatureParts.build(backbone, config.features, device, config.half_precision)
     # Only real defects show whether a product needs the half-size pass (known_defects.py).
@@ -315,7 +322,7 @@ def select_configuration(
         )
     result = SelectionResult(
         chosen=best["name"],
-        reason=reason,
+        reason=reason + unused,
         candidates=table,
         geometry=geometry,
         n_bank_images=len(bank_ids),
