@@ -98,20 +98,19 @@ def run_category(
     dataset = open_dataset(root)
     known = draw_known_defects(dataset.test, known_defects, seed)
     dataset = dataclasses.replace(dataset, test=[s for s in dataset.test if s not in known])
-    folder = tempfile.TemporaryDirectory(prefix="known-defects-")
-    for number, sample in enumerate(known):
-        link = Path(folder.name) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
-        link.symlink_to(sample.path.resolve())
-    if known and use_known:
-        overrides = [*overrides, f"detector.auto.known_defects={folder.name}"]
-    experiment = compose(None, overrides)
     train = [s.path for s in dataset.train]
     if shots is not None:
         train = random.Random(seed).sample(train, shots)
-    start = time.perf_counter()
-    detector = Detector(experiment.detector).fit(train)
-    fit_s = time.perf_counter() - start
-    folder.cleanup()
+    with tempfile.TemporaryDirectory(prefix="known-defects-") as folder:
+        for number, sample in enumerate(known):
+            link = Path(folder) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
+            link.symlink_to(sample.path.resolve())
+        if known and use_known:
+            overrides = [*overrides, f"detector.auto.known_defects={folder}"]
+        experiment = compose(None, overrides)
+        start = time.perf_counter()
+        detector = Detector(experiment.detector).fit(train)
+        fit_s = time.perf_counter() - start
     result = evaluate(detector, dataset)
     metrics = result.to_dict()["metrics"]
     row: dict[str, Any] = {k: _finite(metrics.get(k)) for k in METRICS}

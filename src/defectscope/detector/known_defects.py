@@ -21,7 +21,7 @@ from defectscope.config import DetectorConfig
 from defectscope.data.io import expand_image_paths, load_image
 from defectscope.detector.geometry import probe_size
 from defectscope.detector.ranking import auroc
-from defectscope.detector.scoring import AnomalyScorer
+from defectscope.detector.scoring import AnomalyScorer, sum_passes
 from defectscope.errors import ConfigError, ImageLoadError
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
@@ -104,7 +104,9 @@ def half_scale_row(
     per_pass = torch.cat([p.float().cpu() for p in scored if p is not None], dim=1)  # (2, N)
     good = torch.as_tensor(labels == 0)
     units = per_pass[:, good].mean(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    scores = (per_pass / units[:, None]).sum(dim=0)
+    # The calibrated model's own sum of weighed passes, with these units in place of thresholds.
+    scorer.set_score_weights((1.0 / units).tolist())
+    scores = sum_passes(list(per_pass), scorer.score_weights)
     return {
         "image_auroc": round(auroc(labels, scores.numpy()), 4),
         "pixel_auroc": None,
