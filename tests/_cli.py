@@ -9,6 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+# The CLI's twin of `_images.FAST_CONFIG`: a small input and the plain fit for a dozen images.
+# The few-shot fit compares view sets first (about 3x the fit); tests/unit/test_few_shot.py
+# covers it.
+FAST_OVERRIDES = (
+    "detector.features.input_size=[128,128]",
+    "detector.coreset.ratio=0.25",
+    "detector.device=cpu",
+    "detector.few_shot.enabled=false",
+)
+
 
 def run_cli(
     *args: str,

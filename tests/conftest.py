@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,10 @@ BOTTLE_SKIP_REASON = (
 def pytest_collection_finish(session: pytest.Session) -> None:
     import _mypy
 
+    # Under pytest-xdist every worker collects every test: the one that runs it starts mypy
+    # when it gets there (two early runs would share one cache folder).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any(item.nodeid == _mypy.TEST_ID for item in session.items):
         _mypy.start()  # a minute or two of one core, beside the tests that come before it
 

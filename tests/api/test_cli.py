@@ -8,15 +8,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from _cli import FAST_OVERRIDES
 from _cli import run_cli as _run_cli
 
 from defectscope.data.synthetic import make_synthetic_dataset
 
-FAST = [
-    "detector.features.input_size=[128,128]",
-    "detector.coreset.ratio=0.25",
-    "detector.device=cpu",
-]
+FAST = FAST_OVERRIDES
 
 
 run_cli = partial(_run_cli, check=True)

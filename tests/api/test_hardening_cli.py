@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import FAST_OVERRIDES
 from _cli import run_cli as _run_cli
 from _images import png, texture_crops
 from _models import copy_model, rewritten_model
 
-FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25"]
+FAST = FAST_OVERRIDES
 
 
 run_cli = partial(_run_cli, columns=200, unset=("DEFECTSCOPE_DEBUG",), umask=0o022)

@@ -8,11 +8,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from _cli import FAST_OVERRIDES
 from _cli import run_cli as _run_cli
 from _images import png, texture_crops
 
 run_cli = partial(_run_cli, columns=300, unset=("DEFECTSCOPE_DEBUG",))
-FAST = ["detector.features.input_size=[128,128]", "detector.coreset.ratio=0.25"]
+FAST = FAST_OVERRIDES
 
 
 def one_line_error(proc, *words: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _cli import FAST_OVERRIDES
 from _cli import run_cli as _run_cli
 from _images import free_port, texture_crops
 
@@ -25,11 +26,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-FAST = [
-    "detector.features.input_size=[128,128]",
-    "detector.coreset.ratio=0.25",
-    "detector.device=cpu",
-]
+FAST = FAST_OVERRIDES
 
 
 @pytest.fixture(scope="module")

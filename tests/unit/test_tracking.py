@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import FAST_OVERRIDES
 from _cli import run_cli as _run_cli
 from _images import free_port
 
@@ -26,11 +27,7 @@ from defectscope.tracking import (
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra (mlflow-skinny) is not installed")
 
-FAST = [
-    "detector.features.input_size=[128,128]",
-    "detector.coreset.ratio=0.25",
-    "detector.device=cpu",
-]
+FAST = FAST_OVERRIDES
 
 
 run_cli = _run_cli
@@ -121,7 +118,7 @@ def test_sweep_points_nest_under_one_parent_run(dataset: Path, tmp_path: Path) -
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = ok(
         run_cli(
-            "experiment", f"data={dataset}", "name=tiles", *FAST[:1], "detector.device=cpu",
+            "experiment", f"data={dataset}", "name=tiles", *FAST[:1], *FAST[2:],
             "detector.coreset.ratio=0.2,0.4", "--multirun", "--out", str(tmp_path / "out"),
             "--mlflow-uri", uri, "--mlflow-experiment", "sweeps",
         )
