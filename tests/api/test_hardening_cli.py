@@ -121,8 +121,14 @@ def test_common_mistakes_are_answered_before_torch_loads(good_images, tmp_path) 
     in_the_way = tmp_path / "results.txt"
     in_the_way.write_text("keep me")
     missing = str(tmp_path / "no-model")
+    (tmp_path / "no-defects").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    fit = ["fit", str(good_images), "--out", str(tmp_path / "m")]
     mistakes = [
         (["fit", str(good_images), "--out", str(in_the_way)], "not a folder"),
+        ([*fit, "--defects", missing], "file or folder not found"),
+        ([*fit, "--defects", str(tmp_path / "no-defects")], "no images in"),
+        ([*fit, "--defects", str(tmp_path / "broken.png")], "not a readable image"),
         (["predict", missing, str(good_images), "--out", str(tmp_path / "p")], "not found"),
         (["evaluate", missing, str(good_images)], "not found"),
         (["export", missing], "not found"),

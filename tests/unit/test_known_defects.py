@@ -15,12 +15,8 @@ from _images import FAST_CONFIG, png, texture_crops, with_defect
 
 from defectscope.detector import known_defects, selection
 from defectscope.detector.detector import Detector
-from defectscope.detector.known_defects import (
-    MAX_KNOWN_DEFECTS,
-    known_defect_paths,
-    load_known_defects,
-    soft_auroc,
-)
+from defectscope.detector.known_defect_files import MAX_KNOWN_DEFECTS, known_defect_paths
+from defectscope.detector.known_defects import load_known_defects, soft_auroc
 from defectscope.detector.ranking import auroc
 from defectscope.errors import ConfigError
 

@@ -117,6 +117,7 @@ def fit(
     """
     from defectscope import storage
     from defectscope.data.datasets import open_dataset
+    from defectscope.detector.known_defect_files import known_defect_paths
     from defectscope.distributed.cluster import check_engine
     from defectscope.errors import ConfigError
     from defectscope.experiment import compose
@@ -132,8 +133,7 @@ def fit(
     if known is not None:
         if not experiment.detector.auto.enabled:
             raise ConfigError("known defects choose the configuration: they need auto mode")
-        if not Path(known).exists():
-            raise ConfigError(f"auto.known_defects: {known}: file or folder not found")
+        known_defect_paths(known)  # a missing, empty or unreadable one: now, not after minutes
     storage.check_destination(out_dir)  # a missing bucket fails now, not after the fit
     stale_folder = model_destination(out_dir, overwrite)  # likewise an existing model
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now

@@ -18,16 +18,13 @@ import numpy as np
 import torch
 
 from defectscope.config import DetectorConfig
-from defectscope.data.io import expand_image_paths, load_image
-from defectscope.detector.geometry import probe_size
+from defectscope.data.io import load_image
 from defectscope.detector.ranking import auroc
 from defectscope.detector.scoring import AnomalyScorer, sum_passes
 from defectscope.errors import ConfigError, ImageLoadError
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
 
-# More than enough to rank a few candidates; a folder of thousands is not decoded at once.
-MAX_KNOWN_DEFECTS = 64
 # Score ratio (log) at which a defect/good pair counts about 88 % won (soft_auroc): a few
 # known defects are often all separated, and then the wider separation should win.
 SOFT_AUROC_SCALE = 0.05
@@ -42,23 +39,6 @@ def soft_auroc(labels: np.ndarray, scores: np.ndarray, scale: float = SOFT_AUROC
     labels = np.asarray(labels)
     gaps = values[labels == 1][:, None] - values[labels == 0][None, :]
     return float(np.mean(1.0 / (1.0 + np.exp(-np.clip(gaps / scale, -50, 50)))))
-
-
-def known_defect_paths(spec: str | Path) -> list[Path]:
-    """The first MAX_KNOWN_DEFECTS image files of ``spec`` (a folder, searched recursively,
-    or one image), sorted by name; each checked readable from its header, so that a bad one is
-    reported before the fit's backbone pass."""
-    try:
-        paths = expand_image_paths([spec])
-    except ImageLoadError as exc:
-        raise ConfigError(f"auto.known_defects: {exc}") from None
-    if not paths:
-        raise ConfigError(f"auto.known_defects: no images in {spec}")
-    paths = paths[:MAX_KNOWN_DEFECTS]
-    for path in paths:
-        if probe_size(path) is None:
-            raise ConfigError(f"auto.known_defects: {path}: not a readable image")
-    return paths
 
 
 def load_known_defects(

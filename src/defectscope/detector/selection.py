@@ -179,10 +179,10 @@ def select_configuration(
         return SelectionResult(None, reason, geometry=geometry), PreparedMaps()
     # Imported here: only auto mode needs them.
     from defectscope.data.defect_synthesis import synthesize_defects
+    from defectscope.detector.known_defect_files import known_defect_paths
     from defectscope.detector.known_defects import (
         half_scale_row,
         half_size_fits,
-        known_defect_paths,
         load_known_defects,
         soft_auroc,
     )
