@@ -241,6 +241,15 @@ class AutoConfig(_Section):
         "the reason says so): with three, one draw chose raw features on a gravel texture and "
         "lost 0.14 image AUROC.",
     )
+    min_known_separation: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Known defects decide only if the candidate they favour separates them from "
+        "the held-out good images at least this well (image AUROC); below, a handful cannot "
+        "rank candidates (five gravel defects at 0.72 chose raw features and lost 0.17), and "
+        "synthetic defects decide.",
+    )
     try_half_scale: bool = Field(
         True,
         description="With known_defects, also try the chosen candidate with the image at half "

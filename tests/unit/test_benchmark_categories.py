@@ -188,3 +188,34 @@ def test_known_defects_are_drawn_in_turn_from_each_type_and_reproducibly() -> No
     assert suite.draw_known_defects(list(test), 5, seed=0) == drawn
     assert suite.draw_known_defects(list(test), 5, seed=1) != drawn
     assert len(suite.draw_known_defects(list(test), 50)) == 7  # never more than there are
+
+
+def test_known_draws_summary_averages_each_draw_and_names_the_largest_loss() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_known_draws", _PATH.with_name("known_draws.py")
+    )
+    draws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(draws)
+
+    def draw(seed: int, default: float, known: float, pixel: float | None) -> dict:
+        return {
+            "seed": seed,
+            "choice": "l2",
+            "default": {"image_auroc": default, "pixel_auroc": pixel, "aupro": pixel},
+            "known_defects": {"image_auroc": known, "pixel_auroc": pixel, "aupro": pixel},
+        }
+
+    rows = {
+        "a": {"default_choice": "raw", "draws": [draw(0, 0.9, 1.0, 0.8), draw(1, 0.9, 0.7, 0.8)]},
+        "b": {"default_choice": "l2", "draws": [draw(0, 0.8, 0.8, None), draw(1, 0.6, 0.9, None)]},
+    }
+    summary = draws.summarize(rows, 2)
+    first = summary["per_draw"][0]
+    assert first["default"]["image_auroc"]["mean"] == pytest.approx(0.85)
+    assert first["known_defects"]["image_auroc"]["worst"] == {"category": "b", "value": 0.8}
+    # A metric a category lacks (no masks) is averaged over the others.
+    assert first["default"]["pixel_auroc"]["mean"] == pytest.approx(0.8)
+    assert summary["mean_over_draws"]["default"]["image_auroc"] == pytest.approx(0.8)
+    assert summary["mean_over_draws"]["known_defects"]["image_auroc"] == pytest.approx(0.85)
+    assert summary["largest_loss"]["image_auroc"] == {"loss": 0.2, "category": "a", "seed": 1}
+    assert "| a | raw |" in draws.markdown(rows, 2)

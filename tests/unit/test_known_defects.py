@@ -106,6 +106,29 @@ def test_fewer_known_defects_than_the_minimum_are_not_used(defect_folder: Path) 
     assert not any(row["name"].endswith("+half_scale") for row in result.candidates)
 
 
+def test_known_defects_no_candidate_separates_leave_the_choice_to_synthetic_ones(
+    tmp_path: Path,
+) -> None:
+    # "Defects" that are good crops of the same texture: a handful that nothing separates
+    # cannot rank candidates, so the fit is the one without them.
+    for i, image in enumerate(texture_crops(4, seed=31)):
+        (tmp_path / f"{i:02d}.png").write_bytes(png(image))
+    images = texture_crops(16, seed=5)
+    detector = Detector(_config(tmp_path)).fit(images)
+    selected = detector.info.selection
+    assert "4 known defects, separated at image AUROC" in selected["reason"]
+    assert "below auto.min_known_separation=0.9: not used" in selected["reason"]
+    assert selected["defect_kinds"] != ["known"] and selected["n_defects"] == 12
+    assert not any(row["name"].endswith("+half_scale") for row in selected["candidates"])
+    assert detector.config.features.half_scale is False
+    blind = Detector({**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"]}}).fit(images)
+    assert selected["chosen"] == blind.info.selection["chosen"]
+    assert torch.allclose(detector.scorer.bank, blind.scorer.bank, atol=1e-5)
+    # The same folder decides when the bar is lower.
+    lowered = Detector(_config(tmp_path, min_known_separation=0.0)).prepare(images)
+    assert lowered.defect_kinds == ["known"]
+
+
 @pytest.mark.parametrize("half_wins", [True, False])
 def test_the_fit_takes_auto_modes_maps_with_or_without_the_half_size_pass(
     monkeypatch, defect_folder: Path, half_wins: bool

@@ -184,7 +184,6 @@ def select_configuration(
         half_scale_row,
         half_size_fits,
         load_known_defects,
-        soft_auroc,
     )
 
     known = known_defect_paths(auto.known_defects) if auto.known_defects else None
@@ -225,61 +224,55 @@ def select_configuration(
         ), PreparedMaps()
     # Defects are painted at the network's scale: what it sees is the same, at fewer pixels.
     holdout = [_at_input_scale(preprocessor, decoded[i]) for i in holdout_ids]
-    if known is None:
-        defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
-        defect_images = [d.image for d in defects]
-        truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
-        kinds, evidence = sorted({d.kind for d in defects}), "synthetic defects"
-    else:
-        defect_images = load_known_defects(
-            known, lambda image: _at_input_scale(preprocessor, image)
-        )
-        truths, kinds = None, ["known"]
-        evidence = f"the {len(known)} known defects"
     # Candidates are compared on the full-size pass alone (the half-size one, if configured,
     # comes after it): with both, raw features win on synthetic blotches where real faint
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
-    test_maps = _layer_maps(parts, config.batch_size, holdout + defect_images, try_half)
     bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
-    labels = np.r_[np.zeros(len(holdout)), np.ones(len(defect_images))]
 
-    table = []
-    for number, name in enumerate(auto.candidates):
-        candidate = CANDIDATES[name]
-        trial = candidate.features(features.backbone, config.features.embedding_dim)
-        t0 = time.perf_counter()
-        bank = _bank(trial, bank_maps, config, device)
-        scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
-        maps = []
-        for batch in test_maps:
-            batch_maps, _ = scorer(trial.aggregate(batch[:full]))
-            maps.append(batch_maps.float().cpu())
-        all_maps = torch.cat(maps)
-        pixel_auroc = None if truths is None else _pixel_auroc(preprocessor, all_maps, truths)
-        seconds = round(time.perf_counter() - t0, 3)
-        for reduction in auto.reductions:
-            image_scores = reduce_maps(all_maps, reduction, config.scoring.topk_fraction)
-            image_auroc = auroc(labels, image_scores.numpy())
-            table.append(
-                {
-                    "name": name if reduction == "max" else f"{name}+{reduction}",
-                    "description": candidate.description + REDUCTIONS[reduction],
-                    "normalize": candidate.normalize,
-                    "neighbourhood": candidate.neighbourhood,
-                    "reduction": reduction,
-                    "image_auroc": round(image_auroc, 4),
-                    "pixel_auroc": None if pixel_auroc is None else round(pixel_auroc, 4),
-                    "objective": round(
-                        soft_auroc(labels, image_scores.numpy())
-                        if pixel_auroc is None
-                        else (image_auroc + pixel_auroc) / 2,
-                        4,
-                    ),
-                    "seconds": seconds,
-                }
+    table: list[dict[str, Any]] = []
+    test_maps: list[list[torch.Tensor]] = []
+    labels = np.zeros(0)
+
+    def judge(defect_images: list[np.ndarray], truths: list[np.ndarray] | None) -> None:
+        nonlocal test_maps, labels
+        test_maps = _layer_maps(parts, config.batch_size, holdout + defect_images, try_half)
+        labels = np.r_[np.zeros(len(holdout)), np.ones(len(defect_images))]
+        table.clear()
+        for number, name in enumerate(auto.candidates):
+            table.extend(
+                _candidate_rows(
+                    CANDIDATES[name], features, bank_maps, test_maps, labels, truths,
+                    config, device, preprocessor,
+                )
+            )  # fmt: skip
+            report(len(sample) + number + 1)
+
+    n_defects = 0
+    if known is not None:
+        defect_images = load_known_defects(
+            known, lambda image: _at_input_scale(preprocessor, image)
+        )
+        judge(defect_images, None)
+        kinds, evidence, n_defects = ["known"], f"the {len(known)} known defects", len(known)
+        separation = choose(table)["image_auroc"]
+        if separation < auto.min_known_separation:
+            # A handful that no candidate separates cannot rank them: differences are noise.
+            unused = (
+                f"; {len(known)} known defects, separated at image AUROC {separation:.2f} by "
+                f"the candidate they favour, below auto.min_known_separation="
+                f"{auto.min_known_separation}: not used"
             )
-        report(len(sample) + number + 1)
+            if try_half:  # the fit's features have one pass: drop the other
+                for entry in prepared.values():
+                    entry.maps = entry.maps[:full]
+            known, try_half = None, False
+    if known is None:
+        defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
+        truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
+        judge([d.image for d in defects], truths)
+        kinds, evidence = sorted({d.kind for d in defects}), "synthetic defects"
+        n_defects = len(defects)
     best = choose(table)
     candidate = CANDIDATES[best["name"].split("+")[0]]
     candidate.apply(config)
@@ -327,11 +320,66 @@ def select_configuration(
         geometry=geometry,
         n_bank_images=len(bank_ids),
         n_holdout_images=len(holdout),
-        n_defects=len(defect_images),
+        n_defects=n_defects,
         defect_kinds=kinds,
         seconds=round(time.perf_counter() - start, 3),
     )
     return result, prepared
+
+
+@torch.inference_mode()
+def _candidate_rows(
+    candidate: Candidate,
+    features: PatchFeatures,
+    bank_maps: list[list[torch.Tensor]],
+    test_maps: list[list[torch.Tensor]],
+    labels: np.ndarray,
+    truths: list[np.ndarray] | None,
+    config: DetectorConfig,
+    device: torch.device,
+    preprocessor: Any,
+) -> list[dict[str, Any]]:
+    """The table rows of one candidate, one per reduction: its bank from ``bank_maps``, the
+    held-out good and defective images (``test_maps``) scored against it. Without ``truths``
+    (known defects) the objective is the soft image AUROC, else the mean of image and pixel
+    AUROC."""
+    from defectscope.detector.known_defects import soft_auroc
+
+    trial = candidate.features(features.backbone, config.features.embedding_dim)
+    full = len(features.backbone.channels)
+    t0 = time.perf_counter()
+    bank = _bank(trial, bank_maps, config, device)
+    scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size).to(device)
+    maps = []
+    for batch in test_maps:
+        batch_maps, _ = scorer(trial.aggregate(batch[:full]))
+        maps.append(batch_maps.float().cpu())
+    all_maps = torch.cat(maps)
+    pixel_auroc = None if truths is None else _pixel_auroc(preprocessor, all_maps, truths)
+    seconds = round(time.perf_counter() - t0, 3)
+    rows = []
+    for reduction in config.auto.reductions:
+        image_scores = reduce_maps(all_maps, reduction, config.scoring.topk_fraction).numpy()
+        image_auroc = auroc(labels, image_scores)
+        objective = (
+            soft_auroc(labels, image_scores)
+            if pixel_auroc is None
+            else (image_auroc + pixel_auroc) / 2
+        )
+        rows.append(
+            {
+                "name": candidate.name + ("" if reduction == "max" else f"+{reduction}"),
+                "description": candidate.description + REDUCTIONS[reduction],
+                "normalize": candidate.normalize,
+                "neighbourhood": candidate.neighbourhood,
+                "reduction": reduction,
+                "image_auroc": round(image_auroc, 4),
+                "pixel_auroc": None if pixel_auroc is None else round(pixel_auroc, 4),
+                "objective": round(objective, 4),
+                "seconds": seconds,
+            }
+        )
+    return rows
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
