@@ -328,14 +328,7 @@ def main() -> None:
     summary = summarize(rows)
     table = markdown(rows, summary)
     print(table)
-    out = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+    record = {
         "overrides": args.overrides,
         "known_defects": args.known_defects,
         "known_defects_used": args.known_defects > 0 and not args.hold_out_only,
@@ -343,9 +336,25 @@ def main() -> None:
         "summary": summary,
         "table": table,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_results(args.json, "benchmarks/suite.py", record)
+
+
+def write_results(path: Path | None, script: str, record: dict[str, Any]) -> None:
+    """``record`` with the date, the command and the machine, as JSON at ``path`` (if any)."""
+    if path is None:
+        return
+    out = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", script, *sys.argv[1:]]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        **record,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
