@@ -25,14 +25,15 @@ def run_cli(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     unset: tuple[str, ...] = (),
-    columns: int = 120,
+    columns: int = 400,
     umask: int | None = None,
     check: bool = False,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """``python -m defectscope.cli ARGS``; ``columns`` fixes rich's line width so output can be
-    matched, ``unset`` drops variables the caller's environment may hold, ``check`` raises with
-    both streams on a non-zero exit."""
+    matched (wide by default: an error naming a long temporary path stays on one line),
+    ``unset`` drops variables the caller's environment may hold, ``check`` raises with both
+    streams on a non-zero exit."""
     full_env = {**os.environ, "COLUMNS": str(columns), **(env or {})}
     for name in unset:
         full_env.pop(name, None)

@@ -190,16 +190,10 @@ def test_fit_cli_takes_known_defects_and_refuses_bad_ones(
     assert "4 known defects" in meta["selection"]["reason"]
     assert meta["selection"]["defect_kinds"] == ["known"]
 
-    # A wide terminal: the error is one line, which rich would wrap on a long temporary path.
-    wide = {"columns": 400}
-    missing = run_cli(
-        *args[:3], str(tmp_path / "other"), "--defects", str(tmp_path / "nope"), **wide
-    )
+    missing = run_cli(*args[:3], str(tmp_path / "other"), "--defects", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert "nope: file or folder not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
-    off = run_cli(
-        *args[:3], str(tmp_path / "other"), "--defects", str(defect_folder), "--no-auto", **wide
-    )
+    off = run_cli(*args[:3], str(tmp_path / "other"), "--defects", str(defect_folder), "--no-auto")
     assert off.returncode == 2 and "need auto mode" in off.stderr
     assert not (tmp_path / "other").exists()
