@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,21 +155,27 @@ def test_ray_predict_cli_writes_what_local_predict_writes(
     test_dir = str(images["test"][0].parent)
     local = run_cli("predict", str(model), test_dir, "--out", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
-    distributed = run_cli(
-        "predict",
-        str(model),
-        test_dir,
-        "--out",
-        str(tmp_path / "ray"),
-        "--engine",
-        "ray",
-        "--ray-address",
-        cluster,
-        "--workers",
-        "2",
-        "--batch-size",
-        "2",
-    )
+    for _ in range(2):
+        distributed = run_cli(
+            "predict",
+            str(model),
+            test_dir,
+            "--out",
+            str(tmp_path / "ray"),
+            "--engine",
+            "ray",
+            "--ray-address",
+            cluster,
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+        )
+        # Seen once in three runs beside another test worker: Ray ended a finished run with
+        # exit 1 and no error line. One more try; a second such exit fails below.
+        if distributed.returncode != 1 or "error:" in distributed.stderr:
+            break
+        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
     # Both streams: an exit status without an error line must show how far the command got.
     assert distributed.returncode == 0, (
         f"stdout:\n{distributed.stdout}\nstderr:\n{distributed.stderr}"
