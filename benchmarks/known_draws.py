@@ -18,14 +18,20 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite import SHARED, _finite, category_roots, draw_known_defects, write_results
+from suite import (
+    SHARED,
+    _finite,
+    category_roots,
+    draw_known_defects,
+    known_defect_folder,
+    write_results,
+)
 
 QUALITY = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -60,10 +66,7 @@ def run_category(root: Path, count: int, draws: int, overrides: list[str]) -> di
     for seed in range(draws):
         known = draw_known_defects(dataset.test, count, seed)
         remaining = dataclasses.replace(dataset, test=[s for s in dataset.test if s not in known])
-        with tempfile.TemporaryDirectory(prefix="known-defects-") as folder:
-            for number, sample in enumerate(known):
-                link = Path(folder) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
-                link.symlink_to(sample.path.resolve())
+        with known_defect_folder(known) as folder:
             config = compose(None, [*overrides, f"detector.auto.known_defects={folder}"])
             start = time.perf_counter()
             informed = Detector(config.detector).fit(train)

@@ -16,11 +16,14 @@ Protocol: ../shared/README.md (fit on train/good, evaluate on all of test/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,17 @@ def draw_known_defects(test: list[Any], count: int, seed: int = 0) -> list[Any]:
     return drawn
 
 
+@contextlib.contextmanager
+def known_defect_folder(known: list[Any]) -> Iterator[str]:
+    """A temporary folder of links to the ``known`` samples' images (named by defect type), as
+    a user's ``--defects`` folder; removed afterwards, also when the fit fails."""
+    with tempfile.TemporaryDirectory(prefix="known-defects-") as folder:
+        for number, sample in enumerate(known):
+            link = Path(folder) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
+            link.symlink_to(sample.path.resolve())
+        yield folder
+
+
 def run_category(
     root: Path,
     overrides: list[str],
@@ -88,7 +102,6 @@ def run_category(
     ``use_known``, given to the fit (`detector.auto.known_defects`)."""
     import dataclasses
     import random
-    import tempfile
 
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
@@ -101,10 +114,7 @@ def run_category(
     train = [s.path for s in dataset.train]
     if shots is not None:
         train = random.Random(seed).sample(train, shots)
-    with tempfile.TemporaryDirectory(prefix="known-defects-") as folder:
-        for number, sample in enumerate(known):
-            link = Path(folder) / f"{number:03d}_{sample.defect_type}{sample.path.suffix}"
-            link.symlink_to(sample.path.resolve())
+    with known_defect_folder(known) as folder:
         if known and use_known:
             overrides = [*overrides, f"detector.auto.known_defects={folder}"]
         experiment = compose(None, overrides)
