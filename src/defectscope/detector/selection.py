@@ -140,6 +140,12 @@ class PreparedMaps(dict[int, PreparedImage]):
             del self[key]
         return found
 
+    def keep_layers(self, count: int) -> None:
+        """Keep each image's first ``count`` layer maps: the full-size pass, when the fit's
+        features have no half-size one."""
+        for entry in self.values():
+            entry.maps = entry.maps[:count]
+
 
 def select_configuration(
     backbone: FeatureBackbone,
@@ -263,9 +269,8 @@ def select_configuration(
                 f"the candidate they favour, below auto.min_known_separation="
                 f"{auto.min_known_separation}: not used"
             )
-            if try_half:  # the fit's features have one pass: drop the other
-                for entry in prepared.values():
-                    entry.maps = entry.maps[:full]
+            if try_half:
+                prepared.keep_layers(full)
             known, try_half = None, False
     if known is None:
         defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
@@ -298,8 +303,7 @@ def select_configuration(
             best = table[-1]
             config.features.half_scale = True
         else:
-            for entry in prepared.values():  # the fit's features have one pass: drop the other
-                entry.maps = entry.maps[:full]
+            prepared.keep_layers(full)
     others = ", ".join(f"{r['name']} {r['objective']:.3f}" for r in table if r is not best)
     pixel = "" if best["pixel_auroc"] is None else f", pixel AUROC {best['pixel_auroc']:.3f}"
     measured = (
