@@ -78,6 +78,7 @@ def run_category(root: Path, weights: list[float]) -> dict[str, Any]:
         if has_masks
         else None
     )
+    assert full.calibration is not None and half.calibration is not None  # both are fitted
     good_full = np.asarray(full.calibration.good_scores)
     good_half = np.asarray(half.calibration.good_scores)
     if good_full.size != good_half.size:
