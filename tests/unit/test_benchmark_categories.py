@@ -219,3 +219,29 @@ def test_known_draws_summary_averages_each_draw_and_names_the_largest_loss() -> 
     assert summary["mean_over_draws"]["known_defects"]["image_auroc"] == pytest.approx(0.85)
     assert summary["largest_loss"]["image_auroc"] == {"loss": 0.2, "category": "a", "seed": 1}
     assert "| a | raw |" in draws.markdown(rows, 2)
+
+
+def test_two_scales_summary_takes_the_worst_of_each_metric_its_own_way() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_two_scales", _PATH.with_name("two_scales.py")
+    )
+    scales = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scales)
+
+    def row(image: float, alarms: float, pixel: float | None) -> dict:
+        entry = {"image_auroc": image, "recall": 0.5, "false_alarm_rate": alarms}
+        if pixel is not None:
+            entry.update(pixel_auroc=pixel, aupro=pixel)
+        return {"weights": {"0.5": entry}}
+
+    rows = {"a": row(0.9, 0.0, 0.8), "b": row(0.7, 0.1, None), "c": row(1.0, 0.04, 0.6)}
+    summary = scales.summarize(rows, "0.5")
+    assert summary["image_auroc"]["mean"] == pytest.approx(0.8667, abs=1e-4)
+    assert summary["image_auroc"]["worst_category"] == "b"
+    # False alarms: the worst is the highest; a metric a category lacks is left out.
+    assert summary["false_alarm_rate"]["worst_category"] == "b"
+    assert summary["pixel_auroc"] == {"mean": 0.7, "worst": 0.6, "worst_category": "c"}
+    # The half-size input: half of each side, a multiple of the stride, never below 64.
+    assert scales.half_input((320, 320)) == (160, 160)
+    assert scales.half_input((192, 384)) == (96, 192)
+    assert scales.half_input((96, 100)) == (64, 64)
