@@ -236,30 +236,30 @@ def select_configuration(
     full = len(features.backbone.channels)
     bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
 
-    table: list[dict[str, Any]] = []
-    test_maps: list[list[torch.Tensor]] = []
-    labels = np.zeros(0)
-
-    def judge(defect_images: list[np.ndarray], truths: list[np.ndarray] | None) -> None:
-        nonlocal test_maps, labels
-        test_maps = _layer_maps(parts, config.batch_size, holdout + defect_images, try_half)
+    def judge(
+        defect_images: list[np.ndarray], truths: list[np.ndarray] | None
+    ) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]], np.ndarray]:
+        """Every candidate's rows on the held-out good images and ``defect_images``, and the
+        backbone maps and labels they were judged on (the half-size trial reuses them)."""
+        maps = _layer_maps(parts, config.batch_size, holdout + defect_images, try_half)
         labels = np.r_[np.zeros(len(holdout)), np.ones(len(defect_images))]
-        table.clear()
+        rows: list[dict[str, Any]] = []
         for number, name in enumerate(auto.candidates):
-            table.extend(
+            rows.extend(
                 _candidate_rows(
-                    CANDIDATES[name], features, bank_maps, test_maps, labels, truths,
+                    CANDIDATES[name], features, bank_maps, maps, labels, truths,
                     config, device, preprocessor,
                 )
             )  # fmt: skip
             report(len(sample) + number + 1)
+        return rows, maps, labels
 
     n_defects = 0
     if known is not None:
         defect_images = load_known_defects(
             known, lambda image: _at_input_scale(preprocessor, image)
         )
-        judge(defect_images, None)
+        table, test_maps, labels = judge(defect_images, None)
         kinds, evidence, n_defects = ["known"], f"the {len(known)} known defects", len(known)
         separation = choose(table)["image_auroc"]
         if separation < auto.min_known_separation:
@@ -275,7 +275,7 @@ def select_configuration(
     if known is None:
         defects = synthesize_defects(holdout, auto.defects_per_image, seed=auto.seed)
         truths = [np.zeros(im.shape[:2], bool) for im in holdout] + [d.mask for d in defects]
-        judge([d.image for d in defects], truths)
+        table, test_maps, labels = judge([d.image for d in defects], truths)
         kinds, evidence = sorted({d.kind for d in defects}), "synthetic defects"
         n_defects = len(defects)
     best = choose(table)
