@@ -38,7 +38,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "recall", "false_alarm_rate")
 
 
 def half_input(size: tuple[int, int], multiple: int = 32) -> tuple[int, int]:
-    """Half of ``size``, each side a multiple of the backbone's stride (at least 64)."""
+    """Half of ``size``, each side a multiple of what the backbone takes (at least 64)."""
     return tuple(max(64, round(side / 2 / multiple) * multiple) for side in size)  # type: ignore[return-value]
 
 
@@ -60,7 +60,9 @@ def run_category(root: Path, weights: list[float]) -> dict[str, Any]:
     full = Detector(compose(None, []).detector).fit(train)
     full_s = time.perf_counter() - start
     config = full.config.model_copy(deep=True)
-    config.features.input_size = half_input(config.features.input_size)
+    config.features.input_size = half_input(
+        config.features.input_size, full.backbone_input_multiple()
+    )
     config.auto.enabled = False
     start = time.perf_counter()
     half = Detector(config).fit(train)
