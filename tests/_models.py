@@ -26,6 +26,7 @@ from defectscope.detector.model_file import (
     resolve_model_path,
     tensor_digest,
 )
+from defectscope.detector.scales import HalfScale
 from defectscope.detector.scoring import AnomalyScorer
 
 # conftest.py's `fitted` is fitted on these: FAST_CONFIG, FAST_TRAIN_SIZE texture crops, seed 0.
@@ -46,10 +47,18 @@ def with_scoring(detector: Detector, **scoring: Any) -> Detector:
     )
     scorer = detector.scorer
     assert scorer is not None, "with_scoring needs a fitted detector"
+    half = detector.half_scale
+    if half is not None:
+        rules = half.scorer.config.model_copy(update=scoring)
+        half = HalfScale(
+            half.parts, AnomalyScorer(half.scorer.bank, rules, half.scorer.input_size), half.scales
+        )
     other = copy.copy(detector)
     other.config = config
     other.engine = TorchEngine(
-        detector.feature_parts(), AnomalyScorer(scorer.bank, config.scoring, scorer.input_size)
+        detector.feature_parts(),
+        AnomalyScorer(scorer.bank, config.scoring, scorer.input_size),
+        half,
     )
     return other
 

@@ -82,6 +82,21 @@ class FeatureConfig(_Section):
         "each patch's features: context over twice the area, for large low-contrast defects "
         "(about 1.25x the backbone cost, a bank twice as wide).",
     )
+    half_size_bank: float = Field(
+        0.5,
+        ge=0.0,
+        le=4.0,
+        description="Weight of a second memory bank, fitted on the image at half size (its "
+        "own coreset and calibration on a grid half as fine), whose map and score are added to "
+        "the full-size ones, each in units of its own threshold on good images: larger defects "
+        "and low-contrast regions stand out at the coarser scale (see detector.scales). 0: one "
+        "bank. Fit and predict cost about 1.2x.",
+    )
+    input_pooling: Literal[1, 2] = Field(
+        1,
+        description="The backbone sees the input averaged over this many pixels per side: 2 is "
+        "the half-size bank's coarser view of the same input (set by the fit, not by hand).",
+    )
 
     @field_validator("input_size")
     @classmethod

@@ -87,7 +87,13 @@ def test_staged_fit_by_hand_equals_fit(one_pass: Detector) -> None:
     # Shards travel to and from workers: they must survive pickling.
     shard = pickle.loads(pickle.dumps(shard))
     detector.fit_from_shards([shard], plan)
+    # Then the half-size bank, a fit of its own on the same images, joined to the first.
+    half = detector.half_scale_detector(len(TRAIN))
+    assert half is not None and half.config.features.input_pooling == 2
+    detector.join_half_scale(half.fit(TRAIN))
     assert torch.equal(detector.memory_bank, one_pass.memory_bank)
+    for name, bank in one_pass.memory_banks().items():
+        assert torch.equal(detector.memory_banks()[name], bank), name
     assert detector.threshold == one_pass.threshold
     assert detector.pixel_threshold == one_pass.pixel_threshold
     assert detector.calibration.good_scores == one_pass.calibration.good_scores
@@ -133,7 +139,10 @@ def test_chunked_fit_is_deterministic_whatever_the_shard_order(chunked: Detector
     random.Random(0).shuffle(shards)
     detector.fit_from_shards(shards, plan)
     assert torch.equal(detector.memory_bank, chunked.memory_bank)
-    assert detector.threshold == pytest.approx(chunked.threshold, rel=1e-6)
+    # The full-size bank alone (`chunked` has the half-size bank too): its own threshold.
+    assert chunked.info.scales is not None
+    full_threshold = chunked.info.scales["thresholds"]["full"][0]
+    assert detector.threshold == pytest.approx(full_threshold, rel=1e-6)
 
 
 def test_shards_must_tile_the_plan() -> None:
@@ -173,7 +182,8 @@ def test_tiny_ram_budget_spills_to_memmap_files_and_removes_them(
     monkeypatch.setattr(SpilledArray, "write", classmethod(record))
     cfg = config(fit={"chunk_images": 3, "ram_budget_mb": 0, "spill_dir": str(spill_dir)})
     detector = Detector(cfg).fit(TRAIN)
-    assert len(written) == 8  # candidates and calibration embeddings of 4 chunks
+    # Candidates and calibration embeddings of 4 chunks, for the full-size and half-size banks.
+    assert len(written) == 16
     assert all(p.parent.parent == spill_dir for p in written)
     assert list(spill_dir.iterdir()) == [], "the fit's temporary files must be removed"
     # Same numbers as from RAM.

@@ -239,4 +239,6 @@ def test_read_header_without_backbone_or_tensors(
     assert meta["config"] == fitted.config.to_dict()
     assert meta["calibration"]["threshold"] == fitted.threshold
     assert meta["training"]["n_images"] == FAST_TRAIN_SIZE
-    assert set(meta["tensor_sha256"]) == {"memory_bank"}
+    # The shared model has a half-size bank (defectscope.detector.scales): both are checksummed.
+    assert set(meta["tensor_sha256"]) == {"memory_bank", "memory_bank_half"}
+    assert meta["scales"]["half_bank_size"] == fitted.memory_banks()["memory_bank_half"].shape[0]

@@ -19,21 +19,22 @@ import torch
 from defectscope.config import DetectorConfig, FeatureConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
+from defectscope.detector import scales
 from defectscope.detector.calibration import Calibration
 from defectscope.detector.engine import ScoringEngine, TorchEngine
 from defectscope.detector.fit_info import FitInfo
 from defectscope.detector.fitting import FitResult, extract_shard, fit_from_shards
 from defectscope.detector.model_file import (
     config_from_metadata,
-    load_scorer,
     read_model_file,
     resolve_model_path,
     write_model_file,
 )
 from defectscope.detector.parts import FeatureParts, input_multiple, resolve_device
+from defectscope.detector.persistence import model_description, restore_engine
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.prediction import Prediction
-from defectscope.detector.progress import ProgressFn
+from defectscope.detector.progress import ProgressFn, with_stage_prefix
 from defectscope.detector.reference import pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
@@ -41,7 +42,6 @@ from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.errors import (
     DefectscopeError,
     ImageLoadError,
-    ModelFileError,
     NotFittedError,
 )
 from defectscope.features.backbones import BackboneCache, FeatureBackbone, create_backbone
@@ -139,6 +139,19 @@ class Detector:
     @property
     def memory_bank(self) -> torch.Tensor:
         return self._fitted_scorer.bank
+
+    @property
+    def half_scale(self) -> scales.HalfScale | None:
+        """The half-size bank and how it adds to the full-size one (None: one bank)."""
+        return self.engine.half if isinstance(self.engine, TorchEngine) else None
+
+    def memory_banks(self) -> dict[str, torch.Tensor]:
+        """Every bank by its name in the model file: ``memory_bank``, and
+        ``memory_bank_half`` for a model with a half-size bank."""
+        banks = {"memory_bank": self.memory_bank}
+        if self.half_scale is not None:
+            banks["memory_bank_half"] = self.half_scale.scorer.bank
+        return banks
 
     def set_thresholds(
         self, image: float | None = None, pixel: float | None = None, source: str = "user"
@@ -255,8 +268,37 @@ class Detector:
             ]
             self.fit_from_shards(shards, plan, progress=progress)
         self._prepared = PreparedMaps()
+        half = self.half_scale_detector(len(images))
+        if half is not None:
+            half.fit(images, on_error=on_error, progress=with_stage_prefix(progress, "half-size "))
+            self.join_half_scale(half)
         self.info.timings["total_s"] = round(time.perf_counter() - start, 4)
         return self
+
+    def half_scale_detector(self, n_images: int) -> Detector | None:
+        """An unfitted detector for the half-size bank of this (prepared or fitted) detector's
+        configuration, sharing its backbone; None where the configuration asks for one bank
+        (`defectscope.detector.scales.uses_half_scale`)."""
+        if not scales.uses_half_scale(self.config, n_images):
+            return None
+        half = Detector(scales.half_scale_config(self.config))
+        half._backbone_module = self._backbone()
+        return half
+
+    def join_half_scale(self, half: Detector) -> None:
+        """Add ``half`` (fitted on the same images, `half_scale_detector`) as this detector's
+        half-size bank (`defectscope.detector.scales.join_scales`)."""
+        weight = self.config.features.half_size_bank
+        joined, calibration, record = scales.join_scales(
+            weight,
+            self._fitted_calibration,
+            (half.feature_parts(), half._fitted_scorer),
+            half._fitted_calibration,
+        )
+        self.engine = TorchEngine(self.feature_parts(), self._fitted_scorer, joined)
+        self.calibration = calibration
+        self.info.scales = record
+        self.info.timings["half_scale_s"] = round(half.info.timings.get("total_s", 0.0), 4)
 
     def extract_shard(
         self,
@@ -322,9 +364,10 @@ class Detector:
                     raise item.error
             # No error left: every LoadedImage of the batch holds its image.
             arrays = [item.image for item in batch if item.image is not None]
-            embeddings = self.embed(self._fitted_preprocessor(arrays))
+            engine = cast("TorchEngine", self._fitted(self.engine))
+            _, batch_scores, embeddings = engine.score_and_embed(self._fitted_preprocessor(arrays))
             pooled.append(pool_embeddings(embeddings))
-            scores.append(self._fitted_scorer(embeddings)[1].float().cpu().numpy())
+            scores.append(batch_scores.float().cpu().numpy())
             done += len(batch)
             if progress:
                 progress("predict", done, len(images))
@@ -421,33 +464,18 @@ class Detector:
         if self.runtime != "torch":
             engine = self._fitted(self.engine)
             return {**engine.describe(), "calibration": self._fitted_calibration.to_dict()}
-        scorer, calibration = self._fitted_scorer, self._fitted_calibration
-        features, preprocessor = self._fitted_features, self._fitted_preprocessor
-        backbone = features.backbone
-        return {
-            "defectscope_version": self.info.defectscope_version,
-            "config": self.config.to_dict(),
-            "backbone": {
-                "name": backbone.name,
-                "layers": backbone.layers,
-                "channels": backbone.channels,
-                "strides": backbone.strides,
-                "weights": backbone.weights,
-                "fingerprint": backbone.fingerprint,
-            },
-            "preprocessing": preprocessor.to_dict(),
-            "feature_dim": int(scorer.bank.shape[1]),
-            **scorer.groups_metadata(),
-            "grid_size": list(features.grid_size(preprocessor.input_size)),
-            "calibration": calibration.to_dict(),
-            **{k: v for k, v in self.info.to_dict().items() if k != "defectscope_version"},
-        }
+        return model_description(
+            self.config,
+            self.feature_parts(),
+            self._fitted_scorer,
+            self._fitted_calibration,
+            self.info,
+        )
 
     def save(self, path: str | Path) -> Path | str:
         """Write the model (a folder or a .safetensors file name, local or an s3:// / gs:// URI)
         and return the file path (the object's URI when remote)."""
-        bank = self._fitted_scorer.bank
-        return write_model_file(path, {"memory_bank": bank}, self.describe())
+        return write_model_file(path, self.memory_banks(), self.describe())
 
     @classmethod
     def load(
@@ -466,28 +494,6 @@ class Detector:
         detector = cls(config)
         if backbone_cache is not None:
             detector._backbone_module = backbone_cache.get(config, detector.device)
-        features = detector.feature_parts().features
-        backbone = features.backbone
-        saved = meta.get("backbone", {})
-        if saved.get("fingerprint") != backbone.fingerprint:
-            raise ModelFileError(
-                f"{file}: the backbone weights available here ({backbone.weights}) differ from "
-                f"those the model was trained with ({saved.get('weights')}); the memory bank would "
-                "not match. Install the same weights or refit."
-            )
-        bank = tensors.get("memory_bank")
-        if bank is None or bank.ndim != 2 or bank.shape[1] != features.dim:
-            raise ModelFileError(
-                f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
-                f"match the feature size {features.dim} of this configuration"
-            )
-        scorer = load_scorer(file, bank, config, features.column_groups, meta.get("column_groups"))
-        detector.engine = TorchEngine(detector.feature_parts(), scorer.to(detector.device))
-        try:
-            detector.calibration = Calibration.from_dict(meta["calibration"])
-        except (KeyError, TypeError) as exc:
-            raise ModelFileError(
-                f"{file}: calibration data is missing or invalid ({exc})"
-            ) from None
-        detector.info = FitInfo.from_metadata(meta)
+        restored = restore_engine(file, tensors, meta, config, detector.feature_parts())
+        detector.engine, detector.calibration, detector.info = restored
         return detector

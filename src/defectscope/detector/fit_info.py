@@ -28,8 +28,8 @@ class TrainingInfo:
 
 @dataclass
 class FitInfo:
-    """The fit's record; ``reference`` (drift statistics) and ``selection`` (auto mode's
-    table and choice) are None where the fit made none."""
+    """The fit's record; ``reference`` (drift statistics), ``selection`` (auto mode's table
+    and choice) and ``scales`` (the half-size bank) are None where the fit made none."""
 
     created_at: str | None = None
     defectscope_version: str = __version__
@@ -38,6 +38,8 @@ class FitInfo:
     timings: dict[str, float] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
+    # The half-size bank (`defectscope.detector.scales`): its weights, size and own thresholds.
+    scales: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, without the parts that are None."""

@@ -184,15 +184,17 @@ def check_model_contents(
 ) -> None:
     """A usable model: finite calibration and a non-empty, finite memory bank."""
     check_calibration(path, meta)
-    bank = tensors.get("memory_bank")
-    if bank is None or bank.ndim != 2:
-        return  # Detector.load says what is missing or misshapen
-    if bank.shape[0] == 0:
-        raise ModelFileError(f"{path}: the memory bank is empty (shape {tuple(bank.shape)})")
-    if not bool(bank.isfinite().all()):
-        raise ModelFileError(
-            f"{path}: the memory bank holds NaN or infinite values; refit the model"
-        )
+    for name in ("memory_bank", "memory_bank_half"):
+        bank = tensors.get(name)
+        if bank is None or bank.ndim != 2:
+            continue  # Detector.load says what is missing or misshapen
+        what = "memory bank" if name == "memory_bank" else "half-size memory bank"
+        if bank.shape[0] == 0:
+            raise ModelFileError(f"{path}: the {what} is empty (shape {tuple(bank.shape)})")
+        if not bool(bank.isfinite().all()):
+            raise ModelFileError(
+                f"{path}: the {what} holds NaN or infinite values; refit the model"
+            )
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -277,7 +279,10 @@ def config_from_metadata(file: Path, meta: dict[str, Any]) -> DetectorConfig:
             config["features"] = features = {**features, "padding": "mean"}
         # ... and before the half-scale pass existed, saw the image at one size only.
         if isinstance(features, dict) and "half_scale" not in features:
-            config["features"] = {**features, "half_scale": False}
+            config["features"] = features = {**features, "half_scale": False}
+        # ... and before the half-size bank, had one bank.
+        if isinstance(features, dict) and "half_size_bank" not in features:
+            config["features"] = {**features, "half_size_bank": 0.0}
         return DetectorConfig.from_dict(config)
     except (KeyError, TypeError, ConfigError) as exc:
         raise ModelFileError(f"{file}: model configuration is missing or invalid: {exc}") from None

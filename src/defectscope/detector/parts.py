@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from defectscope.config import FeatureConfig
 from defectscope.errors import ConfigError
@@ -27,6 +28,7 @@ class FeatureParts:
     preprocessor: Preprocessor
     device: torch.device
     half: bool = False
+    pooling: int = 1  # the backbone sees the input averaged over pooling x pooling pixels
 
     @classmethod
     def build(
@@ -42,6 +44,13 @@ class FeatureParts:
             config.aspect = "stretch"
         height, width = config.input_size
         backbone.check_input_size((height, width))
+        if config.input_pooling > 1:
+            try:
+                backbone.check_input_size(pooled_size((height, width), config.input_pooling))
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"the half-size bank needs the half of the {height}x{width} input: {exc}"
+                ) from None
         if config.half_scale:
             try:
                 backbone.check_input_size((-(-height // 2), -(-width // 2)))
@@ -62,7 +71,11 @@ class FeatureParts:
         preprocessor = Preprocessor(
             config.input_size, backbone.mean, backbone.std, config.aspect, config.padding
         )
-        return cls(features, preprocessor, device, half)
+        return cls(features, preprocessor, device, half, config.input_pooling)
+
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid of this extractor's input (after its pooling)."""
+        return self.features.grid_size(pooled_size(self.preprocessor.input_size, self.pooling))
 
     @torch.inference_mode()
     def backbone_maps(
@@ -72,6 +85,8 @@ class FeatureParts:
         (before aggregation: auto mode aggregates one pass in several ways); those of the
         half-size pass after them if ``half_scale`` (None: as the features are configured)."""
         batch = batch.to(self.device, non_blocking=True)
+        if self.pooling > 1:
+            batch = pool_input(batch, self.pooling)
         if self.half:
             batch = batch.half()
         return [m.float() for m in self.features.layer_maps(batch, half_scale)]
@@ -85,6 +100,17 @@ class FeatureParts:
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
         return self.features.aggregate(self.backbone_maps(batch))
+
+
+def pooled_size(size: tuple[int, int], pooling: int) -> tuple[int, int]:
+    """The input size the backbone sees after `pool_input`."""
+    return (-(-int(size[0]) // pooling), -(-int(size[1]) // pooling))
+
+
+def pool_input(batch: torch.Tensor, pooling: int) -> torch.Tensor:
+    """The normalised input averaged over ``pooling`` x ``pooling`` pixels (traceable): the
+    half-size bank sees exactly this in fit, predict and export."""
+    return F.avg_pool2d(batch, pooling, ceil_mode=True) if pooling > 1 else batch
 
 
 def input_multiple(backbone: FeatureBackbone) -> int:

@@ -3,7 +3,9 @@
 `extend_bank` embeds good images with the detector's own preprocessing and features, adds their
 patch embeddings to a copy of the memory bank and returns a new detector; the old one is left
 untouched, so a server can keep serving it until the new one is ready. A bank over
-``coreset.max_size`` is thinned back to the cap by the fit's own coreset selection.
+``coreset.max_size`` is thinned back to the cap by the fit's own coreset selection. A model with
+a half-size bank (`defectscope.detector.scales`) gets the images in both banks, in the units the
+fit set.
 
 Calibration: the training images are not available any more, only their out-of-sample scores
 (``calibration.good_scores``). The taught images are good images, so their leave-one-out scores
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
 from defectscope.detector.calibration import Calibration, calibrate
@@ -34,6 +37,8 @@ from defectscope.detector.coreset import select_coreset
 from defectscope.detector.detector import Detector
 from defectscope.detector.engine import TorchEngine
 from defectscope.detector.model_file import read_header, resolve_model_path, write_model_file
+from defectscope.detector.parts import FeatureParts
+from defectscope.detector.scales import HalfScale
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.errors import DefectscopeError
 
@@ -76,11 +81,12 @@ def false_alarm_rate(good_scores: Sequence[float], threshold: float) -> float:
 
 
 @torch.inference_mode()
-def _embed(detector: Detector, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+def _embed(
+    parts: FeatureParts, batch_size: int, images: Sequence[ImageInput]
+) -> list[torch.Tensor]:
     """Per image, its patch embeddings (D, h, w) on the detector's device."""
-    parts = detector.feature_parts()
     rows: list[torch.Tensor] = []
-    for batch in iter_loaded(list(images), detector.config.batch_size):
+    for batch in iter_loaded(list(images), batch_size):
         for item in batch:
             if item.error is not None:
                 raise item.error
@@ -90,19 +96,22 @@ def _embed(detector: Detector, images: Sequence[ImageInput]) -> list[torch.Tenso
     return rows
 
 
-@torch.inference_mode()
-def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult:
-    """A new detector whose memory bank also holds the patches of ``images`` (good images).
+@dataclass
+class _TaughtBank:
+    """One scale's bank with the taught rows, and the taught images' leave-one-out maps and
+    image scores against it."""
 
-    ``detector`` is not changed; the new one shares its backbone (read-only at inference).
-    """
-    scorer = detector.scorer
-    calibration = detector.calibration
-    if scorer is None or calibration is None or detector.runtime != "torch":
-        raise DefectscopeError("teaching needs a fitted PyTorch model (not an exported one)")
-    if len(images) == 0:
-        raise DefectscopeError("nothing to teach: give at least one image")
-    embedded = _embed(detector, images)
+    scorer: AnomalyScorer
+    rows_added: int
+    maps: list[torch.Tensor]
+    scores: list[torch.Tensor]
+
+
+def _teach_bank(
+    scorer: AnomalyScorer, config: DetectorConfig, embedded: list[torch.Tensor]
+) -> _TaughtBank:
+    """``scorer``'s bank plus the rows of ``embedded`` (thinned to the coreset cap), and the
+    leave-one-out maps and scores of each taught image (how the fit calibrates)."""
     # (h*w, D) rows per image, in the order the fit flattens patches.
     per_image = [e.flatten(1).T.contiguous() for e in embedded]
     old_bank = scorer.bank
@@ -114,32 +123,56 @@ def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult
         [torch.full((old_bank.shape[0],), -1, dtype=torch.long)]
         + [torch.full((r.shape[0],), i, dtype=torch.long) for i, r in enumerate(per_image)]
     )
-    cap = detector.config.coreset.max_size
-    if cap is not None and detector.config.coreset.method != "none" and bank.shape[0] > cap:
-        chosen = select_coreset(bank, detector.config.coreset, n_select=cap)
+    cap = config.coreset.max_size
+    if cap is not None and config.coreset.method != "none" and bank.shape[0] > cap:
+        chosen = select_coreset(bank, config.coreset, n_select=cap)
         bank, owners = bank[chosen].contiguous(), owners[chosen.cpu()]
-    config = detector.config
-    # The passes keep the fit's units of distance and of image score: the good scores below were
+    # The passes keep the fit's units of distance and of image score: the good scores were
     # measured in them.
     new_scorer = AnomalyScorer(
         bank,
-        config.scoring,
-        config.features.input_size,
+        scorer.config,
+        scorer.input_size,
         scorer.groups,
         scorer.group_weights,
         scorer.score_weights,
     ).to(device)
-
-    # Leave-one-out scores of the taught images: how the fit calibrates on its own images.
-    parts = detector.feature_parts()
     owner_on_device = owners.to(device)
-    scores: list[float] = []
-    maxima: list[float] = []
+    maps, scores = [], []
     for index, embedding in enumerate(e.unsqueeze(0) for e in embedded):
         own = [(owner_on_device == index).nonzero().flatten()]
-        maps, image_scores = new_scorer.score_excluding(embedding, own)
-        scores.append(float(image_scores[0]))
-        maxima.append(float(maps.flatten(1).amax(1)[0]))
+        image_maps, image_scores = new_scorer.score_excluding(embedding, own)
+        maps.append(image_maps)
+        scores.append(image_scores)
+    return _TaughtBank(new_scorer, int((owners >= 0).sum()), maps, scores)
+
+
+@torch.inference_mode()
+def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult:
+    """A new detector whose memory bank also holds the patches of ``images`` (good images);
+    a model with a half-size bank gets them in both banks.
+
+    ``detector`` is not changed; the new one shares its backbone (read-only at inference).
+    """
+    scorer = detector.scorer
+    calibration = detector.calibration
+    if scorer is None or calibration is None or detector.runtime != "torch":
+        raise DefectscopeError("teaching needs a fitted PyTorch model (not an exported one)")
+    if len(images) == 0:
+        raise DefectscopeError("nothing to teach: give at least one image")
+    parts, config = detector.feature_parts(), detector.config
+    full = _teach_bank(scorer, config, _embed(parts, config.batch_size, images))
+    maps, image_scores = full.maps, full.scores
+    half = detector.half_scale
+    taught_half = None
+    if half is not None:
+        half_bank = _teach_bank(half.scorer, config, _embed(half.parts, config.batch_size, images))
+        taught_half = HalfScale(half.parts, half_bank.scorer, half.scales)
+        halves = zip(maps, half_bank.maps, image_scores, half_bank.scores, strict=True)
+        pairs = [half.scales.combine([m, hm], [s, hs]) for m, hm, s, hs in halves]
+        maps, image_scores = [m for m, _ in pairs], [s for _, s in pairs]
+    scores = [float(s[0]) for s in image_scores]
+    maxima = [float(m.flatten(1).amax(1)[0]) for m in maps]
     rule = calibrate(
         np.asarray(list(calibration.good_scores) + scores),
         np.asarray(list(calibration.good_pixel_maxima) + maxima),
@@ -155,13 +188,15 @@ def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult
         rule.threshold_source = FIT_SOURCE
 
     taught = copy.copy(detector)
-    taught.engine = TorchEngine(parts, new_scorer)
+    taught.engine = TorchEngine(parts, full.scorer, taught_half)
     taught.calibration = rule
     taught.info = copy.deepcopy(detector.info)
-    taught.info.bank_size = int(bank.shape[0])
-    added = int((owners >= 0).sum())
+    bank_rows = int(full.scorer.bank.shape[0])
+    taught.info.bank_size = bank_rows
+    if taught_half is not None and taught.info.scales is not None:
+        taught.info.scales["half_bank_size"] = int(taught_half.scorer.bank.shape[0])
     return TeachResult(
-        taught, len(per_image), added, int(bank.shape[0]), *calibrated, taught_scores=scores
+        taught, len(images), full.rows_added, bank_rows, *calibrated, taught_scores=scores
     )
 
 
@@ -204,4 +239,4 @@ def save_model(detector: Detector, path: str | Path, extras: dict[str, Any]) -> 
     if unknown:
         raise DefectscopeError(f"unknown model metadata: {sorted(unknown)}")
     meta = {**detector.describe(), **extras}
-    return write_model_file(path, {"memory_bank": detector.memory_bank}, meta)
+    return write_model_file(path, detector.memory_banks(), meta)

@@ -27,7 +27,7 @@ from typing import Any
 from defectscope.config import DetectorConfig
 from defectscope.detector.detector import Detector
 from defectscope.detector.plan import FitPlan
-from defectscope.detector.progress import ProgressFn
+from defectscope.detector.progress import ProgressFn, with_stage_prefix
 from defectscope.detector.shards import FitShard, ShardStore
 from defectscope.distributed.predict import check_data_access, read_source
 from defectscope.errors import DefectscopeError, ImageLoadError
@@ -71,17 +71,47 @@ def fit_with_ray(
     ``workers`` actors (default: as many as the cluster's CPUs allow, at most one per chunk)
     each reserve ``cpus_per_worker`` CPUs.
     """
-    from defectscope.distributed.cluster import cluster_cpus, first_line, require_ray
+    from defectscope.distributed.cluster import require_ray
 
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     check_data_access(data_access)
     ray = require_ray()
-    from ray.util import ActorPool
-
     start = time.perf_counter()
     detector = Detector(config)
     paths = [Path(p) for p in images]
+    workers = _fit_on_actors(
+        ray, detector, paths, workers, cpus_per_worker, on_error, data_access, progress
+    )
+    # The half-size bank (defectscope.detector.scales): the same stages on its own actors.
+    half = detector.half_scale_detector(len(paths))
+    if half is not None:
+        half_progress = with_stage_prefix(progress, "half-size ")
+        _fit_on_actors(
+            ray, half, paths, workers, cpus_per_worker, on_error, data_access, half_progress
+        )
+        detector.join_half_scale(half)
+    detector.info.timings["total_s"] = round(time.perf_counter() - start, 4)
+    detector.info.training.engine = {"name": "ray", "workers": workers}
+    return detector
+
+
+def _fit_on_actors(
+    ray: Any,
+    detector: Detector,
+    paths: list[Path],
+    workers: int | None,
+    cpus_per_worker: float,
+    on_error: str,
+    data_access: str,
+    progress: ProgressFn | None,
+) -> int:
+    """Prepare, plan, extract the shards on Ray actors and finish ``detector``'s fit on the
+    driver; returns the number of actors that worked."""
+    from ray.util import ActorPool
+
+    from defectscope.distributed.cluster import cluster_cpus, first_line
+
     plan = FitPlan.create(len(paths), detector.config)
     # Geometry and auto mode are settled here, so that every worker gets the same config.
     detector.prepare(paths, progress, keep_maps=False)
@@ -90,7 +120,7 @@ def fit_with_ray(
     chunks = plan.chunks()
     if workers is None:
         workers = max(1, int(cluster_cpus(ray) // cpus_per_worker))
-    if len(chunks) < workers:
+    if len(chunks) < workers and detector.config.features.input_pooling == 1:
         log.warning(
             "the plan has %d chunk(s) of up to %d images for %d workers: only %d will work; set "
             "detector.fit.chunk_images=%d to use them all (the same value gives the same model "
@@ -149,9 +179,7 @@ def fit_with_ray(
             for actor in actors:
                 ray.kill(actor)
         detector.fit_from_shards(shards, plan, progress=progress)
-    detector.info.timings["total_s"] = round(time.perf_counter() - start, 4)
-    detector.info.training.engine = {"name": "ray", "workers": workers}
-    return detector
+    return workers
 
 
 def restore_sources(shard: FitShard, paths: Sequence[Path]) -> None:

@@ -168,9 +168,10 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
 
 
 def _selection(result: EvaluationResult) -> Table:
-    """Auto mode's candidates (synthetic or known defects against held-out good images) and
-    its choice."""
-    selection = (result.context.get("detector") or {}).get("selection") or {}
+    """Auto mode's candidates (synthetic or known defects against held-out good images), its
+    choice, and the half-size bank where the model has one."""
+    described = result.context.get("detector") or {}
+    selection = described.get("selection") or {}
     header = ["Candidate", "Image AUROC", "Pixel AUROC", "Objective", "Chosen"]
     rows = [
         [
@@ -183,6 +184,13 @@ def _selection(result: EvaluationResult) -> Table:
         for row in selection.get("candidates", [])
     ]
     notes = [selection.get("reason"), (selection.get("geometry") or {}).get("reason")]
+    scales = described.get("scales")
+    if isinstance(scales, dict):
+        notes.append(
+            f"plus a bank fitted at half size (its own {scales.get('half_bank_size')} rows on a "
+            f"{scales.get('half_grid_size')} grid), added at weight {scales.get('half_weight')} "
+            "in units of each bank's threshold"
+        )
     rows += [[note, "", "", "", ""] for note in notes if note]
     return header, rows or [["(not recorded for this model)", "", "", "", ""]]
 

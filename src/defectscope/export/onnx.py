@@ -4,7 +4,8 @@ The graph takes the *normalised* tensor that `Detector.preprocessor` produces (B
 returns ``(maps (B, H, W), scores (B,), normalized_scores (B,))``: backbone, patch features,
 memory bank, kNN, upsampling, blur, reduction and the logistic normalisation are all inside, and
 the model's description (config, preprocessing, thresholds) rides in ``metadata_props``, so a
-runtime needs the file and nothing else. Decoding and resizing stay in Python (`Preprocessor`)
+runtime needs the file and nothing else. A model with a half-size bank exports both banks and
+their sum in one graph. Decoding and resizing stay in Python (`Preprocessor`)
 so that there is one preprocessing path for every runtime.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from defectscope.detector.model_file import parse_versioned_meta
+from defectscope.detector.parts import pool_input
 from defectscope.errors import ConfigError, DefectscopeError, ModelFileError
 
 ONNX_FORMAT_NAME = "defectscope-onnx"
@@ -35,17 +37,13 @@ OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score")
 FP16_MIN_ELEMENTS = 1024
 
 
-class ExportableDetector(nn.Module):
-    """The whole model work of a fitted detector as one traceable module.
+class ExportableScale(nn.Module):
+    """One bank's share of the graph: its features (of the input as its extractor sees it),
+    its kNN and its maps and image scores, by its `AnomalyScorer`'s own rules.
 
     The kNN is one distance matrix per batch (no chunk loop, no index object) with the same
-    ``addmm`` formula as `knn.pairwise_sq_dist`, then min/topk, clamp and sqrt; the maps and the
-    image score come from the detector's own `AnomalyScorer.map_operators` (the operators
-    `to_input_maps` applies) and `.reduce`, so the scoring rules exist once and exported numbers
-    match the eager scorer. A model fitted with an
-    approximate ``scoring.knn_backend`` (faiss IVF/HNSW/PQ) exports with this exact search: its
-    exported scores are the exact ones, at most as high as the approximate eager scores.
-    A bank of several passes (`features.half_scale`) is searched per pass, as the scorer does.
+    ``addmm`` formula as `knn.pairwise_sq_dist`, then min/topk, clamp and sqrt. A bank of
+    several passes (`features.half_scale`) is searched per pass, as the scorer does.
     """
 
     # Registered buffers, declared so type checkers see tensors.
@@ -54,14 +52,15 @@ class ExportableDetector(nn.Module):
     map_rows: torch.Tensor
     map_cols: torch.Tensor
 
-    def __init__(self, detector: Any) -> None:
+    def __init__(self, parts: Any, scorer: Any) -> None:
         super().__init__()
-        self.features = detector.features
-        self.scorer = detector.scorer
-        bank = self.scorer.bank.detach().float()
+        self.features = parts.features
+        self.pooling = int(parts.pooling)
+        self.scorer = scorer
+        bank = scorer.bank.detach().float()
         # A bank of several passes keeps each pass's columns (the scorer holds their units);
         # a single pass the whole bank, under the names its graphs always had.
-        self.groups = self.scorer.groups
+        self.groups = scorer.groups
         if self.groups is None:
             self.register_buffer("bank_t", bank.T.contiguous())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1)[None, :])
@@ -69,15 +68,12 @@ class ExportableDetector(nn.Module):
             columns = bank[:, start:stop]
             self.register_buffer(f"bank_t_{number}", columns.T.contiguous())
             self.register_buffer(f"bank_sq_{number}", (columns * columns).sum(dim=1)[None, :])
-        self.k = min(int(self.scorer.config.k), bank.shape[0])
+        self.k = min(int(scorer.config.k), bank.shape[0])
         # The scorer's upsampling + blur operators for this model's grid, built now: built while
         # tracing, their construction (an interpolation) would land in the graph.
-        grid = detector.features.grid_size(detector.preprocessor.input_size)
-        rows, cols = self.scorer.map_operators(*grid)
+        rows, cols = scorer.map_operators(*parts.grid_size())
         self.register_buffer("map_rows", rows.detach().float().cpu().clone())
         self.register_buffer("map_cols", cols.detach().float().cpu().clone())
-        self.threshold = float(detector.calibration.threshold)
-        self.scale = float(detector.calibration.scale)
 
     def _nearest(
         self, queries: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor
@@ -105,8 +101,8 @@ class ExportableDetector(nn.Module):
     def _to_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
         return self.map_rows @ (patch_scores @ self.map_cols.T)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embeddings = self.features(images).float()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.features(pool_input(images, self.pooling)).float()
         _, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
         if self.groups is None:
@@ -115,6 +111,34 @@ class ExportableDetector(nn.Module):
         else:
             passes, idx = self._nearest_per_pass(queries)
         maps, scores, _ = self.scorer.maps_and_scores(passes, idx, queries, (h, w), self._to_maps)
+        return maps, scores
+
+
+class ExportableDetector(nn.Module):
+    """The whole model work of a fitted detector as one traceable module: each bank's
+    `ExportableScale` (the half-size one too, `defectscope.detector.scales`), their sum in
+    units as `ScaleSet.combine` adds them, and the logistic normalisation.
+
+    The maps and the image score come from the detector's own scorers, so the scoring rules
+    exist once and exported numbers match the eager ones. A model fitted with an approximate
+    ``scoring.knn_backend`` (faiss IVF/HNSW/PQ) exports with this exact search: its exported
+    scores are the exact ones, at most as high as the approximate eager scores.
+    """
+
+    def __init__(self, detector: Any) -> None:
+        super().__init__()
+        self.full = ExportableScale(detector.feature_parts(), detector.scorer)
+        half = detector.half_scale
+        self.half_size = None if half is None else ExportableScale(half.parts, half.scorer)
+        self.scales = None if half is None else half.scales
+        self.threshold = float(detector.calibration.threshold)
+        self.scale = float(detector.calibration.scale)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps, scores = self.full(images)
+        if self.half_size is not None and self.scales is not None:
+            half_maps, half_scores = self.half_size(images)
+            maps, scores = self.scales.combine([maps, half_maps], [scores, half_scores])
         z = ((scores - self.threshold) / self.scale).clamp(-60.0, 60.0)
         return maps, scores, torch.sigmoid(z)
 

@@ -227,8 +227,10 @@ class ModelPool:
         if backbone is None:  # an exported model: its file is what it holds
             path = state.settings.model_path
             return path.stat().st_size if path is not None and path.is_file() else 0
-        bank = detector.memory_bank
-        total = bank.numel() * bank.element_size() + screen_bytes(bank)
+        total = sum(
+            bank.numel() * bank.element_size() + screen_bytes(bank)
+            for bank in detector.memory_banks().values()
+        )
         earlier = [n for n in self.loaded() if n != name and self.order(n) < self.order(name)]
         if count_shared or not (set(self.sharing(name)) & set(earlier)):
             total += module_bytes(backbone)
