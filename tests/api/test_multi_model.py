@@ -159,8 +159,11 @@ def test_least_recently_used_model_is_unloaded_beyond_the_budget(
     root = tmp_path / "models"
     for name in ("a", "b", "c"):
         copy_model(texture_model_dir, root / name)
-    memory_bank = fitted.memory_bank
-    bank = memory_bank.numel() * memory_bank.element_size() + screen_bytes(memory_bank)
+    # Both banks of the model (full size and half size), each with the search's copy.
+    bank = sum(
+        memory_bank.numel() * memory_bank.element_size() + screen_bytes(memory_bank)
+        for memory_bank in fitted.memory_banks().values()
+    )
     backbone = module_bytes(fitted.feature_parts().features.backbone)
     # Room for the backbone and two banks (with the search's copy) and a half: the default
     # and one more model.

@@ -184,12 +184,10 @@ def _selection(result: EvaluationResult) -> Table:
         for row in selection.get("candidates", [])
     ]
     notes = [selection.get("reason"), (selection.get("geometry") or {}).get("reason")]
-    scales = described.get("scales")
-    if isinstance(scales, dict):
+    if isinstance(scales := described.get("scales"), dict):
         notes.append(
-            f"plus a bank fitted at half size (its own {scales.get('half_bank_size')} rows on a "
-            f"{scales.get('half_grid_size')} grid), added at weight {scales.get('half_weight')} "
-            "in units of each bank's threshold"
+            f"plus a bank at half size ({scales.get('half_bank_size')} rows, grid "
+            f"{scales.get('half_grid_size')}) at weight {scales.get('half_weight')}, in units"
         )
     rows += [[note, "", "", "", ""] for note in notes if note]
     return header, rows or [["(not recorded for this model)", "", "", "", ""]]
