@@ -267,8 +267,9 @@ class AutoConfig(_Section):
     )
     try_half_scale: bool = Field(
         True,
-        description="With known_defects, also try the chosen candidate with the image at half "
-        "size too (features.half_scale) and keep it if it separates them better by the margin. "
+        description="With known_defects and no half-size bank (features.half_size_bank=0), "
+        "also try the chosen candidate with the image at half size too (features.half_scale) "
+        "and keep it if it separates them better by the margin. "
         "Synthetic defects cannot make this choice: they do not show a product's defect sizes.",
     )
     size_probe_images: int = Field(

@@ -21,9 +21,12 @@ from defectscope.detector.ranking import auroc
 from defectscope.errors import ConfigError
 
 
-def _config(folder: Path, **auto: object) -> dict:
+def _config(folder: Path, half_size_bank: float = 0.0, **auto: object) -> dict:
+    """Auto mode with the known defects of ``folder``; one bank by default, the setting in
+    which auto mode tries the one-bank half-size pass (`features.half_scale`)."""
     known = {"known_defects": str(folder), "min_known_defects": 4, **auto}
-    return {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], **known}}
+    features = {**AUTO_CONFIG.get("features", {}), "half_size_bank": half_size_bank}
+    return {**AUTO_CONFIG, "features": features, "auto": {**AUTO_CONFIG["auto"], **known}}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,16 @@ def test_candidates_are_judged_on_the_known_defects(monkeypatch, defect_folder: 
     assert detector.config.features.half_scale is False
 
 
+def test_a_model_with_the_half_size_bank_does_not_try_the_one_bank_pass(
+    defect_folder: Path,
+) -> None:
+    detector = Detector(_config(defect_folder, half_size_bank=0.5))
+    result = detector.prepare(texture_crops(16, seed=4))
+    assert result.defect_kinds == ["known"]
+    assert not any(row["name"].endswith("+half_scale") for row in result.candidates)
+    assert detector.config.features.half_scale is False
+
+
 def test_fewer_known_defects_than_the_minimum_are_not_used(defect_folder: Path) -> None:
     detector = Detector(_config(defect_folder, min_known_defects=5))
     result = detector.prepare(texture_crops(16, seed=4))
@@ -155,6 +168,7 @@ def test_the_fit_takes_auto_modes_maps_with_or_without_the_half_size_pass(
             **FAST_CONFIG["features"],
             "normalize": {"raw": "none", "l2": "l2"}[chosen],
             "half_scale": half_wins,
+            "half_size_bank": 0.0,
         },
         "auto": {"enabled": False},
     }

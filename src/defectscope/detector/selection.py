@@ -202,11 +202,13 @@ def select_configuration(
         known = None
     n_holdout = max(2, min(auto.holdout_images, len(images) // 4))
     parts = FeatureParts.build(backbone, config.features, device, config.half_precision)
-    # Only real defects show whether a product needs the half-size pass (known_defects.py).
+    # Only real defects show whether a product needs the half-size pass (known_defects.py);
+    # a model with the half-size bank (features.half_size_bank) has that view already.
     try_half = (
         known is not None
         and auto.try_half_scale
         and not config.features.half_scale
+        and config.features.half_size_bank == 0
         and half_size_fits(backbone, config.features.input_size)
     )
     features, preprocessor = parts.features, parts.preprocessor
