@@ -200,6 +200,8 @@ def test_wrong_runtime_or_device_and_torch_only_calls_give_clear_errors(
         runtime.fit(images)
     with pytest.raises(DefectscopeError, match="not embeddings"):
         runtime.embed(torch.zeros(1, 3, 128, 128))
+    with pytest.raises(DefectscopeError, match="not embeddings"):
+        runtime.pooled_embeddings(images[:1])  # the drift check's feature test
     assert runtime.is_fitted and len(runtime.predict(images[:2])) == 2
 
 

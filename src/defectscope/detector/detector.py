@@ -354,6 +354,8 @@ class Detector:
         and the image scores (N,) from the same forward pass. An unreadable image raises its
         ImageLoadError."""
         self._require_fitted()
+        self._require_torch()
+        engine = cast("TorchEngine", self.engine)
         images = list(images)
         pooled: list[np.ndarray] = []
         scores: list[np.ndarray] = []
@@ -364,7 +366,6 @@ class Detector:
                     raise item.error
             # No error left: every LoadedImage of the batch holds its image.
             arrays = [item.image for item in batch if item.image is not None]
-            engine = cast("TorchEngine", self._fitted(self.engine))
             _, batch_scores, embeddings = engine.score_and_embed(self._fitted_preprocessor(arrays))
             pooled.append(pool_embeddings(embeddings))
             scores.append(batch_scores.float().cpu().numpy())
