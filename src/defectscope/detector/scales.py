@@ -44,8 +44,9 @@ HALF_POOLING: Literal[2] = 2
 def uses_half_scale(config: DetectorConfig, n_images: int) -> bool:
     """Whether a fit of ``n_images`` with ``config`` (after auto mode) adds a half-size bank.
 
-    Not for few-shot fits (their views and jittered calibration were measured with one bank),
-    nor on top of the one-bank half-size pass, nor for the half-size bank itself."""
+    Not for few-shot fits (with two banks, screw from 2 images fell 0.825 -> 0.748 image AUROC
+    while bottle rose 0.998 -> 1.000: BENCHMARKS.md), nor on top of the one-bank half-size
+    pass, nor for the half-size bank itself."""
     features = config.features
     return (
         features.half_size_bank > 0
