@@ -292,7 +292,8 @@ class Detector:
         joined, calibration, record = scales.join_scales(
             weight,
             self._fitted_calibration,
-            (half.feature_parts(), half._fitted_scorer),
+            half.feature_parts(),
+            half._fitted_scorer,
             half._fitted_calibration,
         )
         self.engine = TorchEngine(self.feature_parts(), self._fitted_scorer, joined)
@@ -465,13 +466,8 @@ class Detector:
         if self.runtime != "torch":
             engine = self._fitted(self.engine)
             return {**engine.describe(), "calibration": self._fitted_calibration.to_dict()}
-        return model_description(
-            self.config,
-            self.feature_parts(),
-            self._fitted_scorer,
-            self._fitted_calibration,
-            self.info,
-        )
+        scorer, calibration = self._fitted_scorer, self._fitted_calibration
+        return model_description(self.config, self.feature_parts(), scorer, calibration, self.info)
 
     def save(self, path: str | Path) -> Path | str:
         """Write the model (a folder or a .safetensors file name, local or an s3:// / gs:// URI)

@@ -156,13 +156,13 @@ class HalfScale:
 def join_scales(
     weight: float,
     full: Calibration,
-    half: HalfScale | tuple[FeatureParts, AnomalyScorer],
+    parts: FeatureParts,
+    scorer: AnomalyScorer,
     half_calibration: Calibration,
 ) -> tuple[HalfScale, Calibration, dict[str, Any]]:
-    """The half-size bank (``half``: its parts and scorer, fitted on the same images as the
-    full-size one) joined at ``weight``: the `HalfScale`, the calibration of the sum, and
-    what the model records about it (``FitInfo.scales``)."""
-    parts, scorer = (half.parts, half.scorer) if isinstance(half, HalfScale) else half
+    """The half-size bank (its ``parts``, ``scorer`` and calibration, fitted on the same images
+    as the full-size one) joined at ``weight``: the `HalfScale`, the calibration of the sum,
+    and what the model records about it (``FitInfo.scales``)."""
     scales = ScaleSet.from_calibrations(full, half_calibration, weight)
     try:
         calibration = scales.calibration(full, half_calibration)
