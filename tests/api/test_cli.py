@@ -30,6 +30,7 @@ def model(dataset: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiles"
     proc = run_cli("fit", str(dataset), "--out", str(out), *FAST)
     assert "memory bank" in proc.stdout
+    assert "half-size bank" in proc.stdout and "weight 0.5" in proc.stdout
     return out
 
 
@@ -38,6 +39,7 @@ def test_fit_writes_a_self_describing_model(model: Path) -> None:
     meta = json.loads(run_cli("inspect", str(model)).stdout)
     assert meta["backbone"]["name"] == "tf_efficientnet_lite0"
     assert meta["config"]["features"]["input_size"] == [128, 128]
+    assert meta["scales"]["half_weight"] == 0.5 and meta["scales"]["half_grid_size"] == [8, 8]
     assert meta["training"]["n_images"] == 12
     assert meta["calibration"]["threshold"] > 0
 

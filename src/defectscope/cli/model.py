@@ -207,13 +207,20 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
     table.add_row("file", str(path))
     table.add_row("backbone", detector.features.backbone.name)
     table.add_row("memory bank", f"{info.bank_size:,} of {info.training.n_patches:,} patches")
+    if info.scales:
+        table.add_row(
+            "half-size bank",
+            f"{info.scales['half_bank_size']:,} patches, weight {info.scales['half_weight']:g}",
+        )
     table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
     table.add_row(
         "fit time",
         f"{timings['total_s']:.1f} s ("
         + (f"choosing {timings['selection_s']:.1f}, " if "selection_s" in timings else "")
         + f"features {timings['features_s']:.1f}, coreset {timings['coreset_s']:.1f}, "
-        f"calibration {timings['calibration_s']:.1f})",
+        f"calibration {timings['calibration_s']:.1f}"
+        + (f", half-size bank {timings['half_scale_s']:.1f}" if "half_scale_s" in timings else "")
+        + ")",
     )
     selection = info.selection or {}
     if selection:
