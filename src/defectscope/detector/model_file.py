@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
     from defectscope.detector.scoring import AnomalyScorer
 
+# The banks a model file may hold, by tensor name, as errors name them.
+BANK_NAMES = {"memory_bank": "memory bank", "memory_bank_half": "half-size memory bank"}
+
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
 MODEL_FILENAME = "model.safetensors"
@@ -184,17 +187,31 @@ def check_model_contents(
 ) -> None:
     """A usable model: finite calibration and a non-empty, finite memory bank."""
     check_calibration(path, meta)
-    for name in ("memory_bank", "memory_bank_half"):
+    for name, what in BANK_NAMES.items():
         bank = tensors.get(name)
         if bank is None or bank.ndim != 2:
-            continue  # Detector.load says what is missing or misshapen
-        what = "memory bank" if name == "memory_bank" else "half-size memory bank"
+            continue  # Detector.load says what is missing or misshapen (`checked_bank`)
         if bank.shape[0] == 0:
             raise ModelFileError(f"{path}: the {what} is empty (shape {tuple(bank.shape)})")
         if not bool(bank.isfinite().all()):
             raise ModelFileError(
                 f"{path}: the {what} holds NaN or infinite values; refit the model"
             )
+
+
+def checked_bank(
+    file: Path | str, tensors: dict[str, torch.Tensor], name: str, dim: int
+) -> torch.Tensor:
+    """The bank ``name`` of a read model file, refused unless it has ``dim`` columns (the
+    feature size of the configuration that loads it)."""
+    bank = tensors.get(name)
+    if bank is None or bank.ndim != 2 or bank.shape[1] != dim:
+        shape = None if bank is None else tuple(bank.shape)
+        raise ModelFileError(
+            f"{file}: {BANK_NAMES[name]} shape {shape} does not match the feature size {dim} of "
+            "this configuration"
+        )
+    return bank
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from defectscope.config import DetectorConfig
 from defectscope.detector.calibration import Calibration
 from defectscope.detector.engine import TorchEngine
 from defectscope.detector.fit_info import FitInfo
-from defectscope.detector.model_file import load_scorer
+from defectscope.detector.model_file import checked_bank, load_scorer
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.scales import load_half_scale
 from defectscope.detector.scoring import AnomalyScorer
@@ -66,12 +66,7 @@ def restore_engine(
             f"those the model was trained with ({saved.get('weights')}); the memory bank would "
             "not match. Install the same weights or refit."
         )
-    bank = tensors.get("memory_bank")
-    if bank is None or bank.ndim != 2 or bank.shape[1] != features.dim:
-        raise ModelFileError(
-            f"{file}: memory bank shape {None if bank is None else tuple(bank.shape)} does not "
-            f"match the feature size {features.dim} of this configuration"
-        )
+    bank = checked_bank(file, tensors, "memory_bank", features.dim)
     scorer = load_scorer(file, bank, config, features.column_groups, meta.get("column_groups"))
     half = load_half_scale(file, tensors, meta, config, backbone, parts.device)
     engine = TorchEngine(parts, scorer.to(parts.device), half)

@@ -32,7 +32,7 @@ import torch
 from defectscope.config import DetectorConfig
 from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
-from defectscope.detector.model_file import load_scorer
+from defectscope.detector.model_file import checked_bank, load_scorer
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.errors import DefectscopeError, ModelFileError
@@ -196,11 +196,6 @@ def load_half_scale(
     scales = ScaleSet.from_dict(saved, file)
     half_config = half_scale_config(config)
     parts = FeatureParts.build(backbone, half_config.features, device, config.half_precision)
-    bank = tensors.get("memory_bank_half")
-    if bank is None or bank.ndim != 2 or bank.shape[1] != parts.features.dim:
-        raise ModelFileError(
-            f"{file}: half-size memory bank shape {None if bank is None else tuple(bank.shape)} "
-            f"does not match the feature size {parts.features.dim} of this configuration"
-        )
+    bank = checked_bank(file, tensors, "memory_bank_half", parts.features.dim)
     scorer = load_scorer(file, bank, half_config, None, None)
     return HalfScale(parts, scorer.to(device), scales)
