@@ -136,3 +136,13 @@ def test_synth_and_augment_commands(tmp_path) -> None:
     )
     assert "30 train" in proc.stdout
     assert (tmp_path / "a" / "ground_truth").is_dir()
+
+
+def test_fit_refuses_a_bad_half_size_bank_weight_before_fitting(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m"
+    proc = _run_cli("fit", str(dataset), "--out", str(out), "detector.features.half_size_bank=-1")
+    assert proc.returncode == 2
+    assert "features.half_size_bank" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

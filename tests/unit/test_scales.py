@@ -219,3 +219,19 @@ def test_teaching_adds_the_images_to_both_banks(fitted: Detector) -> None:
     assert len(taught.calibration.good_scores) == len(fitted.calibration.good_scores) + 2  # type: ignore[union-attr]
     assert all(0.0 < s < 3.0 for s in result.taught_scores)
     assert fitted.memory_banks()["memory_bank_half"].shape[0] == before["memory_bank_half"]
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        {"half_size_bank": -0.5},
+        {"half_size_bank": 5},
+        {"half_size_bank": "x"},
+        {"input_pooling": 3},
+    ],
+)
+def test_bad_half_size_settings_are_refused_with_the_field_name(features: dict) -> None:
+    from defectscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(features))):
+        DetectorConfig.from_dict({"features": features})
