@@ -31,6 +31,7 @@ def model(dataset: Path, tmp_path_factory) -> Path:
     proc = run_cli("fit", str(dataset), "--out", str(out), *FAST)
     assert "memory bank" in proc.stdout
     assert "half-size bank" in proc.stdout and "weight 0.5" in proc.stdout
+    assert "1% target, tail x1.2" in proc.stdout
     return out
 
 
@@ -42,6 +43,7 @@ def test_fit_writes_a_self_describing_model(model: Path) -> None:
     assert meta["scales"]["half_weight"] == 0.5 and meta["scales"]["half_grid_size"] == [8, 8]
     assert meta["training"]["n_images"] == 12
     assert meta["calibration"]["threshold"] > 0
+    assert meta["calibration"]["tail_spread"] == 1.2
 
 
 def test_evaluate_writes_report_and_can_store_f1_threshold(
@@ -138,11 +140,18 @@ def test_synth_and_augment_commands(tmp_path) -> None:
     assert (tmp_path / "a" / "ground_truth").is_dir()
 
 
-def test_fit_refuses_a_bad_half_size_bank_weight_before_fitting(
-    dataset: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("detector.features.half_size_bank=-1", "features.half_size_bank"),
+        ("detector.calibration.tail_spread=0.5", "calibration.tail_spread"),
+    ],
+)
+def test_fit_refuses_a_bad_setting_before_fitting(
+    dataset: Path, tmp_path: Path, setting: str, field: str
 ) -> None:
     out = tmp_path / "m"
-    proc = _run_cli("fit", str(dataset), "--out", str(out), "detector.features.half_size_bank=-1")
+    proc = _run_cli("fit", str(dataset), "--out", str(out), setting)
     assert proc.returncode == 2
-    assert "features.half_size_bank" in proc.stderr and "Traceback" not in proc.stderr
+    assert field in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()

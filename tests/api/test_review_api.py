@@ -24,6 +24,7 @@ from _server import assert_json_error, settings_for, wait_ready
 from fastapi.testclient import TestClient
 
 from defectscope.data.datasets import open_dataset
+from defectscope.detector.calibration import spread_quantile
 from defectscope.detector.detector import Detector
 from defectscope.serving.app import create_app
 
@@ -231,7 +232,9 @@ def test_threshold_audit_reset_and_calibration_numbers(client, model_dir):
     detector = Detector.load(model_dir)
     calibration = detector.calibration
     scores = np.asarray(calibration.good_scores)
-    rule = float(np.quantile(scores, 1 - calibration.false_alarm_rate, method="higher"))
+    q = 1 - calibration.false_alarm_rate
+    rule = spread_quantile(scores, q, calibration.tail_spread)
+    assert calibration.tail_spread == 1.2 and rule > scores.max()  # the fit's rule, spread
     info = client.get("/v1/model").json()
     assert info["threshold_audit"] == [] and info["calibrated_threshold"] == pytest.approx(rule)
 

@@ -8,7 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from defectscope.detector.calibration import Calibration, calibrate, robust_scale
+from defectscope.detector.calibration import (
+    Calibration,
+    calibrate,
+    robust_scale,
+    small_sample_factor,
+)
 from defectscope.errors import DefectscopeError
 
 
@@ -56,6 +61,49 @@ def test_few_scores() -> None:
     assert cal.threshold == 3.0 and cal.pixel_threshold == 7.0
     cal = calibrate(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]), 0.2, "in_sample")
     assert cal.threshold == 3.0  # 2 * 0.8 = 1.6 -> index 2
+
+
+def test_tail_spread_widens_the_distance_above_the_median() -> None:
+    scores = np.random.default_rng(7).permutation(np.arange(1.0, 101.0))  # median 50.5
+    plain = calibrate(scores, scores * 2.0, 0.01, "leave_one_out")
+    wide = calibrate(scores, scores * 2.0, 0.01, "leave_one_out", tail_spread=1.3)
+    assert plain.threshold == 100.0 and plain.tail_spread == 1.0
+    assert wide.threshold == pytest.approx(50.5 + 1.3 * (100.0 - 50.5))
+    assert wide.pixel_threshold == pytest.approx(101.0 + 1.3 * (200.0 - 101.0))
+    assert wide.tail_spread == 1.3
+    # The unit a bank's scores are added in is the plain quantile: the spread moves only the
+    # thresholds, never how two banks' scores are ranked.
+    assert wide.quantile_thresholds() == (100.0, 200.0)
+    assert plain.quantile_thresholds() == (plain.threshold, plain.pixel_threshold)
+    # A score equal to the good images' maximum is no longer flagged; one well above it is.
+    assert 100.0 < wide.threshold < 130.0
+
+
+def test_too_few_scores_for_the_quantile_are_extrapolated_along_a_normal_tail() -> None:
+    # The largest of n values sits at the 1 - 1/(n + 1) level: 1 % needs 99 values or more.
+    assert small_sample_factor(99, 0.01) == 1.0 and small_sample_factor(500, 0.01) == 1.0
+    assert small_sample_factor(40, 0.01) == pytest.approx(2.3263 / 1.9720, rel=1e-3)
+    assert small_sample_factor(19, 0.05) == 1.0 and small_sample_factor(10, 0.05) > 1.0
+    factors = [small_sample_factor(n, 0.01) for n in (2, 5, 10, 20, 40, 80)]
+    assert factors == sorted(factors, reverse=True)
+    scores = np.arange(1.0, 41.0)  # median 20.5, largest 40
+    cal = calibrate(scores, scores, 0.01, "leave_one_out", tail_spread=1.3)
+    expected = 20.5 + 1.3 * small_sample_factor(40, 0.01) * (40.0 - 20.5)
+    assert cal.threshold == pytest.approx(expected)
+    # The plain quantile (tail_spread 1) is never extrapolated.
+    assert calibrate(scores, scores, 0.01, "holdout").threshold == 40.0
+
+
+def test_equal_maps_and_scores_keep_one_threshold_under_the_spread() -> None:
+    values = np.random.default_rng(8).gamma(3.0, 0.2, size=90)
+    cal = calibrate(values, values.copy(), 0.01, "leave_one_out", tail_spread=1.3)
+    assert cal.threshold == cal.pixel_threshold  # a drawn mask still means a flagged image
+
+
+@pytest.mark.parametrize("spread", [0.9, 0.0, -1.0, float("nan"), float("inf")])
+def test_tail_spread_below_one_or_not_finite_is_refused(spread: float) -> None:
+    with pytest.raises(DefectscopeError, match="tail_spread"):
+        calibrate(np.ones(10), np.ones(10), 0.01, "leave_one_out", tail_spread=spread)
 
 
 def test_calibrate_stores_scores_as_floats() -> None:
@@ -255,6 +303,7 @@ def test_dict_round_trip_with_stats() -> None:
         "threshold_source",
         "good_scores",
         "good_pixel_maxima",
+        "tail_spread",
         "stats",
     }
     assert data["stats"] == cal.stats()
@@ -290,3 +339,4 @@ def test_from_dict_defaults_for_optional_fields() -> None:
     cal = Calibration.from_dict(data)
     assert cal.threshold_source == "good_quantile"
     assert cal.good_scores == [] and cal.good_pixel_maxima == []
+    assert cal.tail_spread == 1.0  # files from before the spread: the plain quantile

@@ -15,6 +15,7 @@ from _images import FAST_CONFIG, texture_crops, with_defect
 
 import defectscope.detector.detector as detector_module
 from defectscope import Detector, DetectorConfig
+from defectscope.detector.calibration import spread_quantile
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.shards import FitShard, ShardStore, SpilledArray, read_rows
 from defectscope.errors import ConfigError, DefectscopeError
@@ -139,10 +140,10 @@ def test_chunked_fit_is_deterministic_whatever_the_shard_order(chunked: Detector
     random.Random(0).shuffle(shards)
     detector.fit_from_shards(shards, plan)
     assert torch.equal(detector.memory_bank, chunked.memory_bank)
-    # The full-size bank alone (`chunked` has the half-size bank too): its own threshold.
+    # The full-size bank alone (`chunked` has the half-size bank too): its own unit.
     assert chunked.info.scales is not None
-    full_threshold = chunked.info.scales["thresholds"]["full"][0]
-    assert detector.threshold == pytest.approx(full_threshold, rel=1e-6)
+    full_unit = chunked.info.scales["thresholds"]["full"][0]
+    assert detector.calibration.quantile_thresholds()[0] == pytest.approx(full_unit, rel=1e-6)
 
 
 def test_shards_must_tile_the_plan() -> None:
@@ -255,9 +256,29 @@ def test_fit_calibrates_on_the_sample_only() -> None:
     assert detector.info.training.n_images == 10
 
 
+def test_leave_one_out_thresholds_are_widened_by_the_tail_spread(one_pass: Detector) -> None:
+    calibration = one_pass.calibration
+    assert calibration.method == "leave_one_out" and calibration.tail_spread == 1.2
+    q = 1.0 - calibration.false_alarm_rate
+    assert calibration.threshold == pytest.approx(spread_quantile(calibration.good_scores, q, 1.2))
+    assert calibration.threshold > max(calibration.good_scores)
+    assert calibration.pixel_threshold == pytest.approx(
+        spread_quantile(calibration.good_pixel_maxima, q, 1.2)
+    )
+
+
+def test_holdout_thresholds_are_the_plain_quantile() -> None:
+    cfg = config(calibration={"method": "holdout", "holdout_fraction": 0.5, "tail_spread": 2.0})
+    calibration = Detector(cfg).fit(TRAIN).calibration
+    assert calibration.tail_spread == 1.0  # held-out scores are new images' scores already
+    assert calibration.threshold == max(calibration.good_scores)
+
+
 @pytest.mark.parametrize(
     ("sections", "field"),
     [
+        ({"calibration": {"tail_spread": 0.9}}, "calibration.tail_spread"),
+        ({"calibration": {"tail_spread": "wide"}}, "calibration.tail_spread"),
         ({"fit": {"chunk_images": 0}}, "fit.chunk_images"),
         ({"fit": {"oversample": 0.5}}, "fit.oversample"),
         ({"fit": {"ram_budget_mb": -1}}, "fit.ram_budget_mb"),

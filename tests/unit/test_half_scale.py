@@ -22,6 +22,7 @@ from PIL import Image
 
 from defectscope import Detector
 from defectscope.config import BackboneConfig, FeatureConfig, ScoringConfig
+from defectscope.detector.calibration import spread_quantile
 from defectscope.detector.fitting import weigh_passes
 from defectscope.detector.model_file import config_from_metadata, read_header, resolve_model_path
 from defectscope.detector.parts import FeatureParts
@@ -301,15 +302,18 @@ def test_every_calibration_weighs_the_passes(
         detector = Detector(config).fit(fast_train_images())
     scorer, calibration = detector.scorer, detector.calibration
     assert scorer is not None and calibration is not None and scorer.score_weights is not None
-    # The stored good scores are the weighed sums: the threshold is their quantile.
+    # The stored good scores are the weighed sums: the threshold is their quantile (for
+    # leave-one-out, spread wider above their median).
     good = np.asarray(calibration.good_scores)
     q = 1.0 - calibration.false_alarm_rate
-    assert calibration.threshold == pytest.approx(float(np.quantile(good, q, method="higher")))
+    assert calibration.tail_spread == (1.2 if method == "leave_one_out" else 1.0)
+    expected = spread_quantile(good, q, calibration.tail_spread)
+    assert calibration.threshold == pytest.approx(expected)
     # Each pass's threshold counts 1 (here the highest of a dozen good scores), so the sum's
-    # lies between 1 and 2.
-    assert 1.0 <= calibration.threshold <= 2.0 + 1e-6
+    # quantile lies between 1 and 2.
+    assert 1.0 <= calibration.quantile_thresholds()[0] <= 2.0 + 1e-6
     # The map is in the same units, and its maxima were measured in them.
     assert scorer.group_weights == scorer.score_weights
     assert calibration.pixel_threshold >= 1.0 - 1e-6
     if not scoring:  # image scores are map maxima: no pass's map tops its threshold
-        assert calibration.pixel_threshold <= 2.0 + 1e-6
+        assert calibration.quantile_thresholds()[1] <= 2.0 + 1e-6

@@ -332,6 +332,9 @@ CALIBRATION = {"threshold": 1.0, "pixel_threshold": 2.0, "scale": 0.5, "good_sco
         ({"scale": -1.0}, "scale must be positive"),
         ({"good_scores": [1.0, float("-inf")]}, "good_scores holds values"),
         ({"good_pixel_maxima": "many"}, "good_pixel_maxima holds values"),
+        ({"tail_spread": 0.5}, "tail_spread is 0.5, not a number >= 1"),
+        ({"tail_spread": "wide"}, "tail_spread is 'wide'"),
+        ({"tail_spread": float("nan")}, "tail_spread is nan"),
     ],
 )
 def test_calibration_that_is_not_finite_numbers_is_refused(tmp_path, change, words) -> None:

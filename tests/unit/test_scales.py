@@ -14,7 +14,7 @@ from _images import FAST_CONFIG, texture_crops, with_defect
 from _models import rewritten_model
 
 from defectscope.config import DetectorConfig
-from defectscope.detector.calibration import Calibration, calibrate
+from defectscope.detector.calibration import Calibration, calibrate, small_sample_factor
 from defectscope.detector.detector import Detector
 from defectscope.detector.scales import (
     ScaleSet,
@@ -51,6 +51,22 @@ def test_each_scale_counts_in_units_of_its_own_thresholds() -> None:
     assert summed.threshold == pytest.approx(max(paired))
     assert summed.good_pixel_maxima == pytest.approx([m / 8 + 0.5 for m in (2, 4, 6, 8)])
     assert summed.method == "leave_one_out" and summed.false_alarm_rate == 0.1
+
+
+def test_the_tail_spread_moves_the_thresholds_of_the_sum_not_the_units() -> None:
+    scores, maxima = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0]
+    full = calibrate(np.array(scores), np.array(maxima), 0.1, "leave_one_out", 1.5)
+    half = calibrate(np.array(scores) * 10, np.array(maxima), 0.1, "leave_one_out", 1.5)
+    scales = ScaleSet.from_calibrations(full, half, 0.5)
+    # Units are the plain quantiles, so the two banks rank images as without the spread.
+    assert scales.image_weights == (1 / 4.0, 0.5 / 40.0)
+    assert scales.map_weights == (1 / 8.0, 0.5 / 8.0)
+    summed = scales.calibration(full, half)
+    paired = np.array(scores) / 4 + 0.5 * np.array(scores) / 4
+    assert summed.tail_spread == 1.5
+    median = float(np.median(paired))
+    spread = 1.5 * small_sample_factor(4, 0.1)  # four images cannot reach the 90 % level
+    assert summed.threshold == pytest.approx(median + spread * (paired.max() - median))
 
 
 def test_scales_calibrated_on_different_images_are_refused() -> None:

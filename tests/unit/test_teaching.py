@@ -9,7 +9,7 @@ import pytest
 import torch
 from _images import texture_crops, with_defect
 
-from defectscope.detector.calibration import calibrate
+from defectscope.detector.calibration import calibrate, spread_quantile
 from defectscope.detector.detector import Detector
 from defectscope.detector.teaching import (
     EXTRA_KEYS,
@@ -62,7 +62,9 @@ def test_calibration_rule_is_reapplied_unless_a_person_set_the_threshold(fitted,
         np.asarray(taught.good_pixel_maxima),
         calibration.false_alarm_rate,
         calibration.method,
+        calibration.tail_spread,
     )
+    assert taught.tail_spread == calibration.tail_spread == 1.2
     assert taught.threshold == pytest.approx(expected.threshold)
     assert result.calibrated_threshold == pytest.approx(expected.threshold)
     assert taught.threshold_source == "good_quantile"
@@ -112,8 +114,8 @@ def test_refusals_and_helpers(fitted, odd_image):
     assert false_alarm_rate([1.0, 2.0, 3.0, 4.0], 3.0) == 0.5
     assert false_alarm_rate([], 1.0) == 0.0
     rule = calibrated_thresholds(fitted.calibration)
+    calibration = fitted.calibration
+    q = 1 - calibration.false_alarm_rate
     assert rule[0] == pytest.approx(
-        np.quantile(
-            fitted.calibration.good_scores, 1 - fitted.calibration.false_alarm_rate, method="higher"
-        )
+        spread_quantile(calibration.good_scores, q, calibration.tail_spread)
     )

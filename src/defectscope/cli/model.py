@@ -212,7 +212,15 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
             "half-size bank",
             f"{info.scales['half_bank_size']:,} patches, weight {info.scales['half_weight']:g}",
         )
-    table.add_row("threshold", f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f})")
+    calibration = detector.calibration
+    assert calibration is not None  # fitted: calibrated
+    rule = f"{calibration.false_alarm_rate:.0%} target"
+    if calibration.tail_spread != 1.0:
+        rule += f", tail x{calibration.tail_spread:g}"
+    table.add_row(
+        "threshold",
+        f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f}; {rule})",
+    )
     table.add_row(
         "fit time",
         f"{timings['total_s']:.1f} s ("

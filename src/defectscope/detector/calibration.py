@@ -2,14 +2,20 @@
 
 The image threshold is the (1 - false_alarm_rate) quantile of out-of-sample scores of good
 images; the pixel threshold is the same quantile of their anomaly-map maxima, so that a good
-image's mask is empty as often as its decision is "good". The normalised score is a logistic
-map of the raw score that sends the threshold to 0.5, with a slope set by the spread of good
-scores, so 0.5 means the same thing for every model.
+image's mask is empty as often as its decision is "good". Leave-one-out scores spread less above
+their median than new good images' scores do (a training image's own bank rows get stand-ins),
+so for them the quantile's distance above the median is widened by ``tail_spread``, and
+extrapolated along a normal tail where there are too few images for the quantile to exist.
+
+The normalised score is a logistic map of the raw score that sends the threshold to 0.5, with a
+slope set by the spread of good scores, so 0.5 means the same thing for every model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -26,6 +32,17 @@ class Calibration:
     threshold_source: str = "good_quantile"
     good_scores: list[float] = field(default_factory=list)
     good_pixel_maxima: list[float] = field(default_factory=list)
+    tail_spread: float = 1.0  # files written before it existed used the plain quantile
+
+    def quantile_thresholds(self) -> tuple[float, float]:
+        """(image, pixel) quantiles of the good values without the tail spread: the unit in
+        which a bank's scores are added to another's (the spread moves thresholds, not the
+        ranking). The stored thresholds where there are no stored values."""
+        if not self.good_scores or self.tail_spread == 1.0:
+            return self.threshold, self.pixel_threshold
+        q = 1.0 - self.false_alarm_rate
+        maxima = self.good_pixel_maxima or self.good_scores
+        return spread_quantile(self.good_scores, q, 1.0), spread_quantile(maxima, q, 1.0)
 
     def normalize(self, scores: np.ndarray | float, threshold: float | None = None) -> np.ndarray:
         t = self.threshold if threshold is None else float(threshold)
@@ -65,6 +82,7 @@ class Calibration:
             threshold_source=source,
             good_scores=list(self.good_scores),
             good_pixel_maxima=list(self.good_pixel_maxima),
+            tail_spread=self.tail_spread,
         )
 
     def to_dict(self) -> dict:
@@ -88,20 +106,51 @@ def robust_scale(scores: np.ndarray) -> float:
     return 1.0
 
 
+def small_sample_factor(n: int, rate: float) -> float:
+    """How much further above the median the (1 - rate) level lies than the largest of ``n``
+    values, for a normal tail: with fewer than 1 / rate - 1 values the quantile is the largest
+    one, which a new value exceeds about 1 / (n + 1) of the time, not ``rate``."""
+    level = 1.0 / (n + 1)
+    if level <= rate:
+        return 1.0
+    normal = NormalDist()
+    return normal.inv_cdf(1.0 - rate) / normal.inv_cdf(1.0 - level)
+
+
+def spread_quantile(values: np.ndarray | list[float], q: float, tail_spread: float) -> float:
+    """The q quantile of ``values`` (rounded up to an observed value), its distance above the
+    median multiplied by ``tail_spread`` and, for too few values to reach q, by
+    `small_sample_factor` (``tail_spread`` 1: the quantile itself)."""
+    values = np.asarray(values, dtype=np.float64)
+    quantile = float(np.quantile(values, q, method="higher"))
+    if tail_spread == 1.0:
+        return quantile
+    median = float(np.median(values))
+    factor = tail_spread * small_sample_factor(values.size, 1.0 - q)
+    return median + factor * (quantile - median)
+
+
 def calibrate(
-    good_scores: np.ndarray, good_pixel_maxima: np.ndarray, false_alarm_rate: float, method: str
+    good_scores: np.ndarray,
+    good_pixel_maxima: np.ndarray,
+    false_alarm_rate: float,
+    method: str,
+    tail_spread: float = 1.0,
 ) -> Calibration:
     scores = np.asarray(good_scores, dtype=np.float64)
     maxima = np.asarray(good_pixel_maxima, dtype=np.float64)
     if scores.size == 0:
         raise DefectscopeError("calibration needs at least one good image")
+    if not (math.isfinite(tail_spread) and tail_spread >= 1.0):
+        raise DefectscopeError(f"tail_spread must be a number >= 1, not {tail_spread}")
     q = 1.0 - false_alarm_rate
     return Calibration(
-        threshold=float(np.quantile(scores, q, method="higher")),
-        pixel_threshold=float(np.quantile(maxima, q, method="higher")),
+        threshold=spread_quantile(scores, q, tail_spread),
+        pixel_threshold=spread_quantile(maxima, q, tail_spread),
         scale=robust_scale(scores),
         method=method,
         false_alarm_rate=false_alarm_rate,
         good_scores=[float(s) for s in scores],
         good_pixel_maxima=[float(m) for m in maxima],
+        tail_spread=float(tail_spread),
     )

@@ -322,8 +322,14 @@ def fit_from_shards(
             _, good_maxima, _ = calibration_scores(
                 scorer, config.batch_size, shards, bank_owner, plan, None, stand_ins
             )
+    # Leave-one-out scores understate the spread of new images' (see calibration); measured
+    # from 40 images up, so few-shot fits keep their own calibration as it was.
+    few_shot_fit = selection is not None and bool(selection.few_shot)
+    spread = 1.0
+    if plan.method == "leave_one_out" and not few_shot_fit:
+        spread = config.calibration.tail_spread
     calibration = calibrate(
-        good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method
+        good_scores, good_maxima, config.calibration.false_alarm_rate, plan.method, spread
     )
     timings["calibration_s"] = time.perf_counter() - t0
 

@@ -176,6 +176,9 @@ def check_calibration(path: Path | str, meta: dict[str, Any]) -> None:
             raise ModelFileError(f"{invalid}: {key} is {value!r}, not a finite number; refit")
     if calibration["scale"] <= 0:
         raise ModelFileError(f"{invalid}: scale must be positive, not {calibration['scale']}")
+    spread = calibration.get("tail_spread", 1.0)
+    if not _is_number(spread) or spread < 1.0:
+        raise ModelFileError(f"{invalid}: tail_spread is {spread!r}, not a number >= 1")
     for key in ("good_scores", "good_pixel_maxima"):
         values = calibration.get(key, [])
         if not isinstance(values, list) or not all(_is_number(v) for v in values):

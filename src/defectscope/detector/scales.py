@@ -86,10 +86,14 @@ class ScaleSet:
 
     @classmethod
     def from_calibrations(cls, full: Calibration, half: Calibration, weight: float) -> ScaleSet:
+        (full_image, full_pixel), (half_image, half_pixel) = (
+            full.quantile_thresholds(),
+            half.quantile_thresholds(),
+        )
         return cls(
             float(weight),
-            (_unit(full.threshold), weight * _unit(half.threshold)),
-            (_unit(full.pixel_threshold), weight * _unit(half.pixel_threshold)),
+            (_unit(full_image), weight * _unit(half_image)),
+            (_unit(full_pixel), weight * _unit(half_pixel)),
         )
 
     def combine(
@@ -115,7 +119,7 @@ class ScaleSet:
             )
         scores = self._add(full.good_scores, half.good_scores, self.image_weights)
         maxima = self._add(full.good_pixel_maxima, half.good_pixel_maxima, self.map_weights)
-        return calibrate(scores, maxima, full.false_alarm_rate, full.method)
+        return calibrate(scores, maxima, full.false_alarm_rate, full.method, full.tail_spread)
 
     @staticmethod
     def _add(full: Sequence[float], half: Sequence[float], weights: Sequence[float]) -> np.ndarray:
@@ -172,9 +176,10 @@ def join_scales(
         **scales.to_dict(),
         "half_bank_size": int(scorer.bank.shape[0]),
         "half_grid_size": list(parts.grid_size()),
+        # Each bank's (image, pixel) unit: its plain quantile, before any tail spread.
         "thresholds": {
-            "full": [full.threshold, full.pixel_threshold],
-            "half": [half_calibration.threshold, half_calibration.pixel_threshold],
+            "full": list(full.quantile_thresholds()),
+            "half": list(half_calibration.quantile_thresholds()),
         },
     }
     return HalfScale(parts, scorer, scales), calibration, record

@@ -70,6 +70,7 @@ def calibrated_thresholds(calibration: Calibration) -> tuple[float, float]:
         np.asarray(maxima),
         calibration.false_alarm_rate,
         calibration.method,
+        calibration.tail_spread,
     )
     return rule.threshold, rule.pixel_threshold
 
@@ -178,6 +179,7 @@ def extend_bank(detector: Detector, images: Sequence[ImageInput]) -> TeachResult
         np.asarray(list(calibration.good_pixel_maxima) + maxima),
         calibration.false_alarm_rate,
         calibration.method,
+        calibration.tail_spread,
     )
     calibrated = (rule.threshold, rule.pixel_threshold)
     if calibration.threshold_source != FIT_SOURCE:
