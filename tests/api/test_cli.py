@@ -55,6 +55,8 @@ def test_evaluate_writes_report_and_can_store_f1_threshold(
     assert 0.5 < metrics["image_auroc"] <= 1.0
     assert 0.8 < metrics["pixel_auroc"] <= 1.0
     assert (report / "report.html").is_file() and (report / "report.md").is_file()
+    rule = "the fit, from good images only: 1% target, leave_one_out, tail widened x1.2"
+    assert rule in (report / "report.md").read_text()
 
     copy = tmp_path / "model_copy"
     copy.mkdir()

@@ -8,6 +8,7 @@ image-level numbers can be worked out by hand.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import warnings
@@ -23,6 +24,7 @@ from defectscope.detector.prediction import Prediction
 from defectscope.errors import DatasetError
 from defectscope.evaluation import evaluate, pixel_auroc, write_report
 from defectscope.evaluation.metrics import aupro
+from defectscope.evaluation.report import _threshold_rule
 
 SIZE = 32
 BACKGROUND = 25
@@ -288,3 +290,21 @@ def test_report_for_single_class_result(tmp_path, dataset):
 def test_sample_class_is_the_real_one():
     # The tests above run on the real datasets module, not on stand-ins.
     assert Sample.__module__ == "defectscope.data.datasets"
+
+
+def test_threshold_rule_names_the_fit_rule_or_the_person(result):
+    calibration = {
+        "method": "leave_one_out",
+        "false_alarm_rate": 0.01,
+        "tail_spread": 1.2,
+        "threshold_source": "good_quantile",
+    }
+
+    def rule(**changes: object) -> str:
+        context = {**result.context, "detector": {"calibration": {**calibration, **changes}}}
+        return _threshold_rule(dataclasses.replace(result, context=context))
+
+    assert rule() == "the fit, from good images only: 1% target, leave_one_out, tail widened x1.2"
+    assert rule(tail_spread=1.0, method="holdout").endswith("1% target, holdout")
+    assert rule(threshold_source="user") == "user (not the fit's rule)"
+    assert _threshold_rule(result) == "(not recorded)"  # the fake detector records none

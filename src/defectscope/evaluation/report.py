@@ -18,15 +18,13 @@ import csv
 import html
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from defectscope.evaluation.metrics import roc_curve_points
+from defectscope.evaluation.formatting import fmt as _fmt
+from defectscope.evaluation.formatting import short_name as _short_name
+from defectscope.evaluation.report_figures import histogram_figure, overlay_figure, roc_figure
 from defectscope.evaluation.result import EvaluationResult, jsonable
-from defectscope.visualize import mask_to_png_array, overlay
 
 CSV_COLUMNS = (
     "source",
@@ -56,7 +54,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> Path:
     _write_csv(result, out / "predictions.csv")
 
     figures: list[tuple[str, str, Path]] = []  # (title, caption, path)
-    roc = _roc_figure(result, figures_dir / "roc.png")
+    roc = roc_figure(result, figures_dir / "roc.png")
     if roc is not None:
         figures.append(("ROC curves", "Image-level ROC, overall and per defect type.", roc))
     figures.append(
@@ -64,10 +62,10 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> Path:
             "Score distribution",
             "Image scores of good and defective test images; dashed: the detector's stored "
             "threshold, dotted: the F1-optimal threshold on this test set.",
-            _histogram_figure(result, figures_dir / "score_histogram.png"),
+            histogram_figure(result, figures_dir / "score_histogram.png"),
         )
     )
-    grid = _overlay_figure(result, figures_dir / "overlays.png")
+    grid = overlay_figure(result, figures_dir / "overlays.png")
     if grid is not None:
         figures.append(
             (
@@ -88,18 +86,6 @@ def write_report(result: EvaluationResult, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- tables
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}f}" if math.isfinite(value) else "n/a"
-    return str(value)
-
-
 Table = tuple[list[str], list[list[str]]]
 
 
@@ -117,6 +103,7 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
     stored = [
         ["Image threshold", _fmt(result.threshold)],
         ["Pixel threshold", _fmt(result.pixel_threshold)],
+        ["Threshold set by", _threshold_rule(result)],
         ["Accuracy", _fmt(result.accuracy)],
         ["Precision", _fmt(result.precision)],
         ["Recall (defects caught)", _fmt(result.recall)],
@@ -167,6 +154,22 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
     ]
 
 
+def _threshold_rule(result: EvaluationResult) -> str:
+    """Where the stored threshold came from: the fit's rule on good images, or a person."""
+    calibration = (result.context.get("detector") or {}).get("calibration") or {}
+    if not calibration:
+        return "(not recorded)"
+    source = calibration.get("threshold_source", "good_quantile")
+    if source != "good_quantile":
+        return f"{source} (not the fit's rule)"
+    rule = (
+        f"the fit, from good images only: {calibration.get('false_alarm_rate', 0):.0%} target, "
+        f"{calibration.get('method')}"
+    )
+    spread = calibration.get("tail_spread", 1.0)
+    return rule + (f", tail widened x{spread:g}" if spread != 1.0 else "")
+
+
 def _selection(result: EvaluationResult) -> Table:
     """Auto mode's candidates (synthetic or known defects against held-out good images), its
     choice, and the half-size bank where the model has one."""
@@ -206,12 +209,6 @@ def _mistakes(result: EvaluationResult, limit: int = 10) -> Table:
     return ["Image", "True type", "Decision", "Score"], rows
 
 
-def _short_name(source: str) -> str:
-    # The parent folder disambiguates MVTec's 000.png, 001.png ... across defect types.
-    path = Path(source)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
 def _flatten(data: Any, prefix: str = "") -> list[list[str]]:
     rows: list[list[str]] = []
     if isinstance(data, dict):
@@ -249,140 +246,6 @@ def _write_csv(result: EvaluationResult, path: Path) -> None:
 
 def _csv_float(value: float) -> str:
     return repr(float(value)) if math.isfinite(value) else ""
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _new_figure(width: float, height: float):
-    # Figure + Agg canvas directly: no pyplot, so no global backend state and no GUI.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _roc_figure(result: EvaluationResult, path: Path) -> Path | None:
-    labels = result.labels
-    scores = result.scores
-    if labels.size == 0 or labels.min() == labels.max():
-        return None
-    figure = _new_figure(5.5, 5.0)
-    ax = figure.add_subplot()
-    fpr, tpr, _ = roc_curve_points(labels, scores)
-    ax.plot(fpr, tpr, color="black", lw=2.2, label=f"all (AUROC {_fmt(result.image_auroc, 3)})")
-    good = labels == 0
-    types = np.array([r.defect_type for r in result.records])
-    for name, row in result.per_defect.items():
-        members = (types == name) & (labels == 1)
-        if row.defect_type == "good" or not members.any():
-            continue
-        subset = good | members
-        fpr, tpr, _ = roc_curve_points(labels[subset], scores[subset])
-        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({_fmt(row.image_auroc, 3)})")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("False-positive rate (good images flagged)")
-    ax.set_ylabel("True-positive rate (defects caught)")
-    ax.set_title("Image-level ROC")
-    ax.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def _histogram_figure(result: EvaluationResult, path: Path) -> Path:
-    labels = result.labels
-    scores = result.scores
-    figure = _new_figure(7.0, 4.0)
-    ax = figure.add_subplot()
-    finite = scores[np.isfinite(scores)]
-    lines = [v for v in (result.threshold, result.f1_threshold) if math.isfinite(v)]
-    lo = min([*finite.tolist(), *lines]) if finite.size or lines else 0.0
-    hi = max([*finite.tolist(), *lines]) if finite.size or lines else 1.0
-    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-    for label, name, color in ((0, "good", "tab:green"), (1, "defective", "tab:red")):
-        chosen = scores[labels == label]
-        if chosen.size:
-            ax.hist(chosen, bins=bins, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
-    if math.isfinite(result.threshold):
-        ax.axvline(
-            result.threshold,
-            color="black",
-            ls="--",
-            lw=1.5,
-            label=f"stored threshold {_fmt(result.threshold, 3)}",
-        )
-    if math.isfinite(result.f1_threshold):
-        ax.axvline(
-            result.f1_threshold,
-            color="tab:blue",
-            ls=":",
-            lw=1.8,
-            label=f"F1-optimal {_fmt(result.f1_threshold, 3)}",
-        )
-    ax.set_xlabel("Image anomaly score")
-    ax.set_ylabel("Images")
-    ax.set_title("Scores of good vs defective test images")
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def _overlay_figure(result: EvaluationResult, path: Path) -> Path | None:
-    items = result.overlays
-    if not items:
-        return None
-    threshold = result.threshold if math.isfinite(result.threshold) else None
-    columns = ("original", "heatmap", "predicted mask", "ground truth")
-    figure = _new_figure(4 * 2.4, len(items) * 2.5 + 0.3)
-    for row, item in enumerate(items):
-        heat = overlay(
-            item.image, item.anomaly_map, 0.5, vmin=0.0, mask=item.ground_truth, threshold=threshold
-        )
-        panels: Sequence[np.ndarray | None] = (
-            item.image,
-            heat,
-            mask_to_png_array(item.predicted_mask),
-            None if item.ground_truth is None else mask_to_png_array(item.ground_truth),
-        )
-        for col, panel in enumerate(panels):
-            ax = figure.add_subplot(len(items), 4, row * 4 + col + 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if panel is None:
-                ax.imshow(
-                    np.zeros_like(mask_to_png_array(item.predicted_mask)),
-                    cmap="gray",
-                    vmin=0,
-                    vmax=255,
-                )
-                ax.text(
-                    0.5,
-                    0.5,
-                    "no mask",
-                    color="white",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                )
-            else:
-                ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=255)
-            if row == 0:
-                ax.set_title(columns[col], fontsize=9)
-            if col == 0:
-                ax.set_ylabel(
-                    f"{_short_name(item.source)}\n{item.defect_type}  score {_fmt(item.score, 3)}"
-                    f"\n{item.reason}",
-                    fontsize=7,
-                )
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
 
 
 # --------------------------------------------------------------------------- documents
