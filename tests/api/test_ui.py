@@ -294,6 +294,9 @@ def test_entry_page_shows_connection_and_navigation(ui_env) -> None:
     assert at.title[0].value == "Inspect images"  # the default page
     at.switch_page(str(UI / "views" / "model.py")).run()
     assert at.title[0].value == "Model"
+    facts = at.dataframe[0].value
+    spread = facts.loc[facts["property"] == "threshold tail spread", "value"].tolist()
+    assert spread == ["1.2"]  # the leave-one-out rule the model was fitted with
 
 
 def test_api_down_slow_or_key_refused_gives_friendly_errors(ui_env, monkeypatch) -> None:

@@ -48,6 +48,8 @@ facts = {
     ),
     "calibration": calibration.get("method"),
     "calibrated false-alarm rate": calibration.get("false_alarm_rate"),
+    # Files from before the tail spread used the plain quantile.
+    "threshold tail spread": calibration.get("tail_spread", 1.0),
     "created": model.get("created_at"),
     "defectscope version": model.get("defectscope_version"),
 }
