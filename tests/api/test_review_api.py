@@ -247,10 +247,17 @@ def test_threshold_audit_reset_and_calibration_numbers(client, model_dir):
     assert numbers["current_threshold"] == pytest.approx(detector.threshold)
     low = client.get("/v1/model/calibration", params={"threshold": scores.min() / 2}).json()
     assert low["below_lowest_good"] is True and low["expected_false_alarm_rate"] == 1.0
+    assert low["estimated_false_alarm_rate"] == 1.0  # in the body of the scores: their share
     current = client.get("/v1/model/calibration").json()
     assert current["expected_false_alarm_rate"] == pytest.approx(
         (scores >= detector.threshold).mean()
     )
+    # The stored threshold lies above every good score, but the rule that put it there reads
+    # it as its target rate for new good images, not as 0.
+    target = calibration.false_alarm_rate
+    assert 0.5 * target <= current["estimated_false_alarm_rate"] <= target + 1e-6
+    higher = client.get("/v1/model/calibration", params={"threshold": rule * 1.5}).json()
+    assert higher["estimated_false_alarm_rate"] < current["estimated_false_alarm_rate"]
     assert_json_error(client.get("/v1/model/calibration", params={"threshold": "nan"}), 422)
 
     new = rule * 1.3

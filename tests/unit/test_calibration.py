@@ -11,6 +11,7 @@ import pytest
 from defectscope.detector.calibration import (
     Calibration,
     calibrate,
+    estimated_false_alarm_rate,
     robust_scale,
     small_sample_factor,
 )
@@ -92,6 +93,22 @@ def test_too_few_scores_for_the_quantile_are_extrapolated_along_a_normal_tail() 
     assert cal.threshold == pytest.approx(expected)
     # The plain quantile (tail_spread 1) is never extrapolated.
     assert calibrate(scores, scores, 0.01, "holdout").threshold == 40.0
+
+
+def test_estimated_false_alarm_rate_inverts_the_rule() -> None:
+    scores = np.random.default_rng(9).gamma(3.0, 0.2, size=100)
+    wide = calibrate(scores, scores, 0.01, "leave_one_out", tail_spread=1.2)
+    # The stored threshold reads as the target (the largest rate the rule maps to it).
+    assert estimated_false_alarm_rate(wide, wide.threshold) == pytest.approx(1 / 101, rel=1e-3)
+    # Every good score lies below it, yet the rule reads the largest score as a few per cent.
+    assert 0.01 < estimated_false_alarm_rate(wide, scores.max()) < 0.1
+    grid = np.linspace(np.median(scores), 2 * wide.threshold, 50)
+    rates = [estimated_false_alarm_rate(wide, t) for t in grid]
+    assert rates == sorted(rates, reverse=True) and rates[0] == 0.5 and rates[-1] == 0.0
+    # The plain quantile's estimate is the share of good scores at or above the threshold.
+    plain = calibrate(scores, scores, 0.01, "holdout")
+    median = float(np.median(scores))
+    assert estimated_false_alarm_rate(plain, median) == (scores >= median).mean()
 
 
 def test_equal_maps_and_scores_keep_one_threshold_under_the_spread() -> None:

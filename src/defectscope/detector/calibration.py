@@ -130,6 +130,29 @@ def spread_quantile(values: np.ndarray | list[float], q: float, tail_spread: flo
     return median + factor * (quantile - median)
 
 
+def estimated_false_alarm_rate(calibration: Calibration, threshold: float) -> float:
+    """The false-alarm rate for which the fit's rule would have put the image threshold at
+    ``threshold``: the share of good scores at or above it for the plain quantile; through the
+    tail spread otherwise, so that the stored threshold reads as its target, not as 0."""
+    scores = np.asarray(calibration.good_scores, dtype=np.float64)
+    share = float((scores >= threshold).mean()) if scores.size else 0.0
+    if calibration.tail_spread == 1.0 or scores.size == 0:
+        return share
+
+    def rule(rate: float) -> float:
+        return spread_quantile(scores, 1.0 - rate, calibration.tail_spread)
+
+    low, high = 1e-6, 0.5  # the rule is non-increasing in the rate
+    if threshold >= rule(low):
+        return 0.0
+    if threshold <= rule(high):
+        return share  # in the body of the scores the rule is their quantile
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (low, middle) if rule(middle) <= threshold else (middle, high)
+    return max(high, share)
+
+
 def calibrate(
     good_scores: np.ndarray,
     good_pixel_maxima: np.ndarray,

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import HTTPException, Query
 from starlette.concurrency import run_in_threadpool
 
+from defectscope.detector.calibration import estimated_false_alarm_rate
 from defectscope.detector.model_file import compact_metadata
 from defectscope.detector.teaching import calibrated_thresholds, false_alarm_rate
 from defectscope.serving.dependencies import ReadyDetector, State
@@ -46,8 +47,9 @@ async def calibration(
     ] = None,
 ) -> dict[str, Any]:
     """The good training images' calibration scores, and what a threshold would do to them:
-    the expected false-alarm rate (share of good scores at or above it, as predict decides)
-    and whether it is below the lowest good score."""
+    the expected false-alarm rate (share of good scores at or above it, as predict decides),
+    the rate the fit's rule estimates for new good images at it (through its tail spread) and
+    whether it is below the lowest good score."""
     calibration = detector.calibration
     if calibration is None or not calibration.good_scores:
         raise HTTPException(409, "this model keeps no calibration scores of good images")
@@ -63,6 +65,7 @@ async def calibration(
         "current_threshold": detector.threshold,
         "threshold": value,
         "expected_false_alarm_rate": false_alarm_rate(scores, value),
+        "estimated_false_alarm_rate": estimated_false_alarm_rate(calibration, value),
         "below_lowest_good": value < min(scores),
         "fit_false_alarm_rate": calibration.false_alarm_rate,
     }
