@@ -68,22 +68,13 @@ def histogram_figure(result: EvaluationResult, path: Path) -> Path:
         chosen = scores[labels == label]
         if chosen.size:
             ax.hist(chosen, bins=bins, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
-    if math.isfinite(result.threshold):
-        ax.axvline(
-            result.threshold,
-            color="black",
-            ls="--",
-            lw=1.5,
-            label=f"stored threshold {fmt(result.threshold, 3)}",
-        )
-    if math.isfinite(result.f1_threshold):
-        ax.axvline(
-            result.f1_threshold,
-            color="tab:blue",
-            ls=":",
-            lw=1.8,
-            label=f"F1-optimal {fmt(result.f1_threshold, 3)}",
-        )
+    marks = (
+        (result.threshold, "black", "--", 1.5, "stored threshold"),
+        (result.f1_threshold, "tab:blue", ":", 1.8, "F1-optimal"),
+    )
+    for value, color, style, width, name in marks:
+        if math.isfinite(value):
+            ax.axvline(value, color=color, ls=style, lw=width, label=f"{name} {fmt(value, 3)}")
     ax.set_xlabel("Image anomaly score")
     ax.set_ylabel("Images")
     ax.set_title("Scores of good vs defective test images")
