@@ -21,6 +21,9 @@ import numpy as np
 
 from defectscope.errors import DefectscopeError
 
+# `Calibration.threshold_source` of thresholds set by the fit's own rule (not by a person).
+FIT_SOURCE = "good_quantile"
+
 
 @dataclass
 class Calibration:
@@ -29,7 +32,7 @@ class Calibration:
     scale: float
     method: str
     false_alarm_rate: float
-    threshold_source: str = "good_quantile"
+    threshold_source: str = FIT_SOURCE
     good_scores: list[float] = field(default_factory=list)
     good_pixel_maxima: list[float] = field(default_factory=list)
     tail_spread: float = 1.0  # files written before it existed used the plain quantile
@@ -41,8 +44,9 @@ class Calibration:
         if not self.good_scores or self.tail_spread == 1.0:
             return self.threshold, self.pixel_threshold
         q = 1.0 - self.false_alarm_rate
-        maxima = self.good_pixel_maxima or self.good_scores
-        return spread_quantile(self.good_scores, q, 1.0), spread_quantile(maxima, q, 1.0)
+        maxima = self.good_pixel_maxima
+        pixel = spread_quantile(maxima, q, 1.0) if maxima else self.pixel_threshold
+        return spread_quantile(self.good_scores, q, 1.0), pixel
 
     def normalize(self, scores: np.ndarray | float, threshold: float | None = None) -> np.ndarray:
         t = self.threshold if threshold is None else float(threshold)

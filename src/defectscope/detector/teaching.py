@@ -32,7 +32,7 @@ import torch
 from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
-from defectscope.detector.calibration import Calibration, calibrate
+from defectscope.detector.calibration import FIT_SOURCE, Calibration, calibrate
 from defectscope.detector.coreset import select_coreset
 from defectscope.detector.detector import Detector
 from defectscope.detector.engine import TorchEngine
@@ -44,7 +44,6 @@ from defectscope.errors import DefectscopeError
 
 # Metadata a model file may carry beyond `Detector.describe()`: kept across every rewrite.
 EXTRA_KEYS = ("lineage", "threshold_audit", "calibrated_threshold", "calibrated_pixel_threshold")
-FIT_SOURCE = "good_quantile"
 
 
 @dataclass

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from defectscope.detector.calibration import FIT_SOURCE
 from defectscope.evaluation.formatting import fmt as _fmt
 from defectscope.evaluation.formatting import short_name as _short_name
 from defectscope.evaluation.report_figures import histogram_figure, overlay_figure, roc_figure
@@ -159,8 +160,8 @@ def _threshold_rule(result: EvaluationResult) -> str:
     calibration = (result.context.get("detector") or {}).get("calibration") or {}
     if not calibration:
         return "(not recorded)"
-    source = calibration.get("threshold_source", "good_quantile")
-    if source != "good_quantile":
+    source = calibration.get("threshold_source", FIT_SOURCE)
+    if source != FIT_SOURCE:
         return f"{source} (not the fit's rule)"
     rule = (
         f"the fit, from good images only: {calibration.get('false_alarm_rate', 0):.0%} target, "

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from defectscope.detector.calibration import FIT_SOURCE
 from defectscope.detector.detector import Detector
 from defectscope.detector.model_file import (
     model_file_lock,
@@ -128,7 +129,7 @@ def save_thresholds(state: ServingState, update: ThresholdUpdate) -> None:
         source = "ui"
         if update.reset:
             image, pixel = calibrated(stored)
-            source = "good_quantile"
+            source = FIT_SOURCE
         try:
             extras = audited(stored, update, image, pixel)
             detector.set_thresholds(
