@@ -214,15 +214,14 @@ def embedded_batches(
                 [e.hash for e in entries],
             )
         return
-    for batch in iter_loaded(images, size, prepare=parts.resize_and_hash):
+    for batch in iter_loaded(images, size, prepare=parts.preprocessor.resize, digest=True):
         good = [k for k, item in enumerate(batch) if item.image is not None]
-        ready: list[tuple[torch.Tensor, str]] = [batch[k].prepared for k in good]
-        inputs = parts.preprocessor.batch([resized for resized, _ in ready]) if ready else None
+        inputs = parts.preprocessor.batch([batch[k].prepared for k in good]) if good else None
         yield EmbeddedBatch(
             batch,
             good,
             parts.embed(inputs) if inputs is not None else None,
-            [digest for _, digest in ready],
+            [str(batch[k].digest) for k in good],
             inputs,
         )
 

@@ -6,10 +6,8 @@ fit takes it explicitly instead of reaching into a `Detector`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,11 +88,6 @@ class FeatureParts:
         if self.half:
             batch = batch.half()
         return [m.float() for m in self.features.layer_maps(batch, half_scale)]
-
-    def resize_and_hash(self, image: np.ndarray) -> tuple[torch.Tensor, str]:
-        """A decoded image resized to the input (not yet normalised) and its content hash: what
-        the image loader's threads prepare for a fit's batches (`data.loading.iter_loaded`)."""
-        return self.preprocessor.resize(image), hashlib.sha256(image.tobytes()).hexdigest()
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:

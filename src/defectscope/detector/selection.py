@@ -410,13 +410,13 @@ def _prepare_sample(
     out = PreparedMaps()
     decoded: dict[int, np.ndarray] = {}
     done = 0
-    for batch in iter_loaded(sources, batch_size, prepare=parts.resize_and_hash):
+    for batch in iter_loaded(sources, batch_size, prepare=preprocessor.resize, digest=True):
         done += len(batch)
         report(done)
         good = [(item, image) for item in batch if (image := item.image) is not None]
         if not good:
             continue
-        inputs = preprocessor.batch([item.prepared[0] for item, _ in good])
+        inputs = preprocessor.batch([item.prepared for item, _ in good])
         maps = [m.cpu() for m in parts.backbone_maps(inputs, half_scale)]
         for row, (item, image) in enumerate(good):
             index = chosen[item.index]
@@ -425,7 +425,7 @@ def _prepare_sample(
             out[index] = PreparedImage(
                 identity=identity(sources[item.index]),
                 source=item.source,
-                hash=item.prepared[1],
+                hash=str(item.digest),
                 maps=[m[row : row + 1].clone() for m in maps],
             )
     return out, decoded
