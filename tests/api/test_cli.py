@@ -31,7 +31,7 @@ def model(dataset: Path, tmp_path_factory) -> Path:
     proc = run_cli("fit", str(dataset), "--out", str(out), *FAST)
     assert "memory bank" in proc.stdout
     assert "half-size bank" in proc.stdout and "weight 0.5" in proc.stdout
-    assert "1% target, tail x1.2" in proc.stdout
+    assert "1% target on good images, leave_one_out, tail x1.2" in proc.stdout
     return out
 
 
@@ -55,7 +55,7 @@ def test_evaluate_writes_report_and_can_store_f1_threshold(
     assert 0.5 < metrics["image_auroc"] <= 1.0
     assert 0.8 < metrics["pixel_auroc"] <= 1.0
     assert (report / "report.html").is_file() and (report / "report.md").is_file()
-    rule = "the fit, from good images only: 1% target, leave_one_out, tail widened x1.2"
+    rule = "1% target on good images, leave_one_out, tail x1.2"
     assert rule in (report / "report.md").read_text()
 
     copy = tmp_path / "model_copy"

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from defectscope.detector.calibration import (
+    FIT_SOURCE,
     Calibration,
     calibrate,
     estimated_false_alarm_rate,
     robust_scale,
     small_sample_factor,
+    threshold_rule,
 )
 from defectscope.errors import DefectscopeError
 
@@ -121,6 +123,15 @@ def test_equal_maps_and_scores_keep_one_threshold_under_the_spread() -> None:
 def test_tail_spread_below_one_or_not_finite_is_refused(spread: float) -> None:
     with pytest.raises(DefectscopeError, match="tail_spread"):
         calibrate(np.ones(10), np.ones(10), 0.01, "leave_one_out", tail_spread=spread)
+
+
+def test_threshold_rule_reads_a_calibration_as_stored() -> None:
+    scores = np.arange(1.0, 31.0)
+    stored = calibrate(scores, scores, 0.02, "leave_one_out", tail_spread=1.2).to_dict()
+    assert stored["threshold_source"] == FIT_SOURCE
+    assert threshold_rule(stored) == "2% target on good images, leave_one_out, tail x1.2"
+    assert threshold_rule({**stored, "tail_spread": 1.0}).endswith("leave_one_out")
+    assert threshold_rule({**stored, "threshold_source": "user"}) == "user (not the fit's rule)"
 
 
 def test_calibrate_stores_scores_as_floats() -> None:

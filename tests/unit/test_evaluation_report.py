@@ -304,7 +304,8 @@ def test_threshold_rule_names_the_fit_rule_or_the_person(result):
         context = {**result.context, "detector": {"calibration": {**calibration, **changes}}}
         return _threshold_rule(dataclasses.replace(result, context=context))
 
-    assert rule() == "the fit, from good images only: 1% target, leave_one_out, tail widened x1.2"
-    assert rule(tail_spread=1.0, method="holdout").endswith("1% target, holdout")
+    assert rule() == "1% target on good images, leave_one_out, tail x1.2"
+    assert rule(tail_spread=1.0, method="holdout") == "1% target on good images, holdout"
+    assert rule(false_alarm_rate=0.05) == "5% target on good images, leave_one_out, tail x1.2"
     assert rule(threshold_source="user") == "user (not the fit's rule)"
     assert _threshold_rule(result) == "(not recorded)"  # the fake detector records none

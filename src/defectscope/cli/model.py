@@ -200,6 +200,8 @@ def register_fitted(target: Registry, name: str, path: Path | str, data: str) ->
 
 def print_fit_summary(detector: Detector, path: Path | str) -> None:
     """The fitted model's file, backbone, bank, thresholds and timings as a table on stdout."""
+    from defectscope.detector.calibration import threshold_rule
+
     assert detector.features is not None  # fitted: the features are built
     info = detector.info
     timings = info.timings
@@ -214,12 +216,10 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
         )
     calibration = detector.calibration
     assert calibration is not None  # fitted: calibrated
-    rule = f"{calibration.false_alarm_rate:.0%} target"
-    if calibration.tail_spread != 1.0:
-        rule += f", tail x{calibration.tail_spread:g}"
     table.add_row(
         "threshold",
-        f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f}; {rule})",
+        f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f}; "
+        f"{threshold_rule(calibration.to_dict())})",
     )
     table.add_row(
         "fit time",

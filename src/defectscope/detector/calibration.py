@@ -14,8 +14,10 @@ slope set by the spread of good scores, so 0.5 means the same thing for every mo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +100,18 @@ class Calibration:
     def from_dict(cls, data: dict) -> Calibration:
         data = {k: v for k, v in data.items() if k != "stats"}
         return cls(**data)
+
+
+def threshold_rule(calibration: Mapping[str, Any]) -> str:
+    """Where a stored threshold came from, in words, from `Calibration.to_dict` (or a model's
+    description of it): the fit's rule with its target and spread, or who set it instead."""
+    source = calibration.get("threshold_source", FIT_SOURCE)
+    if source != FIT_SOURCE:
+        return f"{source} (not the fit's rule)"
+    rule = f"{calibration.get('false_alarm_rate', 0):.0%} target on good images"
+    rule += f", {calibration.get('method')}"
+    spread = calibration.get("tail_spread", 1.0)
+    return rule + (f", tail x{spread:g}" if spread != 1.0 else "")
 
 
 def robust_scale(scores: np.ndarray) -> float:

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from defectscope.detector.calibration import FIT_SOURCE
+from defectscope.detector.calibration import threshold_rule
 from defectscope.evaluation.formatting import fmt as _fmt
 from defectscope.evaluation.formatting import short_name as _short_name
 from defectscope.evaluation.report_figures import histogram_figure, overlay_figure, roc_figure
@@ -158,17 +158,7 @@ def _sections(result: EvaluationResult) -> list[tuple[str, Table]]:
 def _threshold_rule(result: EvaluationResult) -> str:
     """Where the stored threshold came from: the fit's rule on good images, or a person."""
     calibration = (result.context.get("detector") or {}).get("calibration") or {}
-    if not calibration:
-        return "(not recorded)"
-    source = calibration.get("threshold_source", FIT_SOURCE)
-    if source != FIT_SOURCE:
-        return f"{source} (not the fit's rule)"
-    rule = (
-        f"the fit, from good images only: {calibration.get('false_alarm_rate', 0):.0%} target, "
-        f"{calibration.get('method')}"
-    )
-    spread = calibration.get("tail_spread", 1.0)
-    return rule + (f", tail widened x{spread:g}" if spread != 1.0 else "")
+    return threshold_rule(calibration) if calibration else "(not recorded)"
 
 
 def _selection(result: EvaluationResult) -> Table:
