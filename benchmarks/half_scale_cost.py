@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
+from timing_data import DEFAULT_DATA, record_header, train_and_test
 
 from defectscope.detector.detector import Detector
 from defectscope.experiment import compose
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 ONE_BANK = ["detector.features.half_size_bank=0"]
 RUNS = [("one_bank", ONE_BANK), ("default", []), ("one_bank", ONE_BANK)]
 
@@ -52,10 +48,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.data / "train" / "good").is_dir():
-        raise SystemExit(f"no training images: {args.data / 'train' / 'good'} is not a folder")
-    train = sorted(str(p) for p in (args.data / "train" / "good").glob("*.png"))
-    tests = sorted(str(p) for p in (args.data / "test").glob("*/*.png"))[: args.images]
+    train, tests = train_and_test(args.data, args.images)
     runs = []
     for name, overrides in RUNS:
         row = {"name": name, **measure(train, tests, overrides)}
@@ -72,12 +65,7 @@ def main() -> None:
     print(f"default (two banks) / one bank: fit {fit}x, predict {predict}x")
     if args.json:
         report = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/half_scale_cost.py",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "data": str(args.data),
-            "n_train": len(train),
-            "n_predict": len(tests),
+            **record_header("half_scale_cost.py", args.data, train, tests),
             "runs": runs,
             "ratios": ratios,
         }

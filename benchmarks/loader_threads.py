@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from timing_data import DEFAULT_DATA, record_header, train_and_test
 
 import defectscope.detector.detector as detector_module
 import defectscope.detector.fitting as fitting_module
@@ -35,8 +33,6 @@ from defectscope.detector.detector import Detector
 from defectscope.errors import ImageLoadError
 from defectscope.experiment import compose
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 USERS = (detector_module, fitting_module, selection_module)
 
 
@@ -92,10 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.data / "train" / "good").is_dir():
-        raise SystemExit(f"no training images: {args.data / 'train' / 'good'} is not a folder")
-    train = sorted(str(p) for p in (args.data / "train" / "good").glob("*.png"))
-    tests = sorted(str(p) for p in (args.data / "test").glob("*/*.png"))[: args.images]
+    train, tests = train_and_test(args.data, args.images)
     times: dict[str, dict[str, list[float]]] = {way: {} for way in WAYS}
     detector = Detector(compose(None, []).detector).fit(train)
     detector.predict(tests[:4], batch_size=1)  # warm-up
@@ -123,12 +116,7 @@ def main() -> None:
     print("caller_thread / loader_threads: " + "  ".join(f"{k} {v}x" for k, v in ratios.items()))
     if args.json:
         report = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/loader_threads.py",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "data": str(args.data),
-            "n_train": len(train),
-            "n_predict": len(tests),
+            **record_header("loader_threads.py", args.data, train, tests),
             "medians": medians,
             "runs": {
                 w: {k: [round(x, 2) for x in v] for k, v in t.items()} for w, t in times.items()
