@@ -12,6 +12,7 @@ from defectscope.detector.knn_screen import (
     screen_bytes,
     screen_supported,
     screened_nearest,
+    smallest_columns,
 )
 
 
@@ -42,6 +43,37 @@ def test_the_rounding_bound_holds_for_every_row(scale: float, shift: float) -> N
     assert (lower <= true + 1e-9 * true.max()).all()
     # ... and is not vacuous: it is within a few percent of the true value at this scale.
     assert float((true - lower).max() / true.max()) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift"), [(1e-3, 0.0), (1.0, 0.0), (30.0, 0.0), (1.0, 50.0), (0.1, -7.0)]
+)
+def test_block_values_are_never_negative(scale: float, shift: float) -> None:
+    # `smallest_columns` ranks the values' bits as int16, which orders non-negative values only;
+    # the nearest rows (tiny distances) are where a negative would appear.
+    bank, queries = data(500, 300, 64, seed=11, scale=scale, shift=shift)
+    queries = torch.cat([queries, bank[:50], bank[50:100] + 1e-6 * scale])
+    approx, _ = BankScreen(bank).block(queries)
+    assert approx.dtype == torch.bfloat16 and bool((approx.float() >= 0).all())
+
+
+@pytest.mark.parametrize("width", [5, 90, 803, 6688])
+@pytest.mark.parametrize("n", [1, 12, 20])
+def test_smallest_columns_are_a_top_k(width: int, n: int) -> None:
+    generator = torch.Generator().manual_seed(width + n)
+    block = (torch.rand(64, width, generator=generator) * 900.0).to(torch.bfloat16)
+    block[::3, ::5] = float("inf")  # masked rows of the bank
+    block[1] = float("inf")  # a query with every row masked
+    n = min(n, width)
+    values, columns = smallest_columns(block, n)
+    expected = block.float().topk(n, dim=1, largest=False, sorted=True).values
+    assert torch.equal(values.float(), expected)
+    assert torch.equal(block.gather(1, columns), values)  # the columns hold those values
+    finite = torch.isfinite(values)
+    for row in range(block.shape[0]):  # distinct columns wherever a value is finite
+        chosen = columns[row][finite[row]]
+        assert chosen.unique().numel() == chosen.numel()
+    assert bool(((columns >= 0) & (columns < width)).all())
 
 
 @pytest.mark.parametrize("k", [1, 3, 9])
@@ -94,6 +126,26 @@ def test_queries_the_screen_cannot_rank_are_proven_or_searched_again() -> None:
     dist, idx = TorchKnn(bank, screen=True).search(query, 1)
     assert int(idx) == int(torch.cdist(query.double(), bank.double()).argmin())
     assert float(dist) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_wide_banks_ranked_by_groups_honour_bans_and_exclusions() -> None:
+    # 2,003 rows: ranked by group minima (and a partial last group), not by a plain top-k.
+    bank, queries = data(2003, 80, 24, seed=12)
+    generator = torch.Generator().manual_seed(1)
+    banned = torch.zeros(2003, dtype=torch.bool)
+    banned[1::3] = True
+    banned[-3:] = True  # in the partial group
+    columns = [torch.randperm(2003, generator=generator)[:900] for _ in range(4)]
+    mask = banned.repeat(80, 1)
+    for group, cols in enumerate(columns):
+        mask[group * 20 : (group + 1) * 20, cols] = True
+    for k in (1, 5):
+        expected_dist, expected_idx = brute_force(queries, bank, k, banned=mask)
+        dist, idx = TorchKnn(bank, screen=True).search(
+            queries, k, banned=banned, exclude=GroupExclusion(20, columns)
+        )
+        assert torch.equal(idx, expected_idx)
+        torch.testing.assert_close(dist.double(), expected_dist, atol=1e-5, rtol=1e-5)
 
 
 def test_banned_rows_never_come_back_when_few_rows_are_left() -> None:
