@@ -14,7 +14,7 @@ the float32 accumulation and rounding the result to bfloat16 err by at most abou
 bank's mean (distances do not change) keeps those norms, hence the bound, small.
 
 The block adds a per-query constant K a little above ``|q|^2 + bound`` (exact in bfloat16, so
-only the result's rounding grows, by u K, which the bound then includes): every value is then
+only the result's rounding grows, by at most u K / 2; the bound adds u K): every value is then
 non-negative, and non-negative bfloat16 values order as their bits do as int16. Ranking on
 int16 is faster (a group minimum over 8 columns, then a top-k of those minima, then of the
 chosen groups' columns: `smallest_columns`) than a bfloat16 top-k over the whole row.
@@ -29,7 +29,7 @@ SAFETY = 4.0  # the derived bound is ~3.02 u; 4 u is a proven, not a tuned, marg
 EXTRA_CANDIDATES = 11  # candidates per query beyond k (12 for k = 1; 0.12 % fall back on bottle)
 SCREEN_CHUNK = 512  # queries per block: measured fastest of 128-1024 (bank of 6.7k rows)
 GROUP = 8  # columns per group minimum in `smallest_columns`
-CONSTANT_MARGIN = 1.1  # K = 1.1 (|q|^2 + bound): non-negative values with room for K's rounding
+CONSTANT_MARGIN = 1.02  # K = 1.02 (|q|^2 + bound): non-negative, room for K's own rounding
 
 
 def screen_supported(device: torch.device) -> bool:
@@ -73,9 +73,9 @@ class BankScreen:
         if last == "norms":
             constant = norms * norms
         else:
-            bound = SAFETY * UNIT_ROUNDOFF * (self.max_norm**2 + 2.0 * norms * self.max_norm)
             # Rounded to bfloat16 here, so the product adds exactly the value returned.
-            constant = (CONSTANT_MARGIN * (norms * norms + bound)).to(torch.bfloat16).float()
+            constant = CONSTANT_MARGIN * (norms * norms + self._rounding_bound(norms))
+            constant = constant.to(torch.bfloat16).float()
         ones = torch.ones_like(constant)[:, None]
         left = torch.cat([centred * -2.0, ones, constant[:, None]], dim=1)
         return left.to(torch.bfloat16), norms, constant
@@ -85,9 +85,13 @@ class BankScreen:
         the offset that turns an approximate value into a lower bound of the row's squared
         distance."""
         left, norms, constant = self._left(queries, last="offset")
-        squared_norms = self.max_norm**2 + 2.0 * norms * self.max_norm + constant
-        slack = SAFETY * UNIT_ROUNDOFF * squared_norms
+        # K is exact in bfloat16: it only adds to the result's rounding, at most u K / 2.
+        slack = self._rounding_bound(norms) + UNIT_ROUNDOFF * constant
         return left @ self.operand, norms * norms - constant - slack
+
+    def _rounding_bound(self, norms: torch.Tensor) -> torch.Tensor:
+        """How far a bfloat16 ``|c|^2 - 2 q.c`` may be from its exact value, per query norm."""
+        return SAFETY * UNIT_ROUNDOFF * (self.max_norm**2 + 2.0 * norms * self.max_norm)
 
     def distance_block(self, queries: torch.Tensor) -> torch.Tensor:
         """Approximate squared distances (Q, M) in bfloat16 (no bound: for `nearest_guess`)."""
