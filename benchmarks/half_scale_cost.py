@@ -11,12 +11,10 @@ the ratios of the default to one bank and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
-from timing_data import DEFAULT_DATA, record_header, train_and_test
+from timing_data import parse_timing_args, record_header
 
 from defectscope.detector.detector import Detector
 from defectscope.experiment import compose
@@ -43,12 +41,7 @@ def measure(train: list[str], tests: list[str], overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=40)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    train, tests = train_and_test(args.data, args.images)
+    args, train, tests = parse_timing_args(__doc__.splitlines()[0], images=40)
     runs = []
     for name, overrides in RUNS:
         row = {"name": name, **measure(train, tests, overrides)}

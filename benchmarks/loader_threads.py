@@ -13,17 +13,15 @@ ratios, and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from timing_data import DEFAULT_DATA, record_header, train_and_test
+from timing_data import parse_timing_args, record_header
 
 import defectscope.detector.detector as detector_module
 import defectscope.detector.fitting as fitting_module
@@ -82,13 +80,7 @@ def predict_ms(detector: Detector, tests: list[str], batch_size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    train, tests = train_and_test(args.data, args.images)
+    args, train, tests = parse_timing_args(__doc__.splitlines()[0], images=60, rounds=3)
     times: dict[str, dict[str, list[float]]] = {way: {} for way in WAYS}
     detector = Detector(compose(None, []).detector).fit(train)
     detector.predict(tests[:4], batch_size=1)  # warm-up

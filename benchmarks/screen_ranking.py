@@ -13,14 +13,12 @@ milliseconds per image (median over rounds) and the ratios, and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from timing_data import DEFAULT_DATA, record_header, train_and_test
+from timing_data import parse_timing_args, record_header
 
 from defectscope.data.io import load_image
 from defectscope.detector import knn_screen
@@ -44,13 +42,7 @@ WAYS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    train, tests = train_and_test(args.data, args.images)
+    args, train, tests = parse_timing_args(__doc__.splitlines()[0], images=20, rounds=5)
     detector = Detector(compose(None, []).detector).fit(train)
     if not knn_screen.screen_supported(detector.memory_bank.device):
         raise SystemExit("this CPU has no fast bfloat16 (AVX512-BF16 or AMX): the screen is off")
