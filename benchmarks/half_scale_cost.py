@@ -11,10 +11,10 @@ the ratios of the default to one bank and writes JSON.
 
 from __future__ import annotations
 
-import json
 import time
 
-from timing_data import parse_timing_args, record_header
+from suite import write_results
+from timing_data import images_record, parse_timing_args
 
 from defectscope.detector.detector import Detector
 from defectscope.experiment import compose
@@ -57,12 +57,12 @@ def main() -> None:
     fit, predict = ratios["fit_s"], ratios["predict_ms_per_image"]
     print(f"default (two banks) / one bank: fit {fit}x, predict {predict}x")
     if args.json:
-        report = {
-            **record_header("half_scale_cost.py", args.data, train, tests),
+        record = {
+            **images_record(args.data, train, tests),
             "runs": runs,
             "ratios": ratios,
         }
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_results(args.json, "benchmarks/half_scale_cost.py", record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ ratios, and writes JSON.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from timing_data import parse_timing_args, record_header
+from suite import write_results
+from timing_data import images_record, parse_timing_args
 
 import defectscope.detector.detector as detector_module
 import defectscope.detector.fitting as fitting_module
@@ -107,16 +107,15 @@ def main() -> None:
         print(f"{way:15s} " + "  ".join(f"{k} {v}" for k, v in row.items()))
     print("caller_thread / loader_threads: " + "  ".join(f"{k} {v}x" for k, v in ratios.items()))
     if args.json:
-        report = {
-            **record_header("loader_threads.py", args.data, train, tests),
+        record = {
+            **images_record(args.data, train, tests),
             "medians": medians,
             "runs": {
                 w: {k: [round(x, 2) for x in v] for k, v in t.items()} for w, t in times.items()
             },
             "ratios": ratios,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_results(args.json, "benchmarks/loader_threads.py", record)
 
 
 if __name__ == "__main__":

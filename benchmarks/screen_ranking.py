@@ -13,12 +13,12 @@ milliseconds per image (median over rounds) and the ratios, and writes JSON.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import torch
-from timing_data import parse_timing_args, record_header
+from suite import write_results
+from timing_data import images_record, parse_timing_args
 
 from defectscope.data.io import load_image
 from defectscope.detector import knn_screen
@@ -77,8 +77,8 @@ def main() -> None:
     if not same:
         raise SystemExit("the ways disagree: the screen is not exact")
     if args.json:
-        report = {
-            **record_header("screen_ranking.py", args.data, train, tests),
+        record = {
+            **images_record(args.data, train, tests),
             "bank": list(bank.shape),
             "queries_per_image": int(queries[0].shape[0]),
             "ms_per_image": medians,
@@ -86,7 +86,7 @@ def main() -> None:
             "ratios_to_row_top_k": ratios,
             "same_neighbours": same,
         }
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_results(args.json, "benchmarks/screen_ranking.py", record)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,11 @@
-"""What the timing benchmarks share: a dataset folder's training and test images, and the
-header of their JSON records (date, command, machine, data)."""
+"""What the timing benchmarks share: their command line, a dataset folder's training and test
+images, and the fields of their JSON records that name those images."""
 
 from __future__ import annotations
 
 import argparse
-import platform
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
@@ -41,12 +37,7 @@ def parse_timing_args(
     return args, train, tests
 
 
-def record_header(script: str, data: Path, train: list[str], tests: list[str]) -> dict[str, Any]:
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/{script}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "data": str(data),
-        "n_train": len(train),
-        "n_predict": len(tests),
-    }
+def images_record(data: Path, train: list[str], tests: list[str]) -> dict[str, Any]:
+    """The fields of a timing record that say which images it timed (`suite.write_results`
+    adds the date, the command and the machine)."""
+    return {"data": str(data), "n_train": len(train), "n_predict": len(tests)}
