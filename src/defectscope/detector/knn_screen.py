@@ -63,31 +63,23 @@ class BankScreen:
         operand = torch.cat([centred, squared[:, None], ones[:, None]], dim=1)
         self.operand = operand.to(torch.bfloat16).T.contiguous()
 
-    def _left(
-        self, queries: torch.Tensor, last: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The queries' bfloat16 operand, their centred norms and the constant each row adds
-        (``last``: 'norms' adds |q|^2, 'offset' the constant K of `block`)."""
-        centred = queries - self.mean
-        norms = centred.norm(dim=1)
-        if last == "norms":
-            constant = norms * norms
-        else:
-            # Rounded to bfloat16 here, so the product adds exactly the value returned.
-            constant = CONSTANT_MARGIN * (norms * norms + self._rounding_bound(norms))
-            constant = constant.to(torch.bfloat16).float()
+    def _left(self, centred: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:
+        """The centred queries' bfloat16 operand, with ``constant`` the value each row adds."""
         ones = torch.ones_like(constant)[:, None]
-        left = torch.cat([centred * -2.0, ones, constant[:, None]], dim=1)
-        return left.to(torch.bfloat16), norms, constant
+        return torch.cat([centred * -2.0, ones, constant[:, None]], dim=1).to(torch.bfloat16)
 
     def block(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate ``|c|^2 - 2 q.c + K`` (Q, M) in bfloat16, never negative, and per query
         the offset that turns an approximate value into a lower bound of the row's squared
         distance."""
-        left, norms, constant = self._left(queries, last="offset")
+        centred = queries - self.mean
+        norms = centred.norm(dim=1)
+        bound = self._rounding_bound(norms)
+        # Rounded to bfloat16 here, so the product adds exactly this K.
+        constant = (CONSTANT_MARGIN * (norms * norms + bound)).to(torch.bfloat16).float()
         # K is exact in bfloat16: it only adds to the result's rounding, at most u K / 2.
-        slack = self._rounding_bound(norms) + UNIT_ROUNDOFF * constant
-        return left @ self.operand, norms * norms - constant - slack
+        slack = bound + UNIT_ROUNDOFF * constant
+        return self._left(centred, constant) @ self.operand, norms * norms - constant - slack
 
     def _rounding_bound(self, norms: torch.Tensor) -> torch.Tensor:
         """How far a bfloat16 ``|c|^2 - 2 q.c`` may be from its exact value, per query norm."""
@@ -95,8 +87,9 @@ class BankScreen:
 
     def distance_block(self, queries: torch.Tensor) -> torch.Tensor:
         """Approximate squared distances (Q, M) in bfloat16 (no bound: for `nearest_guess`)."""
-        left, _, _ = self._left(queries, last="norms")
-        return left @ self.operand
+        centred = queries - self.mean
+        norms = centred.norm(dim=1)
+        return self._left(centred, norms * norms) @ self.operand
 
 
 def nearest_guess(block: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,3 @@ def overlay_figure(result: EvaluationResult, path: Path) -> Path | None:
     figure.tight_layout()
     figure.savefig(path)
     return path
-
-
-# --------------------------------------------------------------------------- documents
