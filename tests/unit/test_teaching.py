@@ -9,14 +9,13 @@ import pytest
 import torch
 from _images import texture_crops, with_defect
 
-from defectscope.detector.calibration import calibrate, spread_quantile
+from defectscope.detector.calibration import calibrate, false_alarm_rate, spread_quantile
 from defectscope.detector.detector import Detector
 from defectscope.detector.teaching import (
     EXTRA_KEYS,
     bank_fingerprint,
     calibrated_thresholds,
     extend_bank,
-    false_alarm_rate,
     lineage,
     model_extras,
     save_model,

@@ -14,7 +14,7 @@ slope set by the spread of good scores, so 0.5 means the same thing for every mo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -148,12 +148,18 @@ def spread_quantile(values: np.ndarray | list[float], q: float, tail_spread: flo
     return median + factor * (quantile - median)
 
 
+def false_alarm_rate(good_scores: Sequence[float] | np.ndarray, threshold: float) -> float:
+    """Share of good calibration scores a threshold would flag (score >= threshold, as predict)."""
+    scores = np.asarray(good_scores, dtype=np.float64)
+    return float((scores >= threshold).mean()) if scores.size else 0.0
+
+
 def estimated_false_alarm_rate(calibration: Calibration, threshold: float) -> float:
     """The false-alarm rate for which the fit's rule would have put the image threshold at
     ``threshold``: the share of good scores at or above it for the plain quantile; through the
     tail spread otherwise, so that the stored threshold reads as its target, not as 0."""
     scores = np.asarray(calibration.good_scores, dtype=np.float64)
-    share = float((scores >= threshold).mean()) if scores.size else 0.0
+    share = false_alarm_rate(scores, threshold)
     if calibration.tail_spread == 1.0 or scores.size == 0:
         return share
 

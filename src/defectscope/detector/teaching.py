@@ -74,12 +74,6 @@ def calibrated_thresholds(calibration: Calibration) -> tuple[float, float]:
     return rule.threshold, rule.pixel_threshold
 
 
-def false_alarm_rate(good_scores: Sequence[float], threshold: float) -> float:
-    """Share of good calibration scores a threshold would flag (score >= threshold, as predict)."""
-    scores = np.asarray(good_scores, dtype=np.float64)
-    return float((scores >= threshold).mean()) if scores.size else 0.0
-
-
 @torch.inference_mode()
 def _embed(
     parts: FeatureParts, batch_size: int, images: Sequence[ImageInput]

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from defectscope.data.io import load_image
+from defectscope.detector.calibration import false_alarm_rate
 from defectscope.detector.detector import Detector
 from defectscope.detector.teaching import (
     TeachResult,
     calibrated_thresholds,
     extend_bank,
-    false_alarm_rate,
     lineage,
 )
 from defectscope.errors import DefectscopeError, ImageLoadError

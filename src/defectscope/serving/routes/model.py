@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from fastapi import HTTPException, Query
 from starlette.concurrency import run_in_threadpool
 
-from defectscope.detector.calibration import estimated_false_alarm_rate
+from defectscope.detector.calibration import estimated_false_alarm_rate, false_alarm_rate
 from defectscope.detector.model_file import compact_metadata
-from defectscope.detector.teaching import calibrated_thresholds, false_alarm_rate
+from defectscope.detector.teaching import calibrated_thresholds
 from defectscope.serving.dependencies import ReadyDetector, State
 from defectscope.serving.limits import as_http_error
 from defectscope.serving.routes import v1_router
