@@ -34,7 +34,13 @@ def run_cli(
     matched (wide by default: an error naming a long temporary path stays on one line),
     ``unset`` drops variables the caller's environment may hold, ``check`` raises with both
     streams on a non-zero exit."""
-    full_env = {**os.environ, "COLUMNS": str(columns), **(env or {})}
+    # A crash in native code (exit -11) prints every thread's Python stack to stderr.
+    full_env = {
+        **os.environ,
+        "COLUMNS": str(columns),
+        "PYTHONFAULTHANDLER": "1",
+        **(env or {}),
+    }
     for name in unset:
         full_env.pop(name, None)
     extra: dict[str, Any] = {} if umask is None else {"umask": umask}
