@@ -137,6 +137,11 @@ class ScoringConfig(_Section):
         description="For 'patchcore' re-weighting (the nearest bank patch and its neighbours).",
     )
     smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian sigma in input pixels.")
+    edge_correction: bool = Field(
+        True,
+        description="Score the grid's outer patches on the inner ones' scale, as learned from "
+        "the training images' leave-one-out scores (one-pass banks, leave-one-out fits).",
+    )
     knn_backend: Literal["auto", "torch", "faiss", "faiss_ivf", "faiss_hnsw", "faiss_ivfpq"] = (
         Field(
             "auto",

@@ -32,6 +32,7 @@ def model(dataset: Path, tmp_path_factory) -> Path:
     assert "memory bank" in proc.stdout
     assert "half-size bank" in proc.stdout and "weight 0.5" in proc.stdout
     assert "1% target on good images, leave_one_out, tail x1.2" in proc.stdout
+    assert "edge profile" in proc.stdout
     return out
 
 
@@ -42,6 +43,9 @@ def test_fit_writes_a_self_describing_model(model: Path) -> None:
     assert meta["config"]["features"]["input_size"] == [128, 128]
     assert meta["scales"]["half_weight"] == 0.5 and meta["scales"]["half_grid_size"] == [8, 8]
     assert meta["training"]["n_images"] == 12
+    # Learned from the training images' leave-one-out scores; never raises an edge patch.
+    assert len(meta["edge_profile"]["factors"]) == 4
+    assert all(f >= 1.0 for f in meta["edge_profile"]["factors"])
     assert meta["calibration"]["threshold"] > 0
     assert meta["calibration"]["tail_spread"] == 1.2
 

@@ -8,6 +8,7 @@ import torch
 
 from defectscope.config import ScoringConfig
 from defectscope.detector import map_maxima
+from defectscope.detector.edge_profile import EdgeProfile
 from defectscope.detector.knn import TorchKnn
 from defectscope.detector.map_maxima import leave_one_out_maxima
 from defectscope.detector.scoring import AnomalyScorer
@@ -88,6 +89,18 @@ def test_two_passes_add_their_bounds_and_give_the_same_maxima(
     # The summed map peaks no higher than its passes' own peaks added.
     weights = torch.tensor(scorer.group_weights)[:, None]
     assert bool(((weights * found[1]).sum(0) >= found[0] - 1e-5).all())
+
+
+@pytest.mark.parametrize("with_stand_ins", [False, True])
+def test_an_edge_profile_gives_the_maxima_of_the_corrected_maps(with_stand_ins: bool) -> None:
+    # The profile rescales patch scores before the upsampling: bounds stay bounds.
+    scorer, embeddings, own, extra = setup(4.0, (10, 12), (80, 96), with_stand_ins, seed=2)
+    plain = leave_one_out_maxima(scorer, embeddings, own, extra)
+    scorer.set_edge_profile(EdgeProfile((3.0, 2.0, 1.5, 1.2), centre=1.0))
+    assert_maxima_of_the_full_maps(scorer, embeddings, own, extra)
+    corrected = leave_one_out_maxima(scorer, embeddings, own, extra)
+    assert plain is not None and corrected is not None
+    assert not torch.allclose(plain[0], corrected[0])  # the profile did change them
 
 
 def assert_maxima_of_the_full_maps(scorer, embeddings, own, extra) -> None:

@@ -275,6 +275,8 @@ def test_fit_cli_records_the_choice_and_inspect_shows_it(tmp_path: Path) -> None
     text = (report / "report.md").read_text()
     assert "How the configuration was chosen" in text
     assert f"{meta['selection']['chosen']}: " in text and "objective" in text
+    if meta.get("edge_profile"):  # learned where the grid has inner patches to compare with
+        assert "edge profile (from good images): outer rings' excess" in text
 
     fixed = tmp_path / "fixed"
     result = runner.invoke(

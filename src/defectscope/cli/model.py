@@ -214,6 +214,12 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
             "half-size bank",
             f"{info.scales['half_bank_size']:,} patches, weight {info.scales['half_weight']:g}",
         )
+    from defectscope.detector.edge_profile import edge_profile_summary
+
+    described = detector.describe()
+    scales = described.get("scales") or {}
+    if edges := edge_profile_summary(described.get("edge_profile"), scales.get("edge_profile")):
+        table.add_row("edge profile", edges)
     calibration = detector.calibration
     assert calibration is not None  # fitted: calibrated
     table.add_row(

@@ -51,6 +51,7 @@ from defectscope.data.loading import LoadedImage, iter_loaded
 from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
 from defectscope.detector.coreset import choose_coreset, select_coreset
+from defectscope.detector.edge_profile import SAMPLE_IMAGES, learn_edge_profile
 from defectscope.detector.fit_info import FitInfo, TrainingInfo
 from defectscope.detector.leave_one_out import StandIns, find_stand_ins, own_rows_and_stand_ins
 from defectscope.detector.map_maxima import leave_one_out_maxima
@@ -303,6 +304,22 @@ def fit_from_shards(
         bank, config.scoring, config.features.input_size, parts.features.column_groups
     ).to(device)
 
+    # Leave-one-out scores understate the spread of new images' (see calibration); measured
+    # from 40 images up, so few-shot fits keep their own calibration as it was.
+    few_shot_fit = selection is not None and bool(selection.few_shot)
+    if (
+        plan.method == "leave_one_out"
+        and config.scoring.edge_correction
+        and scorer.groups is None
+        and not few_shot_fit
+    ):
+        t0 = time.perf_counter()
+        sample = leave_one_out_patch_scores(
+            scorer, config.batch_size, shards, bank_owner, stand_ins
+        )
+        scorer.set_edge_profile(learn_edge_profile(sample))
+        timings["edge_profile_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     if plan.method == "halves":
         halves = (selection.few_shot if selection is not None else {}).get("halves_scores")
@@ -321,9 +338,6 @@ def fit_from_shards(
             _, good_maxima, _ = calibration_scores(
                 scorer, config.batch_size, shards, bank_owner, plan, None, stand_ins
             )
-    # Leave-one-out scores understate the spread of new images' (see calibration); measured
-    # from 40 images up, so few-shot fits keep their own calibration as it was.
-    few_shot_fit = selection is not None and bool(selection.few_shot)
     spread = 1.0
     if plan.method == "leave_one_out" and not few_shot_fit:
         spread = config.calibration.tail_spread
@@ -440,6 +454,34 @@ def calibration_scores(
             progress("calibration", done, total)
     per_pass = torch.cat(by_pass, dim=1).numpy() if by_pass else None
     return torch.cat(scores).numpy(), torch.cat(maxima).numpy(), per_pass
+
+
+@torch.inference_mode()
+def leave_one_out_patch_scores(
+    scorer: AnomalyScorer,
+    batch_size: int,
+    shards: Sequence[FitShard],
+    bank_owner: torch.Tensor,
+    stand_ins: StandIns | None,
+) -> torch.Tensor:
+    """Leave-one-out patch scores (N, h, w) of up to `SAMPLE_IMAGES` calibration images spread
+    evenly over the sample, before any edge profile (what one is learned from)."""
+    total = sum(len(s.calibration_ids) for s in shards)
+    step = max(1, math.ceil(total / SAMPLE_IMAGES))
+    owner_on_device = bank_owner.to(scorer.bank.device)
+    found, position = [], 0
+    for ids, embeddings in iter_calibration_batches(shards, batch_size):
+        keep = [i for i in range(len(ids)) if (position + i) % step == 0]
+        position += len(ids)
+        if not keep:
+            continue
+        chosen = [ids[i] for i in keep]
+        own, extra = own_rows_and_stand_ins(chosen, owner_on_device, stand_ins)
+        batch = embeddings[keep].to(scorer.bank.device)
+        found.append(scorer.patch_scores_excluding(batch, own, extra).cpu())
+    if not found:
+        raise DefectscopeError("no readable calibration image: every one failed to load")
+    return torch.cat(found)
 
 
 def weigh_passes(

@@ -96,7 +96,8 @@ def _peaks(
     pending = list(range(b))
     while pending:
         values = sum_passes([p.values for p in passes], weights)
-        maps = scorer.to_input_maps(values[pending].reshape(-1, h, w)).flatten(1)
+        patch_scores = scorer.correct_edges(values[pending].reshape(-1, h, w))
+        maps = scorer.to_input_maps(patch_scores).flatten(1)
         peaks = maps.argmax(dim=1)
         missing: list[list[tuple[int, torch.Tensor]]] = [[] for _ in passes]
         searching: list[int] = []

@@ -10,6 +10,7 @@ import torch
 
 from defectscope.config import DetectorConfig
 from defectscope.detector.calibration import Calibration
+from defectscope.detector.edge_profile import EdgeProfile
 from defectscope.detector.engine import TorchEngine
 from defectscope.detector.fit_info import FitInfo
 from defectscope.detector.model_file import checked_bank, load_scorer
@@ -42,6 +43,7 @@ def model_description(
         "preprocessing": parts.preprocessor.to_dict(),
         "feature_dim": int(scorer.bank.shape[1]),
         **scorer.groups_metadata(),
+        **scorer.edge_metadata(),
         "grid_size": list(parts.grid_size()),
         "calibration": calibration.to_dict(),
         **{k: v for k, v in info.to_dict().items() if k != "defectscope_version"},
@@ -68,6 +70,7 @@ def restore_engine(
         )
     bank = checked_bank(file, tensors, "memory_bank", features.dim)
     scorer = load_scorer(file, bank, config, features.column_groups, meta.get("column_groups"))
+    scorer.set_edge_profile(EdgeProfile.from_dict(meta.get("edge_profile"), file))
     half = load_half_scale(file, tensors, meta, config, backbone, parts.device)
     engine = TorchEngine(parts, scorer.to(parts.device), half)
     try:

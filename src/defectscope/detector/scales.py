@@ -32,6 +32,7 @@ import torch
 from defectscope.config import DetectorConfig
 from defectscope.detector import few_shot
 from defectscope.detector.calibration import Calibration, calibrate
+from defectscope.detector.edge_profile import EdgeProfile
 from defectscope.detector.model_file import checked_bank, load_scorer
 from defectscope.detector.parts import FeatureParts
 from defectscope.detector.scoring import AnomalyScorer
@@ -176,6 +177,7 @@ def join_scales(
         **scales.to_dict(),
         "half_bank_size": int(scorer.bank.shape[0]),
         "half_grid_size": list(parts.grid_size()),
+        **scorer.edge_metadata(),
         # Each bank's (image, pixel) unit: its plain quantile, before any tail spread.
         "thresholds": {
             "full": list(full.quantile_thresholds()),
@@ -203,4 +205,5 @@ def load_half_scale(
     parts = FeatureParts.build(backbone, half_config.features, device, config.half_precision)
     bank = checked_bank(file, tensors, "memory_bank_half", parts.features.dim)
     scorer = load_scorer(file, bank, half_config, None, None)
+    scorer.set_edge_profile(EdgeProfile.from_dict(saved.get("edge_profile"), file))
     return HalfScale(parts, scorer.to(device), scales)

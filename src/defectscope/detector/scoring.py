@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from defectscope.config import ScoringConfig
+from defectscope.detector.edge_profile import EdgeProfile
 from defectscope.detector.knn import GroupExclusion, KnnIndex, TorchKnn, build_index
 from defectscope.errors import ConfigError
 
@@ -172,9 +174,12 @@ class AnomalyScorer(nn.Module):
             self.group_weights = given or group_weights(self.bank, self.groups)
             if score_weights is not None:
                 self.set_score_weights(score_weights)
+        # Learned by a leave-one-out fit of one pass (`edge_profile`); None scores edges as is.
+        self.edge_profile: EdgeProfile | None = None
         self._index: KnnIndex | None = None
         self._group_indexes: list[KnnIndex] | None = None
         self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._edge_scales: dict[tuple, torch.Tensor] = {}
 
     def _checked_weights(self, weights: Sequence[float], name: str) -> list[float]:
         """One finite positive number per pass (model files are read through here)."""
@@ -219,6 +224,31 @@ class AnomalyScorer(nn.Module):
             kept["score_weights"] = list(self.score_weights)
         return {"column_groups": kept}
 
+    def edge_metadata(self) -> dict[str, dict[str, Any]]:
+        """What a model file keeps of the edge profile (nothing without one)."""
+        return {} if self.edge_profile is None else {"edge_profile": self.edge_profile.to_dict()}
+
+    def set_edge_profile(self, profile: EdgeProfile | None) -> None:
+        """Score edge patches with ``profile`` (None: as they are). One pass only: a bank of
+        passes sums passes whose edges differ."""
+        if profile is not None and self.groups is not None:
+            raise ConfigError("an edge profile applies to a bank of one pass")
+        self.edge_profile = profile
+        self._edge_scales = {}
+
+    def correct_edges(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """Patch scores (B, h, w) with each edge patch's excess over the profile's centre
+        divided by its ring's factor (`edge_profile`); unchanged without a profile."""
+        profile = self.edge_profile
+        if profile is None:
+            return patch_scores
+        h, w = int(patch_scores.shape[-2]), int(patch_scores.shape[-1])
+        key = (h, w, patch_scores.device)
+        if key not in self._edge_scales:
+            self._edge_scales[key] = profile.scale_map(h, w, patch_scores.device)
+        centre = profile.centre
+        return (patch_scores - centre) * self._edge_scales[key] + centre
+
     def group_indexes(self) -> list[KnnIndex]:
         """One index per column group, on that group's columns of the bank."""
         if self.groups is None:
@@ -243,6 +273,7 @@ class AnomalyScorer(nn.Module):
         self._index = None  # the index holds device copies; rebuild after .to()/.half()
         self._group_indexes = None
         self._operators = {}
+        self._edge_scales = {}
         return super()._apply(fn, recurse)
 
     def _search(
@@ -325,6 +356,20 @@ class AnomalyScorer(nn.Module):
         passes, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
         return self.maps_and_scores(passes, idx, queries, (h, w))
 
+    def patch_scores_excluding(
+        self,
+        embeddings: torch.Tensor,
+        own: Sequence[torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The leave-one-out patch scores (B, h, w) of `score_excluding`, before the edge
+        profile (what `edge_profile.learn_edge_profile` learns from); one pass."""
+        b, d, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+        exclude = GroupExclusion(h * w, own)
+        passes, _ = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
+        return sum_passes([dist.mean(dim=1).reshape(-1, h, w) for dist in passes], None)
+
     def maps_and_scores(
         self,
         passes: list[torch.Tensor],
@@ -338,7 +383,7 @@ class AnomalyScorer(nn.Module):
         (the export passes its own ``to_maps``, `to_input_maps` held as buffers)."""
         h, w = grid
         to_maps = to_maps or self.to_input_maps
-        pass_patches = [dist.mean(dim=1).reshape(-1, h, w) for dist in passes]
+        pass_patches = [self.correct_edges(dist.mean(dim=1).reshape(-1, h, w)) for dist in passes]
         patch_scores = sum_passes(pass_patches, self.group_weights)
         maps = to_maps(patch_scores)
         rows = queries.reshape(-1, h * w, queries.shape[-1])

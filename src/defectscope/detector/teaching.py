@@ -121,8 +121,8 @@ def _teach_bank(
     if cap is not None and config.coreset.method != "none" and bank.shape[0] > cap:
         chosen = select_coreset(bank, config.coreset, n_select=cap)
         bank, owners = bank[chosen].contiguous(), owners[chosen.cpu()]
-    # The passes keep the fit's units of distance and of image score: the good scores were
-    # measured in them.
+    # The passes keep the fit's units of distance and of image score, and its edge profile:
+    # the good scores were measured in them.
     new_scorer = AnomalyScorer(
         bank,
         scorer.config,
@@ -131,6 +131,7 @@ def _teach_bank(
         scorer.group_weights,
         scorer.score_weights,
     ).to(device)
+    new_scorer.set_edge_profile(scorer.edge_profile)
     owner_on_device = owners.to(device)
     maps, scores = [], []
     for index, embedding in enumerate(e.unsqueeze(0) for e in embedded):

@@ -183,6 +183,11 @@ def _selection(result: EvaluationResult) -> Table:
             f"plus a bank at half size ({scales.get('half_bank_size')} rows, grid "
             f"{scales.get('half_grid_size')}) at weight {scales.get('half_weight')}, in units"
         )
+    from defectscope.detector.edge_profile import edge_profile_summary
+
+    half = scales.get("edge_profile") if isinstance(scales, dict) else None
+    if edges := edge_profile_summary(described.get("edge_profile"), half):
+        notes.append(f"edge profile (from good images): {edges}")
     rows += [[note, "", "", "", ""] for note in notes if note]
     return header, rows or [["(not recorded for this model)", "", "", "", ""]]
 
