@@ -11,6 +11,7 @@ the ratios of the default to one bank and writes JSON.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from suite import write_results
@@ -40,29 +41,37 @@ def measure(train: list[str], tests: list[str], overrides: list[str]) -> dict:
     }
 
 
-def main() -> None:
-    args, train, tests = parse_timing_args(__doc__.splitlines()[0], images=40)
-    runs = []
-    for name, overrides in RUNS:
+def compare(
+    args: argparse.Namespace,
+    train: list[str],
+    tests: list[str],
+    runs: list[tuple[str, list[str]]],
+    script: str,
+) -> None:
+    """Fit and predict once per run (the default between two baseline runs: their spread is
+    the noise), print each and the default's ratios to the baselines' mean, write JSON."""
+    rows = []
+    for name, overrides in runs:
         row = {"name": name, **measure(train, tests, overrides)}
         print(f"{name:11s} fit {row['fit_s']:7.2f} s  predict {row['predict_ms_per_image']:6.1f} "
               f"ms/image  bank {row['bank']}", flush=True)  # fmt: skip
-        runs.append(row)
-    baseline = [r for r in runs if r["name"] == "one_bank"]
-    default = next(r for r in runs if r["name"] == "default")
+        rows.append(row)
+    baseline = [r for r in rows if r["name"] != "default"]
+    default = next(r for r in rows if r["name"] == "default")
     ratios = {
         key: round(default[key] / (sum(r[key] for r in baseline) / len(baseline)), 2)
         for key in ("fit_s", "predict_ms_per_image")
     }
     fit, predict = ratios["fit_s"], ratios["predict_ms_per_image"]
-    print(f"default (two banks) / one bank: fit {fit}x, predict {predict}x")
+    print(f"default / {baseline[0]['name']}: fit {fit}x, predict {predict}x")
     if args.json:
-        record = {
-            **images_record(args.data, train, tests),
-            "runs": runs,
-            "ratios": ratios,
-        }
-        write_results(args.json, "benchmarks/half_scale_cost.py", record)
+        record = {**images_record(args.data, train, tests), "runs": rows, "ratios": ratios}
+        write_results(args.json, script, record)
+
+
+def main() -> None:
+    args, train, tests = parse_timing_args(__doc__.splitlines()[0], images=40)
+    compare(args, train, tests, RUNS, "benchmarks/half_scale_cost.py")
 
 
 if __name__ == "__main__":

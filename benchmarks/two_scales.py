@@ -2,6 +2,7 @@
 
     python benchmarks/two_scales.py [--json benchmarks/results/two_scales.json]
                                     [--categories a,b] [--weights 0.25,0.5,1]
+                                    [--factor 0.5] [--base-half-bank]
                                     [--data-root DIR] [--synthetic-root DIR]
 
 Per category: the default fit (auto mode), then a second fit on the same training images with the
@@ -14,7 +15,8 @@ quantile of the two models' leave-one-out scores of the same training images, ad
 way: recall and false alarms use only good training images, as a fit would.
 Weight 0 is the first model alone. This measured the design before it was built: the default
 now has its own half-size bank (`features.half_size_bank`, on the input averaged 2x2), so both
-fits here turn it off.
+fits here turn it off. With ``--base-half-bank`` the first fit keeps it (the default as built)
+and ``--factor 0.25`` makes the second model a third, quarter-size scale.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from defectscope.experiment import compose
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "recall", "false_alarm_rate")
 
 
-def half_input(size: tuple[int, int], multiple: int = 32) -> tuple[int, int]:
-    """Half of ``size``, each side a multiple of what the backbone takes (at least 64)."""
-    return tuple(max(64, round(side / 2 / multiple) * multiple) for side in size)  # type: ignore[return-value]
+def half_input(size: tuple[int, int], multiple: int = 32, factor: float = 0.5) -> tuple[int, int]:
+    """``factor`` of ``size``, each side a multiple of what the backbone takes (at least 64)."""
+    return tuple(max(64, round(side * factor / multiple) * multiple) for side in size)  # type: ignore[return-value]
 
 
 def scores_and_maps(
@@ -54,18 +56,22 @@ def scores_and_maps(
     return np.array([p.score for p in predictions]), [p.anomaly_map for p in predictions], ms
 
 
-def run_category(root: Path, weights: list[float]) -> dict[str, Any]:
+def run_category(
+    root: Path, weights: list[float], factor: float = 0.5, base_half_bank: bool = False
+) -> dict[str, Any]:
     dataset = open_dataset(root)
     train = [s.path for s in dataset.train]
     test = list(dataset.test)
     start = time.perf_counter()
     # One bank: the default's own half-size bank is what this script measured before it existed.
-    full = Detector(compose(None, ["detector.features.half_size_bank=0"]).detector).fit(train)
+    overrides = [] if base_half_bank else ["detector.features.half_size_bank=0"]
+    full = Detector(compose(None, overrides).detector).fit(train)
     full_s = time.perf_counter() - start
     config = full.config.model_copy(deep=True)
     config.features.input_size = half_input(
-        config.features.input_size, full.backbone_input_multiple()
+        config.features.input_size, full.backbone_input_multiple(), factor
     )
+    config.features.half_size_bank = 0.0
     config.auto.enabled = False
     start = time.perf_counter()
     half = Detector(config).fit(train)
@@ -143,6 +149,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--categories", default=None, help="comma-separated; default: all")
     parser.add_argument("--weights", default="0.25,0.5,1", help="weights of the half-size model")
+    parser.add_argument("--factor", type=float, default=0.5, help="second model's input scale")
+    parser.add_argument(
+        "--base-half-bank", action="store_true", help="the first fit keeps its half-size bank"
+    )
     parser.add_argument("--data-root", type=Path, default=SHARED)
     parser.add_argument(
         "--synthetic-root", type=Path, default=Path.home() / ".cache" / "defectscope-bench"
@@ -151,7 +161,10 @@ def main() -> None:
     names = args.categories.split(",") if args.categories else None
     weights = [float(w) for w in args.weights.split(",")]
     roots = category_roots(names, args.data_root, args.synthetic_root)
-    rows = {name: run_category(root, weights) for name, root in roots.items()}
+    rows = {
+        name: run_category(root, weights, args.factor, args.base_half_bank)
+        for name, root in roots.items()
+    }
     summary = {w: summarize(rows, w) for w in rows[next(iter(rows))]["weights"]}
     for weight, metrics in summary.items():
         cells = [
