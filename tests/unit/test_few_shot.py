@@ -115,6 +115,7 @@ def test_leave_one_out_from_a_few_images_scores_their_jittered_views() -> None:
     calibration = detector.calibration
     assert calibration is not None and calibration.method == "leave_one_out"
     assert calibration.tail_spread == 1.0  # the spread was measured on full-size fits only
+    assert detector.engine.scorer.edge_profile is None  # nor a profile from three images
     # Four jittered views of each of the three images, each against the others' views only.
     assert len(calibration.good_scores) == 3 * 4
     in_bank = detector.predict(train)

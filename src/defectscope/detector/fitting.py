@@ -304,15 +304,11 @@ def fit_from_shards(
         bank, config.scoring, config.features.input_size, parts.features.column_groups
     ).to(device)
 
-    # Leave-one-out scores understate the spread of new images' (see calibration); measured
-    # from 40 images up, so few-shot fits keep their own calibration as it was.
+    # The edge profile and the tail spread (see calibration) were measured from 40 images up:
+    # few-shot fits learn no profile and keep their own calibration as it was.
     few_shot_fit = selection is not None and bool(selection.few_shot)
-    if (
-        plan.method == "leave_one_out"
-        and config.scoring.edge_correction
-        and scorer.groups is None
-        and not few_shot_fit
-    ):
+    learn_edges = config.scoring.edge_correction and scorer.groups is None and not few_shot_fit
+    if plan.method == "leave_one_out" and learn_edges:
         t0 = time.perf_counter()
         sample = leave_one_out_patch_scores(
             scorer, config.batch_size, shards, bank_owner, stand_ins
