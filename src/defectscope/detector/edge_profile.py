@@ -6,8 +6,9 @@ textures most good images had their map's maximum within a patch of the edge (kn
 12 of 12), where it hides small defects inside the image. The profile is learned from the
 leave-one-out patch scores of the training images (good images only): for each of the outer
 `RINGS` rings, the ratio of its high quantile's excess over the inner patches' median to the
-inner patches' own (at least 1, never rising inwards). Scoring divides each edge patch's excess by its ring's factor,
-so a good edge patch reaches the inner ones' tail and a defect at the edge still stands out.
+inner patches' own (at least 1, never rising inwards). Scoring divides each edge patch's
+excess by its ring's factor, so a good edge patch reaches the inner ones' tail and a defect at
+the edge still stands out.
 """
 
 from __future__ import annotations
