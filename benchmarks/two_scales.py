@@ -41,7 +41,7 @@ from defectscope.experiment import compose
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "recall", "false_alarm_rate")
 
 
-def half_input(size: tuple[int, int], multiple: int = 32, factor: float = 0.5) -> tuple[int, int]:
+def scaled_input(size: tuple[int, int], multiple: int = 32, factor: float = 0.5) -> tuple[int, int]:
     """``factor`` of ``size``, each side a multiple of what the backbone takes (at least 64)."""
     return tuple(max(64, round(side * factor / multiple) * multiple) for side in size)  # type: ignore[return-value]
 
@@ -68,7 +68,7 @@ def run_category(
     full = Detector(compose(None, overrides).detector).fit(train)
     full_s = time.perf_counter() - start
     config = full.config.model_copy(deep=True)
-    config.features.input_size = half_input(
+    config.features.input_size = scaled_input(
         config.features.input_size, full.backbone_input_multiple(), factor
     )
     config.features.half_size_bank = 0.0

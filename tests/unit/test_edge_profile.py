@@ -88,8 +88,9 @@ def test_an_edge_quieter_than_the_inside_is_left_as_it_is() -> None:
         torch.ones(10, 16, 16),  # no spread inside: no unit to compare with
         torch.rand(10, 15, 40),  # too few inner patches: under half of a side
         torch.rand(0, 16, 16),
+        torch.empty(0, 0, 0),  # no calibration image at all: the calibration says why
     ],
-    ids=["constant", "small-grid", "no-images"],
+    ids=["constant", "small-grid", "no-images", "no-grid"],
 )
 def test_no_profile_where_there_is_nothing_to_compare(scores: torch.Tensor) -> None:
     assert learn_edge_profile(scores) is None
@@ -116,8 +117,11 @@ def test_correction_divides_each_edge_patch_excess_by_its_ring_factor() -> None:
 
 
 def test_a_bank_of_passes_takes_no_profile() -> None:
+    passes = scorer(groups=[(0, 2), (2, 4)])
     with pytest.raises(ConfigError, match="one pass"):
-        scorer(groups=[(0, 2), (2, 4)]).set_edge_profile(EdgeProfile((2.0,), 1.0))
+        passes.set_edge_profile(EdgeProfile((2.0,), 1.0))
+    with pytest.raises(ConfigError, match="one pass"):  # nor learns one
+        passes.patch_scores_excluding(torch.randn(1, 4, 3, 3), [torch.tensor([0])])
 
 
 @pytest.mark.parametrize(

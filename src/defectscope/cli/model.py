@@ -201,6 +201,7 @@ def register_fitted(target: Registry, name: str, path: Path | str, data: str) ->
 def print_fit_summary(detector: Detector, path: Path | str) -> None:
     """The fitted model's file, backbone, bank, thresholds and timings as a table on stdout."""
     from defectscope.detector.calibration import threshold_rule
+    from defectscope.detector.edge_profile import edge_profile_summary
 
     assert detector.features is not None  # fitted: the features are built
     info = detector.info
@@ -214,11 +215,9 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
             "half-size bank",
             f"{info.scales['half_bank_size']:,} patches, weight {info.scales['half_weight']:g}",
         )
-    from defectscope.detector.edge_profile import edge_profile_summary
-
-    described = detector.describe()
-    scales = described.get("scales") or {}
-    if edges := edge_profile_summary(described.get("edge_profile"), scales.get("edge_profile")):
+    full = detector.scorer.edge_profile if detector.scorer is not None else None
+    half = (info.scales or {}).get("edge_profile")
+    if edges := edge_profile_summary(full.to_dict() if full else None, half):
         table.add_row("edge profile", edges)
     calibration = detector.calibration
     assert calibration is not None  # fitted: calibrated

@@ -39,7 +39,7 @@ def ring_index(
     xs = torch.arange(w, device=device)
     rows = torch.minimum(ys, h - 1 - ys)[:, None]
     cols = torch.minimum(xs, w - 1 - xs)[None, :]
-    return torch.minimum(torch.minimum(rows, cols), torch.tensor(rings, device=device))
+    return torch.minimum(rows, cols).clamp_(max=rings)
 
 
 @dataclass(frozen=True)

@@ -350,11 +350,10 @@ class AnomalyScorer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As `score_excluding`, plus each pass's own image scores (P, B) for a bank of
         passes (None for one pass)."""
-        b, d, h, w = embeddings.shape
-        queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
-        exclude = GroupExclusion(h * w, own)
-        passes, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
-        return self.maps_and_scores(passes, idx, queries, (h, w))
+        passes, idx, queries = self._search_excluding(embeddings, own, extra)
+        return self.maps_and_scores(
+            passes, idx, queries, (embeddings.shape[2], embeddings.shape[3])
+        )
 
     def patch_scores_excluding(
         self,
@@ -363,12 +362,25 @@ class AnomalyScorer(nn.Module):
         extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """The leave-one-out patch scores (B, h, w) of `score_excluding`, before the edge
-        profile (what `edge_profile.learn_edge_profile` learns from); one pass."""
+        profile (what `edge_profile.learn_edge_profile` learns from); a bank of one pass."""
+        if self.groups is not None:
+            raise ConfigError("leave-one-out patch scores are those of a bank of one pass")
+        [distances], _, _ = self._search_excluding(embeddings, own, extra)
+        return distances.mean(dim=1).reshape(-1, *embeddings.shape[-2:])
+
+    def _search_excluding(
+        self,
+        embeddings: torch.Tensor,
+        own: Sequence[torch.Tensor],
+        extra: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The batched leave-one-out search of (B, D, h, w) embeddings: each pass's distances,
+        the bank indices and the queries (B*h*w, D), as `_search` returns them."""
         b, d, h, w = embeddings.shape
         queries = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
         exclude = GroupExclusion(h * w, own)
-        passes, _ = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
-        return sum_passes([dist.mean(dim=1).reshape(-1, h, w) for dist in passes], None)
+        passes, idx = self._search(queries, exclude=exclude, extra=extra, rows_per_group=h * w)
+        return passes, idx, queries
 
     def maps_and_scores(
         self,
