@@ -167,6 +167,16 @@ def test_several_errors_are_all_reported() -> None:
     assert any(line.startswith("  scoring.k:") for line in lines)
 
 
+def test_edge_correction_is_a_yes_or_no() -> None:
+    assert DetectorConfig().scoring.edge_correction is True
+    off = DetectorConfig.from_dict({"scoring": {"edge_correction": False}})
+    assert off.scoring.edge_correction is False
+    with pytest.raises(
+        ConfigError, match=r"scoring\.edge_correction: Input should be a valid bool"
+    ):
+        DetectorConfig.from_dict({"scoring": {"edge_correction": "maybe"}})
+
+
 def test_validate_assignment_rejects_bad_value() -> None:
     config = DetectorConfig()
     with pytest.raises(ValueError):
