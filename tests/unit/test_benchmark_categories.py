@@ -241,7 +241,8 @@ def test_two_scales_summary_takes_the_worst_of_each_metric_its_own_way() -> None
     # False alarms: the worst is the highest; a metric a category lacks is left out.
     assert summary["false_alarm_rate"]["worst_category"] == "b"
     assert summary["pixel_auroc"] == {"mean": 0.7, "worst": 0.6, "worst_category": "c"}
-    # The half-size input: half of each side, a multiple of the stride, never below 64.
-    assert scales.half_input((320, 320)) == (160, 160)
-    assert scales.half_input((192, 384)) == (96, 192)
-    assert scales.half_input((96, 100)) == (64, 64)
+    # The scaled input: a share of each side, a multiple of the stride, never below 64.
+    assert scales.scaled_input((320, 320)) == (160, 160)
+    assert scales.scaled_input((192, 384)) == (96, 192)
+    assert scales.scaled_input((96, 100)) == (64, 64)
+    assert scales.scaled_input((640, 640), factor=0.25) == (160, 160)
