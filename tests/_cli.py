@@ -15,6 +15,7 @@ from typing import Any
 FAST_OVERRIDES = (
     "detector.features.input_size=[128,128]",
     "detector.coreset.ratio=0.25",
+    "detector.coreset.min_size=null",
     "detector.device=cpu",
     "detector.few_shot.enabled=false",
 )

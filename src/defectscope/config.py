@@ -118,6 +118,14 @@ class CoresetConfig(_Section):
         128, ge=4, description="Random projection used only for selection; None = no projection."
     )
     shard_size: int = Field(16384, ge=256, description="Patches per shard for 'sharded'.")
+    min_size: int | None = Field(
+        5_000,
+        ge=1,
+        description="Lower bound on the bank size whatever ratio gives (every patch where there "
+        "are fewer): a small training set's 2 % leaves textures thinly covered, and the bank "
+        "then depends on the coreset's draw. max_size wins over it; the half-size bank's "
+        "bound is a quarter of it. None = no bound.",
+    )
     max_size: int | None = Field(
         10_000,
         ge=1,

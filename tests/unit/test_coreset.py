@@ -42,8 +42,19 @@ def clustered(
     [(1000, 0.1, 100), (1001, 0.1, 101), (10, 0.01, 1), (5, 1.0, 5), (7, 0.5, 4), (1, 0.1, 1)],
 )
 def test_coreset_size_ratio(n: int, ratio: float, expected: int) -> None:
-    assert coreset_size(n, CoresetConfig(ratio=ratio)) == expected
+    assert coreset_size(n, CoresetConfig(ratio=ratio, min_size=None)) == expected
     assert expected == max(1, min(n, math.ceil(ratio * n)))
+
+
+def test_coreset_size_lower_bound_then_cap() -> None:
+    # A small set keeps at least min_size rows (all of them where there are fewer) ...
+    assert coreset_size(92_160, CoresetConfig()) == 5_000  # 2 % would be 1 844
+    assert coreset_size(3_000, CoresetConfig()) == 3_000
+    assert coreset_size(400_000, CoresetConfig()) == 8_000  # above the bound, the ratio
+    # ... max_size wins over it, and an absolute size ignores it.
+    assert coreset_size(92_160, CoresetConfig(min_size=5_000, max_size=2_000)) == 2_000
+    assert coreset_size(92_160, CoresetConfig(size=100)) == 100
+    assert coreset_size(92_160, CoresetConfig(min_size=None)) == 1_844
 
 
 def test_coreset_size_absolute_overrides_ratio() -> None:
@@ -279,13 +290,15 @@ def test_select_ratio_one_keeps_everything() -> None:
 
 def test_select_random() -> None:
     features = torch.randn(1000, 4)
-    config = CoresetConfig(method="random", ratio=0.05, seed=3)
+    config = CoresetConfig(method="random", ratio=0.05, min_size=None, seed=3)
     chosen = select_coreset(features, config)
     assert chosen.shape == (50,)
     assert torch.equal(chosen, chosen.sort().values)
     assert len(set(chosen.tolist())) == 50
     assert torch.equal(chosen, select_coreset(features, config))
-    other = select_coreset(features, CoresetConfig(method="random", ratio=0.05, seed=4))
+    other = select_coreset(
+        features, CoresetConfig(method="random", ratio=0.05, min_size=None, seed=4)
+    )
     assert not torch.equal(chosen, other)
 
 
@@ -307,7 +320,9 @@ def test_select_greedy_without_projection() -> None:
 
 def test_select_sharded() -> None:
     features = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
-    config = CoresetConfig(method="sharded", ratio=0.02, shard_size=256, projection_dim=None)
+    config = CoresetConfig(
+        method="sharded", ratio=0.02, min_size=None, shard_size=256, projection_dim=None
+    )
     chosen = select_coreset(features, config)
     assert chosen.shape == (40,)
     assert torch.equal(chosen, chosen.sort().values)

@@ -129,6 +129,10 @@ def test_half_scale_config_pools_the_same_input_and_chooses_nothing() -> None:
     assert not half.auto.enabled
     assert half.scoring.smoothing_sigma == 6.0
     assert config.features.input_pooling == 1, "the full-size config is not changed"
+    # A quarter of the patches, a quarter of the bank's lower bound: the same share of them.
+    assert half.coreset.min_size is None
+    default_half = half_scale_config(DetectorConfig())
+    assert default_half.coreset.min_size == 1_250 and DetectorConfig().coreset.min_size == 5_000
 
 
 # ------------------------------------------------------------------------ a fitted model

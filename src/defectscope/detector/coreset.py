@@ -26,6 +26,8 @@ def coreset_size(n_total: int, config: CoresetConfig) -> int:
     if config.method == "none":
         return n_total
     target = config.size if config.size is not None else math.ceil(config.ratio * n_total)
+    if config.size is None and config.min_size is not None:
+        target = max(target, config.min_size)
     if config.max_size is not None:
         target = min(target, config.max_size)
     return max(1, min(n_total, target))

@@ -59,14 +59,17 @@ def uses_half_scale(config: DetectorConfig, n_images: int) -> bool:
 
 def half_scale_config(config: DetectorConfig) -> DetectorConfig:
     """The half-size bank's configuration: the full one's (as auto mode chose it), the input
-    averaged over 2x2 pixels, nothing chosen again, and the blur as wide on the image as the
-    full-size map's is on a map of half the size."""
+    averaged over 2x2 pixels, nothing chosen again, the blur as wide on the image as the
+    full-size map's is on a map of half the size, and a quarter of the bank's lower bound."""
     half = config.model_copy(deep=True)
     half.features.input_pooling = HALF_POOLING
     half.features.half_size_bank = 0.0
     half.auto.enabled = False
     half.auto.known_defects = None
     half.scoring.smoothing_sigma = config.scoring.smoothing_sigma * HALF_POOLING
+    # A quarter of the patches: the same share of them as the full-size bank's lower bound.
+    if config.coreset.min_size is not None:
+        half.coreset.min_size = math.ceil(config.coreset.min_size / HALF_POOLING**2)
     return half
 
 
