@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -246,3 +247,35 @@ def test_two_scales_summary_takes_the_worst_of_each_metric_its_own_way() -> None
     assert scales.scaled_input((192, 384)) == (96, 192)
     assert scales.scaled_input((96, 100)) == (64, 64)
     assert scales.scaled_input((640, 640), factor=0.25) == (160, 160)
+
+
+def test_seed_spread_takes_mean_and_worst_per_seed_over_shared_categories(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_seed_spread", _PATH.with_name("seed_spread.py")
+    )
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+
+    def entry(image: float, alarms: float) -> dict:
+        return {"image_auroc": image, "false_alarm_rate": alarms, "selection": "l2"}
+
+    # Seed 0 also holds a category the other seed lacks: it is left out of both.
+    seed0 = {"a": entry(0.9, 0.0), "b": entry(0.7, 0.04), "only0": entry(0.1, 0.5)}
+    seed1 = {"a": entry(1.0, 0.02), "b": entry(0.8, 0.0)}
+    files = []
+    for number, run in enumerate((seed0, seed1)):
+        path = tmp_path / f"s{number}.json"
+        path.write_text(json.dumps({"categories": run}))
+        files.append(str(path))
+    out = tmp_path / "spread.json"
+    assert spread.main(["--run", "x=" + ",".join(files), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())["x"]
+    assert set(summary["categories"]) == {"a", "b"}
+    first, second = summary["per_seed"]
+    assert first["image_auroc"] == {"mean": 0.8, "worst": 0.7, "worst_category": "b"}
+    # False alarms: the worst is the highest.
+    assert second["false_alarm_rate"]["worst_category"] == "a"
+    over = summary["over_seeds"]["image_auroc"]
+    assert over == {"mean": 0.85, "worst": 0.75, "lowest_worst": 0.7}
+    with pytest.raises(SystemExit):
+        spread.main(["--run", "no-files"])
