@@ -24,28 +24,16 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import by_metric
+
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "recall", "false_alarm_rate")
-HIGHER_IS_WORSE = {"false_alarm_rate"}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per seed and over seeds, the mean and worst of each metric over the shared categories."""
     categories = [c for c in runs[0] if all(c in r for r in runs)]
-    per_seed = []
-    for run in runs:
-        row: dict[str, Any] = {}
-        for metric in METRICS:
-            values = {c: run[c][metric] for c in categories if run[c].get(metric) is not None}
-            if not values:
-                continue
-            pick = max if metric in HIGHER_IS_WORSE else min
-            worst = pick(values, key=values.__getitem__)
-            row[metric] = {
-                "mean": round(float(np.mean(list(values.values()))), 4),
-                "worst": values[worst],
-                "worst_category": worst,
-            }
-        per_seed.append(row)
+    per_seed = [by_metric({c: run[c] for c in categories}, METRICS) for run in runs]
     over = {
         metric: {
             stat: round(float(np.mean([s[metric][stat] for s in per_seed])), 4)

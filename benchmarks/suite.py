@@ -248,6 +248,21 @@ def summarize(rows: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def by_metric(rows: dict[str, dict], metrics: tuple[str, ...]) -> dict[str, dict]:
+    """`summarize`'s mean and worst category, one entry per metric of ``metrics`` that some
+    category has: ``{"mean", "worst", "worst_category"}``."""
+    summary = summarize(rows)
+    return {
+        key: {
+            "mean": summary["mean"][key],
+            "worst": summary["worst"][key]["value"],
+            "worst_category": summary["worst"][key]["category"],
+        }
+        for key in metrics
+        if key in summary["mean"]
+    }
+
+
 def markdown(rows: dict[str, dict], summary: dict[str, dict]) -> str:
     head = (
         "| category | image AUROC | pixel AUROC | AUPRO | F1-max | recall | false alarms "

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite import SHARED, category_roots, write_results
+from suite import SHARED, by_metric, category_roots, write_results
 
 from defectscope.data.datasets import load_mask, open_dataset
 from defectscope.detector.detector import Detector
@@ -127,21 +127,7 @@ def run_category(
 
 def summarize(rows: dict[str, dict], weight: str) -> dict[str, Any]:
     """Mean over categories and the worst category of each metric, for one weight."""
-    out: dict[str, Any] = {}
-    for metric in METRICS:
-        values = {
-            name: row["weights"][weight][metric]
-            for name, row in rows.items()
-            if metric in row["weights"][weight]
-        }
-        pick = max if metric == "false_alarm_rate" else min
-        worst = pick(values, key=values.__getitem__)
-        out[metric] = {
-            "mean": round(float(np.mean(list(values.values()))), 4),
-            "worst": values[worst],
-            "worst_category": worst,
-        }
-    return out
+    return by_metric({name: row["weights"][weight] for name, row in rows.items()}, METRICS)
 
 
 def main() -> None:
