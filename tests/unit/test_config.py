@@ -101,6 +101,8 @@ def test_from_dict_partial_section_keeps_other_defaults() -> None:
         ({"features": {"max_downscale": 20}}, "features.max_downscale"),
         ({"features": {"max_downscale": "big"}}, "features.max_downscale"),
         ({"features": {"padding": "zero"}}, "features.padding"),
+        ({"coreset": {"min_size": 0}}, "coreset.min_size"),
+        ({"coreset": {"min_size": "many"}}, "coreset.min_size"),
         ({"auto": {"reductions": ["mean"]}}, "auto.reductions.0"),
         ({"auto": {"reductions": []}}, "auto.reductions"),
         ({"scoring": {"k": 0}}, "scoring.k"),
