@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from functools import partial
@@ -340,6 +341,51 @@ def test_missing_ray_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(RayUnavailableError, match=r"pip install 'defectscope\[ray\]'"):
         require_ray()
+
+
+def test_ray_data_usage_collection_is_off_unless_the_user_sets_it(monkeypatch) -> None:
+    from defectscope.distributed.cluster import require_ray
+
+    monkeypatch.delenv("RAY_DATA_USAGE_DISABLED", raising=False)
+    require_ray()
+    assert os.environ["RAY_DATA_USAGE_DISABLED"] == "1"
+    monkeypatch.setenv("RAY_DATA_USAGE_DISABLED", "0")
+    require_ray()
+    assert os.environ["RAY_DATA_USAGE_DISABLED"] == "0"
+
+
+def test_join_threads_waits_for_new_threads_up_to_a_deadline() -> None:
+    from defectscope.distributed.cluster import join_threads
+
+    stop = threading.Event()
+    before = threading.enumerate()
+    quick = threading.Thread(target=time.sleep, args=(0.3,), name="quick", daemon=True)
+    stuck = threading.Thread(target=stop.wait, name="stuck", daemon=True)
+    quick.start()
+    stuck.start()
+    started = time.perf_counter()
+    try:
+        left = join_threads(before, timeout_s=1.0)
+        waited = time.perf_counter() - started
+    finally:
+        stop.set()
+    assert not quick.is_alive()
+    assert left == ["stuck"]
+    assert 0.9 < waited < 3.0  # the deadline, not the stuck thread, ended the wait
+    assert join_threads(threading.enumerate(), timeout_s=5.0) == []  # nothing new: no wait
+
+
+def test_ray_predict_leaves_no_thread_of_its_run_behind(cluster, images, local_model) -> None:
+    """Ray may be shut down as soon as the last result is out: no Ray Data thread may be
+    left to reach the core worker after that (Ray ends the process with exit 1 if one does)."""
+    from defectscope.distributed.predict import predict_with_ray
+
+    before = threading.enumerate()
+    results = list(predict_with_ray(local_model[1], images["test"], workers=2, batch_size=2))
+    assert [index for index, _ in results] == list(range(len(images["test"])))
+    unreadable = [r for _, r in results if isinstance(r, ImageLoadError)]
+    assert len(unreadable) == 1
+    assert [t.name for t in threading.enumerate() if t not in before] == []
 
 
 def test_bank_tolerance_is_meaningful(local_model) -> None:

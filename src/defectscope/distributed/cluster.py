@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -19,6 +21,8 @@ from defectscope.errors import DefectscopeError
 RAY_EXTRA_HINT = "pip install 'defectscope[ray]'"
 # A probe, not the connection: long enough for a remote head, short enough to fail fast.
 PROBE_TIMEOUT_S = 5.0
+# How long a finished Ray Data run may take to let its driver threads end (see `join_threads`).
+SETTLE_TIMEOUT_S = 10.0
 
 
 class RayUnavailableError(DefectscopeError):
@@ -27,6 +31,9 @@ class RayUnavailableError(DefectscopeError):
 
 def require_ray() -> ModuleType:
     """The ``ray`` module, or an error that names the extra to install."""
+    # Before Ray Data first runs: its usage collection polls from a driver thread that never
+    # ends, and an inspection line's tool sends no usage data unless the user turns it on.
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     try:
         import ray
     except ImportError:
@@ -34,6 +41,23 @@ def require_ray() -> ModuleType:
             f"the Ray engine needs Ray: {RAY_EXTRA_HINT} (installs ray[data,serve])"
         ) from None
     return ray
+
+
+def join_threads(
+    before: Collection[threading.Thread], timeout_s: float = SETTLE_TIMEOUT_S
+) -> list[str]:
+    """Wait, at most ``timeout_s`` in all, for threads started since ``before`` to end.
+
+    Ray Data's prefetch and batching threads can still be winding down when the last batch
+    arrives; one that reaches the core worker after ``ray.shutdown()`` makes Ray end the whole
+    process with exit 1. Returns the names of those still running at the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    known = set(before) | {threading.current_thread()}
+    for thread in threading.enumerate():
+        if thread not in known:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t not in known and t.is_alive()]
 
 
 def split_host_port(address: str) -> tuple[str, int] | None:

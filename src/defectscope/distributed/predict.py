@@ -22,6 +22,7 @@ import logging
 import math
 import pickle
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 
 from defectscope.detector.prediction import Prediction
 from defectscope.errors import ConfigError, ImageLoadError, ModelFileError
+
+logger = logging.getLogger(__name__)
 
 DATA_ACCESS = ("ship", "shared")
 
@@ -169,7 +172,7 @@ def predict_with_ray(
     Needs a connected Ray (see `cluster.ray_cluster`). ``workers`` actors (default: as many as
     the cluster's CPUs allow) each reserve ``cpus_per_worker`` CPUs and load the model once.
     """
-    from defectscope.distributed.cluster import cluster_cpus, require_ray
+    from defectscope.distributed.cluster import cluster_cpus, join_threads, require_ray
 
     check_data_access(data_access)
     require_ray()
@@ -218,6 +221,7 @@ def predict_with_ray(
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
             num_cpus=cpus_per_worker,
         )
+        threads_before = threading.enumerate()
         for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
             for index, payload in zip(batch["index"], batch["result"], strict=True):
                 index = int(index)
@@ -225,6 +229,10 @@ def predict_with_ray(
             while next_index in results:
                 yield next_index, results.pop(next_index)
                 next_index += 1
+        # The caller may shut Ray down as soon as the last result is out.
+        still_running = join_threads(threads_before)
+        if still_running:
+            logger.debug("Ray Data threads still running: %s", ", ".join(still_running))
     while next_index < len(paths):
         yield next_index, results.pop(next_index)
         next_index += 1
