@@ -266,7 +266,13 @@ class AutoConfig(_Section):
         description="Training images whose features make the candidates' banks (every image of "
         "a smaller set); the fit reuses their backbone pass.",
     )
-    defects_per_image: int = Field(3, ge=1, le=10)
+    defects_per_image: int = Field(
+        6,
+        ge=1,
+        le=10,
+        description="Synthetic defects painted on each held-out image. Fewer let the draw "
+        "decide between close candidates.",
+    )
     known_defects: str | None = Field(
         None,
         description="A folder (searched recursively) or one image of real defective images of "
