@@ -365,7 +365,7 @@ def test_join_threads_waits_for_new_threads_up_to_a_deadline() -> None:
     stuck.start()
     started = time.perf_counter()
     try:
-        left = join_threads(before, timeout_s=1.0)
+        left = join_threads(before, timeout_s=1.0, select=lambda thread: True)
         waited = time.perf_counter() - started
     finally:
         stop.set()
@@ -375,17 +375,47 @@ def test_join_threads_waits_for_new_threads_up_to_a_deadline() -> None:
     assert join_threads(threading.enumerate(), timeout_s=5.0) == []  # nothing new: no wait
 
 
+def test_only_rays_threads_are_waited_for() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from defectscope.distributed.cluster import started_by_ray
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(time.sleep, 0)
+        workers = [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    assert workers and not any(started_by_ray(t) for t in workers)
+    assert not started_by_ray(threading.Thread(target=time.sleep))
+    assert started_by_ray(threading.Thread(target=ray.get))
+    assert issubclass(StreamingExecutor, threading.Thread)
+    assert started_by_ray(StreamingExecutor.__new__(StreamingExecutor))
+
+
 def test_ray_predict_leaves_no_thread_of_its_run_behind(cluster, images, local_model) -> None:
     """Ray may be shut down as soon as the last result is out: no Ray Data thread may be
     left to reach the core worker after that (Ray ends the process with exit 1 if one does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from defectscope.distributed.predict import predict_with_ray
 
     before = threading.enumerate()
-    results = list(predict_with_ray(local_model[1], images["test"], workers=2, batch_size=2))
+    results = []
+    # The caller's own threads, started while results arrive (the CLI writes PNGs in a pool),
+    # are not waited for: the wait must not cost the settle timeout.
+    with ThreadPoolExecutor(1, thread_name_prefix="caller") as pool:
+        run = predict_with_ray(local_model[1], images["test"], workers=2, batch_size=2)
+        for item in run:
+            pool.submit(time.sleep, 0).result()
+            results.append(item)
+            last = time.perf_counter()
+        ended = time.perf_counter() - last
+        left = [t.name for t in threading.enumerate() if t not in before]
+    assert ended < 5.0
     assert [index for index, _ in results] == list(range(len(images["test"])))
     unreadable = [r for _, r in results if isinstance(r, ImageLoadError)]
     assert len(unreadable) == 1
-    assert [t.name for t in threading.enumerate() if t not in before] == []
+    assert all(name.startswith("caller") for name in left), left
 
 
 def test_bank_tolerance_is_meaningful(local_model) -> None:

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -43,10 +43,20 @@ def require_ray() -> ModuleType:
     return ray
 
 
+def started_by_ray(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs Ray's code (its target, or its class for a Thread subclass)."""
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) or type(thread).__module__
+    return module == "ray" or module.startswith("ray.")
+
+
 def join_threads(
-    before: Collection[threading.Thread], timeout_s: float = SETTLE_TIMEOUT_S
+    before: Collection[threading.Thread],
+    timeout_s: float = SETTLE_TIMEOUT_S,
+    select: Callable[[threading.Thread], bool] = started_by_ray,
 ) -> list[str]:
-    """Wait, at most ``timeout_s`` in all, for threads started since ``before`` to end.
+    """Wait, at most ``timeout_s`` in all, for the threads started since ``before`` that
+    ``select`` picks (by default Ray's: the caller's own may rightly outlive the run).
 
     Ray Data's prefetch and batching threads can still be winding down when the last batch
     arrives; one that reaches the core worker after ``ray.shutdown()`` makes Ray end the whole
@@ -54,10 +64,10 @@ def join_threads(
     """
     deadline = time.monotonic() + timeout_s
     known = set(before) | {threading.current_thread()}
-    for thread in threading.enumerate():
-        if thread not in known:
-            thread.join(max(0.0, deadline - time.monotonic()))
-    return [t.name for t in threading.enumerate() if t not in known and t.is_alive()]
+    waited = [t for t in threading.enumerate() if t not in known and select(t)]
+    for thread in waited:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in waited if t.is_alive()]
 
 
 def split_host_port(address: str) -> tuple[str, int] | None:
