@@ -103,6 +103,8 @@ def test_from_dict_partial_section_keeps_other_defaults() -> None:
         ({"features": {"padding": "zero"}}, "features.padding"),
         ({"coreset": {"min_size": 0}}, "coreset.min_size"),
         ({"coreset": {"min_size": "many"}}, "coreset.min_size"),
+        ({"auto": {"defects_per_image": 0}}, "auto.defects_per_image"),
+        ({"auto": {"defects_per_image": 11}}, "auto.defects_per_image"),
         ({"auto": {"reductions": ["mean"]}}, "auto.reductions.0"),
         ({"auto": {"reductions": []}}, "auto.reductions"),
         ({"scoring": {"k": 0}}, "scoring.k"),
