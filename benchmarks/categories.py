@@ -14,6 +14,8 @@ that a detector change that helps one kind and hurts another shows up:
   scratches and hairline cracks (1-3 px);
 * ``strips``: grayscale tile/strip surfaces of varying, non-square sizes with blowholes, breaks,
   cracks, frays and large low-contrast uneven regions;
+* ``wire``: long thin grayscale images of varying size (up to 24:1) with small pits, short
+  scratches and stains;
 * ``knurl_tiny``: 1024x1024 images with 3-8 px spots;
 * ``coated_panel``: large low-contrast blotches, uneven gloss and slight colour shifts;
 * ``gear``: a centred object with pose jitter, missing pieces, contamination and scratches.
@@ -814,6 +816,31 @@ def _steel_dent(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, fl
     return _solid(c, new, depth >= 0.3, 3.0, -1.0), 3.0
 
 
+def _rolled(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    base: float,
+    streak: tuple[float, float],
+    streak_amp: tuple[float, float],
+    grain: tuple[float, float],
+    ramp: tuple[float, float],
+    field_scale: float,
+) -> np.ndarray:
+    """A rolled or ground surface: marks along the rows (``streak`` = blur sigmas across and
+    along), fine grain (sigma, amplitude), a linear ramp and smooth shading."""
+    h, w = shape
+    pad = round(2.5 * streak[1])
+    marks = ndimage.gaussian_filter(_gauss(rng, (h, w + 2 * pad)), streak)[:, pad : pad + w]
+    fine = ndimage.gaussian_filter(_gauss(rng, (h, w)), grain[0])
+    return (
+        base
+        + _normalize(marks) * rng.uniform(*streak_amp)
+        + _normalize(fine) * grain[1]
+        + _ramp((h, w), rng, rng.uniform(*ramp))
+        + 3.0 * _smooth_field((h, w), field_scale, rng)
+    )
+
+
 _STRIP_W = (120, 600)
 _STRIP_H = (250, 280)
 _STRIP_BG = 24.0
@@ -825,15 +852,7 @@ def _good_strip(rng: np.random.Generator) -> _Scene:
     h_mid = _STRIP_H[1] - (w - _STRIP_W[0]) / (_STRIP_W[1] - _STRIP_W[0]) * 30
     h = int(np.clip(round(h_mid + rng.uniform(-8, 8)), *_STRIP_H))
     base = rng.uniform(84, 104)
-    streak = ndimage.gaussian_filter(_gauss(rng, (h, w + 60)), (0.7, 12))[:, 30 : 30 + w]
-    grain = ndimage.gaussian_filter(_gauss(rng, (h, w)), 0.8)
-    surface = (
-        base
-        + _normalize(streak) * rng.uniform(3.0, 5.0)
-        + _normalize(grain) * 2.5
-        + _ramp((h, w), rng, rng.uniform(3, 8))
-        + 3.0 * _smooth_field((h, w), 70, rng)
-    )
+    surface = _rolled(rng, (h, w), base, (0.7, 12), (3.0, 5.0), (0.8, 2.5), (3, 8), 70)
     # The tile's top edge: a dark gap, then a brighter chamfer band.
     xs = np.arange(w, dtype=np.float32)
     edge = rng.uniform(3, 7) + rng.uniform(-1.5, 1.5) * xs / w
@@ -850,20 +869,33 @@ def _good_strip(rng: np.random.Generator) -> _Scene:
     return _Scene(_u8(img), {"edge": edge, "chamfer": chamfer, "background": background})
 
 
-def _strip_blowhole(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    c = scene.image.astype(np.float32)
+def _pits(
+    c: np.ndarray,
+    rng: np.random.Generator,
+    count: int,
+    radii: tuple[float, float],
+    top: float,
+    blur: float,
+    dull: float,
+) -> np.ndarray:
+    """``count`` shaded pits below row ``top``, each dulling (blurring, darkening) its floor."""
     shape = c.shape
-    edge = scene.info["edge"].max() + scene.info["chamfer"]
     new = c
-    for _ in range(int(rng.integers(1, 4))):
-        radius = rng.uniform(2.0, 6.0)
-        cy = rng.uniform(edge + radius + 4, shape[0] - radius - 4)
+    for _ in range(count):
+        radius = rng.uniform(*radii)
+        cy = rng.uniform(top + radius + 4, shape[0] - radius - 4)
         cx = rng.uniform(radius + 4, shape[1] - radius - 4)
         factor, cover = _pit(
             shape, (cy, cx), radius, rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.6)
         )
-        new = _lerp(new, _blur(new, 2.0) * 0.8, cover) * factor
-    return new, 3.0
+        new = _lerp(new, _blur(new, blur) * dull, cover) * factor
+    return new
+
+
+def _strip_blowhole(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    c = scene.image.astype(np.float32)
+    edge = scene.info["edge"].max() + scene.info["chamfer"]
+    return _pits(c, rng, int(rng.integers(1, 4)), (2.0, 6.0), edge, 2.0, 0.8), 3.0
 
 
 def _strip_break(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -941,6 +973,50 @@ def _strip_uneven(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, 
     glossy = rng.random() < 0.5
     base = _lerp(c, _blur(c, 1.5), alpha * 0.6) if glossy else c
     return _solid(c, base + amp * alpha, alpha * abs(amp) >= tol, tol, amp), tol
+
+
+_WIRE_H = (40, 96)
+_WIRE_W = (480, 960)
+
+
+def _good_wire(rng: np.random.Generator) -> _Scene:
+    """A flat-rolled wire seen from above: long and thin, of varying length and width."""
+    h = int(rng.integers(_WIRE_H[0], _WIRE_H[1] + 1))
+    w = int(rng.integers(_WIRE_W[0], _WIRE_W[1] + 1))
+    base = rng.uniform(110, 140)
+    surface = _rolled(rng, (h, w), base, (0.6, 16), (4.0, 7.0), (0.7, 3.0), (4, 10), 40)
+    # Rounded long edges: darker towards both sides of the width.
+    across = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
+    profile = -rng.uniform(16, 24) * across**4
+    return _Scene(_u8(surface + profile[:, None] + _gauss(rng, (h, w), 1.0)))
+
+
+def _wire_pit(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    c = scene.image.astype(np.float32)
+    return _pits(c, rng, int(rng.integers(1, 3)), (1.5, 4.0), 0.0, 1.5, 0.85), 3.0
+
+
+def _wire_scratch(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    c = scene.image.astype(np.float32)
+    h, w = c.shape
+    start = (rng.uniform(0.1, 0.9) * w, rng.uniform(0.25, 0.75) * h)
+    alpha = _crack(
+        c.shape, rng, rng.uniform(15, 50), rng.uniform(0.8, 1.5), roughness=0.1,
+        branches=(0, 0), start=start,
+    )  # fmt: skip
+    return c * (1 - alpha * rng.uniform(0.3, 0.5)), 3.0
+
+
+def _wire_stain(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    c = scene.image.astype(np.float32)
+    h, w = c.shape
+    amp = rng.uniform(8, 14) * rng.choice([-1.0, 1.0])
+    tol = max(2.0, 0.25 * abs(amp))
+    radius = rng.uniform(0.2, 0.4) * h
+    center = (rng.uniform(0.3, 0.7) * h, rng.uniform(radius + 4, w - radius - 4))
+    # A soft-edged blob: the tolerance contour lies inside its ramp.
+    alpha = _blob(c.shape, center, radius, rng, irregular=0.3, soft=radius * 0.6, aspect=1.6)
+    return _solid(c, c + amp * alpha, alpha * abs(amp) >= tol, tol, amp), tol
 
 
 _KNURL = 1024
@@ -1322,6 +1398,22 @@ CATEGORIES: dict[str, CategorySpec] = {
                 "crack": (10, _strip_crack),
                 "fray": (10, _strip_fray),
                 "uneven": (10, _strip_uneven),
+            },
+        ),
+        _spec(
+            "wire",
+            "surface",
+            "surface, grayscale, long and thin of varying size (W 480-960 x H 40-96): "
+            "flat-rolled wire; small pits, short scratches, low-contrast stains",
+            False,
+            "W 480-960 x H 40-96",
+            100,
+            25,
+            _good_wire,
+            {
+                "pit": (10, _wire_pit),
+                "scratch": (10, _wire_scratch),
+                "stain": (10, _wire_stain),
             },
         ),
         _spec(

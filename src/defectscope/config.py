@@ -60,10 +60,10 @@ class FeatureConfig(_Section):
         1.6,
         ge=1.0,
         le=16.0,
-        description="With aspect='auto': the input's short side is at least the images' short "
-        "side divided by this (within large_image_scale), so 512 px images are fed at 320 and "
-        "small defects keep a few patches. None: only images of at least 3x the input's short "
-        "side get a larger one.",
+        description="With aspect='auto': the input grows (within large_image_scale) until the "
+        "median image is shrunk at most this much (by its short side when stretched, by its fit "
+        "in the canvas when padded), so 512 px images are fed at 320 and small defects keep a "
+        "few patches. None: only images shrunk at least 3x get a larger input.",
     )
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."

@@ -43,7 +43,7 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 
 
 def test_categories_cover_the_failure_kinds() -> None:
-    assert 6 <= len(cat.CATEGORIES) <= 8
+    assert 6 <= len(cat.CATEGORIES) <= 9
     kinds = {spec.kind for spec in cat.CATEGORIES.values()}
     assert {"texture", "surface", "object"} <= kinds
     assert {True, False} == {spec.color for spec in cat.CATEGORIES.values()}
@@ -279,3 +279,11 @@ def test_seed_spread_takes_mean_and_worst_per_seed_over_shared_categories(tmp_pa
     assert over == {"mean": 0.85, "worst": 0.75, "lowest_worst": 0.7}
     with pytest.raises(SystemExit):
         spread.main(["--run", "no-files"])
+
+
+def test_wire_images_are_long_thin_and_vary_in_size() -> None:
+    sizes = {cat.make_sample("wire", "good", i, split="train").image.shape for i in range(8)}
+    assert len(sizes) >= 6
+    for height, width in sizes:
+        assert 40 <= height <= 96 and 480 <= width <= 960
+        assert width / height >= 5

@@ -76,11 +76,48 @@ def test_a_few_panoramas_do_not_shrink_the_other_images() -> None:
 
 
 def test_portrait_and_landscape_mixed_keep_a_square_canvas() -> None:
-    config = _config(aspect="auto", input_size=[256, 256])
+    config = _config(aspect="auto", input_size=[256, 256], max_downscale=None)
     out = resolve_geometry([(300, 500), (500, 300), (400, 400)] * 3, config)
     assert config.features.aspect == "pad"
     assert config.features.input_size == (256, 256)
     assert "box" not in out["reason"]
+
+
+def test_long_thin_images_of_varying_length_get_a_canvas_of_their_shape() -> None:
+    # 40-90 px tall, 500-900 px long: a box spreads their scales about as much as a square
+    # does, but a square would feed each as a strip a tenth of its height.
+    rng = np.random.default_rng(0)
+    sizes = [(int(rng.integers(40, 91)), int(rng.integers(500, 901))) for _ in range(30)]
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry(sizes, config)
+    height, width = config.features.input_size
+    assert config.features.aspect == "pad" and "box" in out["reason"]
+    assert width / height >= 6
+    assert 0.75 <= height * width / 256**2 <= 1.25
+    boxed = Preprocessor((height, width), (0, 0, 0), (1, 1, 1), "pad")
+    square = Preprocessor((256, 256), (0, 0, 0), (1, 1, 1), "pad")
+    median_h = float(np.median([h for h, _ in sizes]))
+
+    def fed_height(preprocessor: Preprocessor) -> float:
+        return float(np.median([preprocessor.content_box(h, w).height for h, w in sizes]))
+
+    # The median image keeps most of its height in the box, about a third in a square.
+    assert fed_height(boxed) >= 0.6 * median_h
+    assert fed_height(square) <= 0.4 * median_h
+
+
+def test_padded_images_limited_by_their_length_get_a_larger_input() -> None:
+    # Short sides of 300 px, but a square canvas of 256 shrinks each 1500 px long side 5.9x:
+    # the input grows as for 1500 px images, within large_image_scale.
+    sizes = [(300, 1500), (1500, 300), (600, 600)] * 3
+    config = _config(aspect="auto", input_size=[256, 256])
+    out = resolve_geometry(sizes, config)
+    assert config.features.aspect == "pad" and "box" not in out["reason"]
+    assert config.features.input_size == (512, 512)
+    assert "large images (shrunk 5.86x" in out["reason"]
+    config = _config(aspect="auto", input_size=[256, 256], large_image_scale=1.0)
+    resolve_geometry(sizes, config)
+    assert config.features.input_size == (256, 256)
 
 
 def test_one_elongated_shape_gets_an_input_of_that_shape() -> None:

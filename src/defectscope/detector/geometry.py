@@ -56,17 +56,30 @@ def scale_spread(sizes: Sequence[tuple[int, int]], ratio: float) -> float:
     return float(high / low)
 
 
+def median_scale(sizes: Sequence[tuple[int, int]], height: float, width: float) -> float:
+    """The median image's scale when ``sizes`` are padded into a ``height`` x ``width`` canvas."""
+    return float(np.median([min(height / h, width / w) for h, w in sizes]))
+
+
 def canvas_ratio(sizes: Sequence[tuple[int, int]]) -> float:
     """Width/height of the padded canvas for images of ``sizes``: the box most of them fit in
     (95th percentile of widths over that of heights) if it shrinks them more evenly than a
-    square does, else 1. Scales a few times apart in one bank make the same surface look
-    different, and a square shrinks a long image far more than a short one."""
+    square does, or as evenly but far less, else 1. Scales a few times apart in one bank make
+    the same surface look different, and a square shrinks a long image far more than a short
+    one; long thin images of any length a square would feed as a sliver of its height."""
     box = float(np.percentile([w for _, w in sizes], 95)) / float(
         np.percentile([h for h, _ in sizes], 95)
     )
-    if max(box, 1 / box) < 1.25 or scale_spread(sizes, box) > 0.8 * scale_spread(sizes, 1.0):
+    if max(box, 1 / box) < 1.25:
         return 1.0
-    return box
+    box_spread, square_spread = scale_spread(sizes, box), scale_spread(sizes, 1.0)
+    if box_spread <= 0.8 * square_spread:
+        return box
+    # Canvases of equal area: at least 1.5x the resolution for at most 1.25x the spread.
+    sharper = median_scale(sizes, 1 / math.sqrt(box), math.sqrt(box)) >= 1.5 * median_scale(
+        sizes, 1.0, 1.0
+    )
+    return box if sharper and box_spread <= 1.25 * square_spread else 1.0
 
 
 def resolve_geometry(
@@ -105,20 +118,28 @@ def resolve_geometry(
             reasons.append(f"all images {ratio:.2f}:1, stretch to that shape")
         else:
             reasons.append("one shape, near square: stretch")
-    short_side = float(np.median([min(h, w) for h, w in sizes]))
+    # How much the configured input shrinks the median image: by its short side when
+    # stretched, by its fit in the canvas when padded (a long image in a square is limited by
+    # its length).
+    if features.aspect == "pad":
+        shrink = 1.0 / median_scale(sizes, *features.input_size)
+    else:
+        shrink = float(np.median([min(h, w) for h, w in sizes])) / min(features.input_size)
     # Large images: a larger input keeps small defects a few patches wide, graded by how much
     # the images would shrink (max_downscale); without it, only from 3x the input.
     if features.max_downscale is None:
-        wanted = features.large_image_scale if short_side >= 3 * min(features.input_size) else 1
+        wanted = features.large_image_scale if shrink >= 3 else 1
     else:
-        wanted = short_side / features.max_downscale / min(features.input_size)
+        wanted = shrink / features.max_downscale
     factor = min(features.large_image_scale, wanted)
     height, width = (
         min(2048, round(side * factor / multiple) * multiple) for side in features.input_size
     )
     if min(height, width) > min(features.input_size):
         features.input_size = (height, width)
-        reasons.append(f"large images (short side {short_side:.0f} px): input x{factor:.2f}")
+        reasons.append(
+            f"large images (shrunk {shrink:.2f}x at the configured input): input x{factor:.2f}"
+        )
     height, width = features.input_size
     out.update(aspect=features.aspect, input_size=[height, width])
     out["reason"] = "; ".join(reasons) + f"; input {height}x{width}"
