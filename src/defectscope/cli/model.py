@@ -242,6 +242,14 @@ def print_fit_summary(detector: Detector, path: Path | str) -> None:
             table.add_row("geometry", selection["geometry"]["reason"])
     if info.training.skipped:
         table.add_row("skipped", f"{len(info.training.skipped)} unreadable images")
+    if suspects := info.training.suspects:
+        named = ", ".join(f"{Path(s['name']).name} ({s['score']:.3g})" for s in suspects[:5])
+        more = f" and {len(suspects) - 5} more" if len(suspects) > 5 else ""
+        table.add_row(
+            "suspects",
+            f"{len(suspects)} training images score far above the others, like defects; the "
+            f"thresholds leave them out. Check them: {named}{more} (inspect lists all)",
+        )
     out.print(table)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.detector.suspects import without_outliers
 from defectscope.errors import DefectscopeError
 
 # `Calibration.threshold_source` of thresholds set by the fit's own rule (not by a person).
@@ -136,10 +137,11 @@ def small_sample_factor(n: int, rate: float) -> float:
 
 
 def spread_quantile(values: np.ndarray | list[float], q: float, tail_spread: float) -> float:
-    """The q quantile of ``values`` (rounded up to an observed value), its distance above the
-    median multiplied by ``tail_spread`` and, for too few values to reach q, by
-    `small_sample_factor` (``tail_spread`` 1: the quantile itself)."""
-    values = np.asarray(values, dtype=np.float64)
+    """The q quantile of ``values`` within the outlier fence (`suspects`; rounded up to an
+    observed value), its distance above the median multiplied by ``tail_spread`` and, for too
+    few values to reach q, by `small_sample_factor` (``tail_spread`` 1: the quantile itself)."""
+    # Gross outliers (defective images among the good ones) would move the quantile with them.
+    values = without_outliers(values)
     quantile = float(np.quantile(values, q, method="higher"))
     if tail_spread == 1.0:
         return quantile

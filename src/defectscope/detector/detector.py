@@ -39,6 +39,7 @@ from defectscope.detector.reference import pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.detector.shards import FitShard, ShardStore
+from defectscope.detector.suspects import suspect_images
 from defectscope.errors import (
     DefectscopeError,
     ImageLoadError,
@@ -77,6 +78,7 @@ class Detector:
         self._selection: SelectionResult | None = None
         self._prepared = PreparedMaps()
         self._requested_features: FeatureConfig | None = None
+        self._calibration_names: list[str] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -276,9 +278,8 @@ class Detector:
         return self
 
     def half_scale_detector(self, n_images: int) -> Detector | None:
-        """An unfitted detector for the half-size bank of this (prepared or fitted) detector's
-        configuration, sharing its backbone; None where the configuration asks for one bank
-        (`defectscope.detector.scales.uses_half_scale`)."""
+        """An unfitted detector for the half-size bank of this detector's configuration, sharing
+        its backbone; None where it asks for one bank (`scales.uses_half_scale`)."""
         if not scales.uses_half_scale(self.config, n_images):
             return None
         half = Detector(scales.half_scale_config(self.config))
@@ -298,6 +299,9 @@ class Detector:
         )
         self.engine = TorchEngine(self.feature_parts(), self._fitted_scorer, joined)
         self.calibration = calibration
+        self.info.training.suspects = suspect_images(
+            calibration.good_scores, self._calibration_names
+        )
         self.info.scales = record
         self.info.timings["half_scale_s"] = round(half.info.timings.get("total_s", 0.0), 4)
 
@@ -336,6 +340,7 @@ class Detector:
         self.engine = TorchEngine(self.feature_parts(), result.scorer)
         self.calibration = result.calibration
         self.info = result.info
+        self._calibration_names = result.calibration_names
 
     # ---------------------------------------------------------------- predict
     @torch.inference_mode()

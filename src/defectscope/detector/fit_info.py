@@ -23,6 +23,8 @@ class TrainingInfo:
     n_chunks: int = 1
     n_candidates: int = 0
     n_calibration: int = 0
+    # Training images whose out-of-sample score is a gross outlier (`detector.suspects`).
+    suspects: list[dict[str, Any]] = field(default_factory=list)
     engine: dict[str, Any] | None = None
 
 

@@ -38,7 +38,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +49,7 @@ from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import LoadedImage, iter_loaded
 from defectscope.detector import few_shot
-from defectscope.detector.calibration import Calibration, calibrate
+from defectscope.detector.calibration import Calibration, calibrate, spread_quantile
 from defectscope.detector.coreset import choose_coreset, select_coreset
 from defectscope.detector.edge_profile import SAMPLE_IMAGES, learn_edge_profile
 from defectscope.detector.fit_info import FitInfo, TrainingInfo
@@ -62,6 +62,7 @@ from defectscope.detector.reference import compute_reference, pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult
 from defectscope.detector.shards import FitShard, read_rows
+from defectscope.detector.suspects import calibration_names, suspect_images
 from defectscope.errors import DefectscopeError
 
 
@@ -252,6 +253,7 @@ class FitResult:
     scorer: AnomalyScorer
     calibration: Calibration
     info: FitInfo
+    calibration_names: list[str] = field(default_factory=list)  # in the order of its scores
 
 
 def fit_from_shards(
@@ -373,7 +375,9 @@ def fit_from_shards(
         timings["selection_s"] = selection.seconds
     info.timings = {k: round(v, 4) for k, v in timings.items()}
     info.reference = reference
-    return FitResult(scorer, calibration, info)
+    scored = calibration_names(shards) if plan.method == "leave_one_out" else []
+    info.training.suspects = suspect_images(calibration.good_scores, scored)
+    return FitResult(scorer, calibration, info, scored)
 
 
 def check_coverage(shards: Sequence[FitShard], plan: FitPlan) -> None:
@@ -488,7 +492,7 @@ def weigh_passes(
     if scorer.groups is None or pass_scores is None:
         return None
     q = 1.0 - false_alarm_rate
-    thresholds = [float(np.quantile(row, q, method="higher")) for row in pass_scores]
+    thresholds = [spread_quantile(row, q, 1.0) for row in pass_scores]
     # A pass whose good scores are all zero (identical images) has no unit: it counts as is.
     weights = [1.0 / t if t > 0 and np.isfinite(t) else 1.0 for t in thresholds]
     scorer.set_score_weights(weights)
