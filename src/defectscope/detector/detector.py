@@ -287,8 +287,7 @@ class Detector:
         return half
 
     def join_half_scale(self, half: Detector) -> None:
-        """Add ``half`` (fitted on the same images, `half_scale_detector`) as this detector's
-        half-size bank (`defectscope.detector.scales.join_scales`)."""
+        """Add ``half`` (`half_scale_detector`, fitted alike) as the half-size bank."""
         weight = self.config.features.half_size_bank
         joined, calibration, record = scales.join_scales(
             weight,
@@ -299,9 +298,8 @@ class Detector:
         )
         self.engine = TorchEngine(self.feature_parts(), self._fitted_scorer, joined)
         self.calibration = calibration
-        self.info.training.suspects = suspect_images(
-            calibration.good_scores, self._calibration_names
-        )
+        names = self._calibration_names  # the suspects of the joined scores
+        self.info.training.suspects = suspect_images(calibration.good_scores, names)
         self.info.scales = record
         self.info.timings["half_scale_s"] = round(half.info.timings.get("total_s", 0.0), 4)
 
