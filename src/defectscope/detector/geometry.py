@@ -47,18 +47,21 @@ def shaped_input(area: int, ratio: float, multiple: int) -> tuple[int, int]:
     )
 
 
+def image_scales(sizes: Sequence[tuple[int, int]], height: float, width: float) -> np.ndarray:
+    """Each image's scale when ``sizes`` are padded into a ``height`` x ``width`` canvas."""
+    return np.array([min(height / h, width / w) for h, w in sizes])
+
+
 def scale_spread(sizes: Sequence[tuple[int, int]], ratio: float) -> float:
     """How unevenly a padded canvas of width/height ``ratio`` shrinks ``sizes``: the 90th over
     the 10th percentile of each image's scale (rare outliers do not count)."""
-    height, width = 1.0, ratio
-    scales = [min(height / h, width / w) for h, w in sizes]
-    low, high = np.percentile(scales, [10, 90])
+    low, high = np.percentile(image_scales(sizes, 1.0, ratio), [10, 90])
     return float(high / low)
 
 
 def median_scale(sizes: Sequence[tuple[int, int]], height: float, width: float) -> float:
     """The median image's scale when ``sizes`` are padded into a ``height`` x ``width`` canvas."""
-    return float(np.median([min(height / h, width / w) for h, w in sizes]))
+    return float(np.median(image_scales(sizes, height, width)))
 
 
 def canvas_ratio(sizes: Sequence[tuple[int, int]]) -> float:
