@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,6 +75,14 @@ class FeatureConfig(_Section):
     )
     embedding_dim: int | None = Field(
         None, ge=8, description="Reduce patch features to this many dims (adaptive pooling)."
+    )
+    layer_weights: list[Annotated[float, Field(gt=0.0, le=1e6)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="Multiply each backbone layer's patch vectors by these weights, one per "
+        "layer, after normalisation. Auto mode's raw_balanced candidate sets them so that "
+        "every layer has one mean norm on the training images.",
     )
     half_scale: bool = Field(
         False,
@@ -237,11 +245,13 @@ class AutoConfig(_Section):
         description="Choose the feature aggregation at fit time from synthetic defects painted "
         "on held-out good images (see defectscope.detector.selection).",
     )
-    candidates: list[Literal["raw", "l2", "raw_pool3", "l2_pool3"]] = Field(
-        ["l2", "raw"],
+    candidates: list[Literal["raw", "l2", "raw_pool3", "l2_pool3", "raw_balanced"]] = Field(
+        ["l2", "raw_balanced"],
         min_length=1,
         description="Candidates in order of preference: a later one must win by a margin. "
-        "The pooled ones are off by default: they chose worse on the benchmark.",
+        "'raw_balanced' is raw features with each layer at one mean norm (features."
+        "layer_weights); plain 'raw' and the pooled ones are off by default: they chose worse "
+        "on the benchmark.",
     )
     reductions: list[Literal["max", "topk_mean"]] = Field(
         ["max"],

@@ -62,6 +62,7 @@ class FeatureParts:
             config.embedding_dim,
             config.normalize,
             config.half_scale,
+            config.layer_weights,
         ).to(device)
         half = half_precision and device.type == "cuda"
         if half:

@@ -27,6 +27,13 @@ import torch
 from defectscope.config import DetectorConfig
 from defectscope.data.io import ImageInput
 from defectscope.data.loading import iter_loaded
+from defectscope.detector.candidates import (
+    CANDIDATES,
+    REDUCTIONS,
+    Candidate,
+    balancing_weights,
+    reduce_maps,
+)
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.geometry import probe_size, resolve_geometry
 from defectscope.detector.parts import FeatureParts, input_multiple
@@ -35,49 +42,6 @@ from defectscope.detector.ranking import auroc
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.features.backbones import FeatureBackbone
 from defectscope.features.patches import PatchFeatures
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way to aggregate the backbone's layer maps into patch embeddings."""
-
-    name: str
-    normalize: str
-    neighbourhood: int
-    description: str
-
-    def features(self, backbone: Any, embedding_dim: int | None) -> PatchFeatures:
-        """The patch-feature module this candidate stands for, on a shared backbone."""
-        return PatchFeatures(backbone, self.neighbourhood, embedding_dim, self.normalize)
-
-    def apply(self, config: DetectorConfig) -> None:
-        config.features.normalize = self.normalize  # type: ignore[assignment]
-        config.features.neighbourhood = self.neighbourhood
-
-
-CANDIDATES: dict[str, Candidate] = {
-    c.name: c
-    for c in (
-        Candidate("raw", "none", 1, "raw layer features: keeps activation strength"),
-        Candidate("l2", "l2", 1, "unit-length layer features: layers weigh equally"),
-        Candidate("raw_pool3", "none", 3, "raw features averaged over 3x3 patches"),
-        Candidate("l2_pool3", "l2", 3, "unit-length features averaged over 3x3 patches"),
-    )
-}
-REDUCTIONS = {
-    "max": "",
-    "topk_mean": "; image score: mean of the top-scoring pixels, not the single highest",
-}
-
-
-def reduce_maps(maps: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:
-    """Image scores of anomaly maps (B, H, W) by ``reduction``, as `AnomalyScorer` reduces."""
-    flat = maps.flatten(1).float()
-    if reduction == "max":
-        return flat.amax(dim=1)
-    k = max(1, math.ceil(topk_fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
-
 
 # A later candidate must beat the one kept so far by this much to be chosen: differences
 # measured on a few dozen synthetic defects below it are noise.
@@ -237,6 +201,7 @@ def select_configuration(
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
     bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
+    weights = balancing_weights(features, bank_maps, config.features.embedding_dim)
 
     def judge(
         defect_images: list[np.ndarray], truths: list[np.ndarray] | None
@@ -250,7 +215,7 @@ def select_configuration(
             rows.extend(
                 _candidate_rows(
                     CANDIDATES[name], features, bank_maps, maps, labels, truths,
-                    config, device, preprocessor,
+                    config, device, preprocessor, weights,
                 )
             )  # fmt: skip
             report(len(sample) + number + 1)
@@ -282,7 +247,7 @@ def select_configuration(
         n_defects = len(defects)
     best = choose(table)
     candidate = CANDIDATES[best["name"].split("+")[0]]
-    candidate.apply(config)
+    candidate.apply(config, weights)
     config.scoring.reduction = best["reduction"]
     if try_half:
         trial = PatchFeatures(
@@ -291,6 +256,7 @@ def select_configuration(
             config.features.embedding_dim,
             candidate.normalize,
             half_scale=True,
+            layer_weights=config.features.layer_weights,
         )
         layers = len(prepared[bank_ids[0]].maps)
         chunks = _chunks(bank_ids, config.batch_size)
@@ -344,6 +310,7 @@ def _candidate_rows(
     config: DetectorConfig,
     device: torch.device,
     preprocessor: Any,
+    weights: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """The table rows of one candidate, one per reduction: its bank from ``bank_maps``, the
     held-out good and defective images (``test_maps``) scored against it. Without ``truths``
@@ -351,7 +318,7 @@ def _candidate_rows(
     AUROC."""
     from defectscope.detector.known_defects import soft_auroc
 
-    trial = candidate.features(features.backbone, config.features.embedding_dim)
+    trial = candidate.features(features.backbone, config.features.embedding_dim, weights)
     full = len(features.backbone.channels)
     t0 = time.perf_counter()
     bank = _bank(trial, bank_maps, config, device)

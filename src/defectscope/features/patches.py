@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectscope.errors import ConfigError
 from defectscope.features.backbones import FeatureBackbone
 
 
@@ -22,6 +25,10 @@ class PatchFeatures(nn.Module):
     With ``half_scale`` the backbone also sees the image at half size, and those layers join each
     patch's features: a view over twice the area, which large low-contrast defects (blotches,
     uneven gloss) need and a patch of the full-size pass cannot see around.
+
+    ``layer_weights`` (one per backbone layer, both passes alike) multiply each layer's vectors
+    after normalisation: raw features with each layer at one mean norm keep the activation
+    strength without letting the layer of larger norm outweigh the other.
     """
 
     def __init__(
@@ -31,8 +38,15 @@ class PatchFeatures(nn.Module):
         embedding_dim: int | None = None,
         normalize: str = "l2",
         half_scale: bool = False,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        if layer_weights is not None and len(layer_weights) != len(backbone.channels):
+            raise ConfigError(
+                f"features.layer_weights has {len(layer_weights)} weights for the backbone's "
+                f"{len(backbone.channels)} layers"
+            )
+        self.layer_weights = None if layer_weights is None else tuple(map(float, layer_weights))
         self.backbone = backbone
         self.neighbourhood = int(neighbourhood)
         self.normalize = normalize
@@ -79,7 +93,7 @@ class PatchFeatures(nn.Module):
         # The finest grid of the full-size pass (half-scale maps, if any, come after its own).
         target = maps[int(torch.tensor(self.backbone.strides).argmin())].shape[-2:]
         parts = []
-        for feature, dim in zip(maps, self.layer_dims, strict=True):
+        for number, (feature, dim) in enumerate(zip(maps, self.layer_dims, strict=True)):
             feature = feature.float()
             if self.neighbourhood > 1:
                 feature = F.avg_pool2d(
@@ -97,5 +111,7 @@ class PatchFeatures(nn.Module):
                 feature = F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
             if self.normalize == "l2":
                 feature = F.normalize(feature, dim=1)
+            if self.layer_weights is not None:
+                feature = feature * self.layer_weights[number % len(self.layer_weights)]
             parts.append(feature)
         return torch.cat(parts, dim=1)
