@@ -7,7 +7,8 @@ A line's folder of "good" parts often holds a few defective ones. For each categ
 k, k defective test images (taken in turn from each defect type, seeded) join the training
 images; the default fit runs on them and is evaluated on the rest of the test split: image
 AUROC, recall and false-alarm rate at the stored threshold, and which training images the fit
-named as suspects (`FitInfo.training.suspects`): how many of the k, and how many good ones.
+named as suspects (`FitInfo.training.suspects`): how many of the k, and how many good ones;
+with ``detector.fit.drop_suspects=true`` also which the fit dropped before fitting again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def run(root: Path, count: int, overrides: list[str], seed: int) -> dict[str, An
     labels = np.array([s.label for s in test])
     flagged = scores >= detector.threshold
     named = {s["name"] for s in detector.info.training.suspects}
+    dropped = {s["name"] for s in detector.info.training.dropped}  # fit.drop_suspects
     return {
         "planted": count,
         "image_auroc": round(image_auroc(labels, scores), 4),
@@ -51,6 +53,8 @@ def run(root: Path, count: int, overrides: list[str], seed: int) -> dict[str, An
         "suspects_planted": len(named & planted_paths),
         "suspects_good": len(named - planted_paths),
         "suspects": detector.info.training.suspects,
+        "dropped_planted": len(dropped & planted_paths),
+        "dropped_good": len(dropped - planted_paths),
         "fit_s": round(fit_s, 2),
     }
 
@@ -71,8 +75,9 @@ def main() -> None:
     roots = category_roots(args.categories.split(","), args.data_root, args.synthetic_root)
     results: dict[str, list[dict[str, Any]]] = {}
     lines = [
-        "| category | planted | image AUROC | recall | false alarms | named (planted / good) |",
-        "|---|---|---|---|---|---|",
+        "| category | planted | image AUROC | recall | false alarms | named (planted / good) "
+        "| dropped (planted / good) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, root in roots.items():
         for count in counts:
@@ -81,7 +86,7 @@ def main() -> None:
             line = (
                 f"| {name} | {count} | {row['image_auroc']:.3f} | {row['recall']:.2f} | "
                 f"{row['false_alarm_rate']:.2f} | {row['suspects_planted']} / "
-                f"{row['suspects_good']} |"
+                f"{row['suspects_good']} | {row['dropped_planted']} / {row['dropped_good']} |"
             )
             lines.append(line)
             print(line, flush=True)

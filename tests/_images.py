@@ -59,3 +59,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def painted(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """A copy with a disc of 15 % of the side, white or a 4 px checkerboard: a gross defect."""
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    cy, cx = (int(rng.integers(s // 4, 3 * s // 4)) for s in (h, w))
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.15 * h) ** 2
+    out = image.copy()
+    checker = np.where(((yy // 4 + xx // 4) % 2 == 0)[..., None], 255, 0)
+    out[disc] = 255 if kind == "white" else checker[disc]
+    return out

@@ -215,6 +215,13 @@ class CalibrationConfig(_Section):
 
 
 class FitConfig(_Section):
+    drop_suspects: bool = Field(
+        False,
+        description="Fit once more without the training images the first fit names as "
+        "suspects (scored far above the others, like defects), so that their patches cannot "
+        "hide defects like them; the model records them under training.dropped. Costs a "
+        "second fit where there are suspects.",
+    )
     chunk_images: int = Field(
         256,
         ge=1,

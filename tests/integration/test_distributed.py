@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from _cli import run_cli as _run_cli
-from _images import FAST_CONFIG, free_port, png, texture_crops, with_defect
+from _images import FAST_CONFIG, free_port, painted, png, texture_crops, with_defect
 
 from defectscope.detector.detector import Detector
 from defectscope.detector.reference import ReferenceStats
@@ -150,6 +150,29 @@ def test_ray_fit_matches_local_fit(cluster, images, local_model) -> None:
         assert relative(ours.score, theirs.score) <= REL_TOL
         assert ours.is_anomalous == theirs.is_anomalous
     assert local.predict(images["test"][1])[0].is_anomalous  # defect.png: a real detector
+
+
+def test_ray_fit_drops_suspects_as_a_local_fit_does(cluster, tmp_path) -> None:
+    from defectscope.distributed.fit import fit_with_ray
+
+    good = []
+    for index, crop in enumerate(texture_crops(24, seed=3)):
+        (path := tmp_path / f"{index:02d}.png").write_bytes(png(crop))
+        good.append(path)
+    painted_paths = []
+    for index, kind in enumerate(["white", "checker"]):
+        image = painted(texture_crops(1, seed=9 + index)[0], kind, seed=index)
+        (path := tmp_path / f"defect_{index}.png").write_bytes(png(image))
+        painted_paths.append(path)
+    config = {**CONFIG, "fit": {"chunk_images": 8, "drop_suspects": True}}
+    fitted = fit_with_ray(config, [*good[:12], *painted_paths, *good[12:]], workers=2)
+    dropped = fitted.info.training.dropped
+    assert sorted(d["name"] for d in dropped) == sorted(str(p) for p in painted_paths)
+    assert sorted(d["index"] for d in dropped) == [12, 13]
+    assert fitted.info.training.n_images == 24 and fitted.config.fit.drop_suspects
+    clean = Detector({**config, "fit": {"chunk_images": 8}}).fit(good)
+    assert relative(fitted.threshold, clean.threshold) <= REL_TOL
+    assert (fitted.memory_bank - clean.memory_bank).abs().max().item() <= BANK_ATOL
 
 
 def test_ray_fit_stops_on_an_unreadable_image_by_default(cluster, images) -> None:

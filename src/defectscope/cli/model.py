@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from defectscope.cli.console import console, out, progress_bars
+from defectscope.cli.fit_summary import print_fit_summary
 from defectscope.cli.options import (
     ConfigOpt,
     DeviceOpt,
@@ -101,6 +102,14 @@ def fit(
             "images (default: on, unless the config sets detector.auto.enabled).",
         ),
     ] = None,
+    drop_suspects: Annotated[
+        bool,
+        typer.Option(
+            "--drop-suspects",
+            help="Fit again without the training images that score like defects "
+            "(detector.fit.drop_suspects).",
+        ),
+    ] = False,
     defects: Annotated[
         str | None,
         typer.Option(
@@ -129,6 +138,8 @@ def fit(
         experiment.detector.auto.enabled = auto
     if defects is not None:
         experiment.detector.auto.known_defects = defects
+    if drop_suspects:
+        experiment.detector.fit.drop_suspects = True
     known = experiment.detector.auto.known_defects
     if known is not None:
         if not experiment.detector.auto.enabled:
@@ -196,61 +207,6 @@ def register_fitted(target: Registry, name: str, path: Path | str, data: str) ->
         return target.register(name, path, lineage={"data": data})
     except DefectscopeError as exc:
         raise RegistryError(f"model saved to {path}, but not registered: {exc}") from None
-
-
-def print_fit_summary(detector: Detector, path: Path | str) -> None:
-    """The fitted model's file, backbone, bank, thresholds and timings as a table on stdout."""
-    from defectscope.detector.calibration import threshold_rule
-    from defectscope.detector.edge_profile import edge_profile_summary
-
-    assert detector.features is not None  # fitted: the features are built
-    info = detector.info
-    timings = info.timings
-    table = Table(title="Model", show_header=False)
-    table.add_row("file", str(path))
-    table.add_row("backbone", detector.features.backbone.name)
-    table.add_row("memory bank", f"{info.bank_size:,} of {info.training.n_patches:,} patches")
-    if info.scales:
-        table.add_row(
-            "half-size bank",
-            f"{info.scales['half_bank_size']:,} patches, weight {info.scales['half_weight']:g}",
-        )
-    full = detector.scorer.edge_profile if detector.scorer is not None else None
-    half = (info.scales or {}).get("edge_profile")
-    if edges := edge_profile_summary(full.to_dict() if full else None, half):
-        table.add_row("edge profile", edges)
-    calibration = detector.calibration
-    assert calibration is not None  # fitted: calibrated
-    table.add_row(
-        "threshold",
-        f"{detector.threshold:.4f} (pixel {detector.pixel_threshold:.4f}; "
-        f"{threshold_rule(calibration.to_dict())})",
-    )
-    table.add_row(
-        "fit time",
-        f"{timings['total_s']:.1f} s ("
-        + (f"choosing {timings['selection_s']:.1f}, " if "selection_s" in timings else "")
-        + f"features {timings['features_s']:.1f}, coreset {timings['coreset_s']:.1f}, "
-        f"calibration {timings['calibration_s']:.1f}"
-        + (f", half-size bank {timings['half_scale_s']:.1f}" if "half_scale_s" in timings else "")
-        + ")",
-    )
-    selection = info.selection or {}
-    if selection:
-        table.add_row("configuration", selection["reason"])
-        if selection.get("geometry", {}).get("reason"):
-            table.add_row("geometry", selection["geometry"]["reason"])
-    if info.training.skipped:
-        table.add_row("skipped", f"{len(info.training.skipped)} unreadable images")
-    if suspects := info.training.suspects:
-        named = ", ".join(f"{Path(s['name']).name} ({s['score']:.3g})" for s in suspects[:5])
-        more = f" and {len(suspects) - 5} more" if len(suspects) > 5 else ""
-        table.add_row(
-            "suspects",
-            f"{len(suspects)} training images score far above the others, like defects; the "
-            f"thresholds leave them out. Check them: {named}{more} (inspect lists all)",
-        )
-    out.print(table)
 
 
 def evaluate(

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,11 +35,11 @@ from defectscope.detector.persistence import model_description, restore_engine
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.prediction import Prediction
 from defectscope.detector.progress import ProgressFn, with_stage_prefix
-from defectscope.detector.reference import pool_embeddings
+from defectscope.detector.reference import PooledEmbeddings, embed_pooled
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.detector.shards import FitShard, ShardStore
-from defectscope.detector.suspects import suspect_images
+from defectscope.detector.suspects import WithoutImages, dropped_indices, suspect_images
 from defectscope.errors import (
     DefectscopeError,
     ImageLoadError,
@@ -52,13 +52,6 @@ from defectscope.features.preprocess import Preprocessor
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-class PooledEmbeddings(NamedTuple):
-    """Per-image pooled embeddings (N, D), as in the drift reference, and image scores (N,)."""
-
-    embeddings: np.ndarray
-    scores: np.ndarray
 
 
 class Detector:
@@ -78,7 +71,7 @@ class Detector:
         self._selection: SelectionResult | None = None
         self._prepared = PreparedMaps()
         self._requested_features: FeatureConfig | None = None
-        self._calibration_names: list[str] = []
+        self._calibration_images: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -274,6 +267,15 @@ class Detector:
         if half is not None:
             half.fit(images, on_error=on_error, progress=with_stage_prefix(progress, "half-size "))
             self.join_half_scale(half)
+        if self.config.fit.drop_suspects and (drop := dropped_indices(self.info.training.suspects)):
+            dropped, self.config.fit.drop_suspects = self.info.training.suspects, False
+            kept = WithoutImages(images, drop)
+            try:  # once: the second fit's own suspects are named, not dropped
+                self.fit(kept, on_error=on_error, progress=progress)
+            finally:
+                self.config.fit.drop_suspects = True
+            kept.renumber(self.info.training.suspects)
+            self.info.training.dropped = dropped
         self.info.timings["total_s"] = round(time.perf_counter() - start, 4)
         return self
 
@@ -298,8 +300,8 @@ class Detector:
         )
         self.engine = TorchEngine(self.feature_parts(), self._fitted_scorer, joined)
         self.calibration = calibration
-        names = self._calibration_names  # the suspects of the joined scores
-        self.info.training.suspects = suspect_images(calibration.good_scores, names)
+        scored = self._calibration_images  # the suspects of the joined scores
+        self.info.training.suspects = suspect_images(calibration.good_scores, scored)
         self.info.scales = record
         self.info.timings["half_scale_s"] = round(half.info.timings.get("total_s", 0.0), 4)
 
@@ -338,7 +340,7 @@ class Detector:
         self.engine = TorchEngine(self.feature_parts(), result.scorer)
         self.calibration = result.calibration
         self.info = result.info
-        self._calibration_names = result.calibration_names
+        self._calibration_images = result.calibration_images
 
     # ---------------------------------------------------------------- predict
     @torch.inference_mode()
@@ -359,27 +361,12 @@ class Detector:
         ImageLoadError."""
         self._require_fitted()
         self._require_torch()
-        engine = cast("TorchEngine", self.engine)
-        images = list(images)
-        pooled: list[np.ndarray] = []
-        scores: list[np.ndarray] = []
-        done = 0
-        for batch in iter_loaded(images, batch_size or self.config.batch_size):
-            for item in batch:
-                if item.error is not None:
-                    raise item.error
-            # No error left: every LoadedImage of the batch holds its image.
-            arrays = [item.image for item in batch if item.image is not None]
-            _, batch_scores, embeddings = engine.score_and_embed(self._fitted_preprocessor(arrays))
-            pooled.append(pool_embeddings(embeddings))
-            scores.append(batch_scores.float().cpu().numpy())
-            done += len(batch)
-            if progress:
-                progress("predict", done, len(images))
-        dim = self._fitted_scorer.bank.shape[1]
-        features = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
-        return PooledEmbeddings(
-            features, np.concatenate(scores) if scores else np.empty(0, np.float32)
+        return embed_pooled(
+            cast("TorchEngine", self.engine),
+            self._fitted_preprocessor,
+            list(images),
+            batch_size or self.config.batch_size,
+            progress,
         )
 
     def iter_predict(

@@ -25,6 +25,8 @@ class TrainingInfo:
     n_calibration: int = 0
     # Training images whose out-of-sample score is a gross outlier (`detector.suspects`).
     suspects: list[dict[str, Any]] = field(default_factory=list)
+    # Suspects of a first fit that `fit.drop_suspects` left out of this one.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
     engine: dict[str, Any] | None = None
 
 

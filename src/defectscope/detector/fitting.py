@@ -62,7 +62,7 @@ from defectscope.detector.reference import compute_reference, pool_embeddings
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult
 from defectscope.detector.shards import FitShard, read_rows
-from defectscope.detector.suspects import calibration_names, suspect_images
+from defectscope.detector.suspects import calibration_images, suspect_images
 from defectscope.errors import DefectscopeError
 
 
@@ -253,7 +253,7 @@ class FitResult:
     scorer: AnomalyScorer
     calibration: Calibration
     info: FitInfo
-    calibration_names: list[str] = field(default_factory=list)  # in the order of its scores
+    calibration_images: list[tuple[int, str]] = field(default_factory=list)  # (index, name)
 
 
 def fit_from_shards(
@@ -375,7 +375,7 @@ def fit_from_shards(
         timings["selection_s"] = selection.seconds
     info.timings = {k: round(v, 4) for k, v in timings.items()}
     info.reference = reference
-    scored = calibration_names(shards) if plan.method == "leave_one_out" else []
+    scored = calibration_images(shards) if plan.method == "leave_one_out" else []
     info.training.suspects = suspect_images(calibration.good_scores, scored)
     return FitResult(scorer, calibration, info, scored)
 

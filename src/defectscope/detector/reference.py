@@ -26,8 +26,9 @@ before it existed use ``DEFAULT_EFFECT_FLOOR``.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -166,3 +167,42 @@ def reference_summary(embeddings: torch.Tensor, seed: int = 0) -> dict[str, Any]
     if embeddings.ndim != 4 or embeddings.shape[0] < 2:
         return None
     return compute_reference(pool_embeddings(embeddings), seed=seed).to_dict()
+
+
+class PooledEmbeddings(NamedTuple):
+    """Per-image pooled embeddings (N, D), as in the drift reference, and image scores (N,)."""
+
+    embeddings: np.ndarray
+    scores: np.ndarray
+
+
+@torch.inference_mode()
+def embed_pooled(
+    engine: Any,
+    preprocessor: Any,
+    images: list[Any],
+    batch_size: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PooledEmbeddings:
+    """Pooled embeddings and image scores of ``images`` through a fitted ``engine`` (a
+    `TorchEngine`) in one forward pass per batch; an unreadable image raises its error."""
+    from defectscope.data.loading import iter_loaded
+
+    pooled: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    done = 0
+    for batch in iter_loaded(images, batch_size):
+        for item in batch:
+            if item.error is not None:
+                raise item.error
+        # No error left: every LoadedImage of the batch holds its image.
+        arrays = [item.image for item in batch if item.image is not None]
+        _, batch_scores, embeddings = engine.score_and_embed(preprocessor(arrays))
+        pooled.append(pool_embeddings(embeddings))
+        scores.append(batch_scores.float().cpu().numpy())
+        done += len(batch)
+        if progress:
+            progress("predict", done, len(images))
+    dim = engine.scorer.bank.shape[1]
+    features = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
+    return PooledEmbeddings(features, np.concatenate(scores) if scores else np.empty(0, np.float32))

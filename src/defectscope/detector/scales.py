@@ -66,6 +66,7 @@ def half_scale_config(config: DetectorConfig) -> DetectorConfig:
     half.features.half_size_bank = 0.0
     half.auto.enabled = False
     half.auto.known_defects = None
+    half.fit.drop_suspects = False  # the joined scores name the suspects; the full fit drops
     half.scoring.smoothing_sigma = config.scoring.smoothing_sigma * HALF_POOLING
     # A quarter of the patches: the same share of them as the full-size bank's lower bound.
     if config.coreset.min_size is not None:

@@ -5,14 +5,15 @@ scores stand far above the rest, and thresholds taken as a 1 % quantile of them 
 them (of 200 images the second highest decides): on MVTec AD bottle, three defective images
 among 209 good ones cut recall at the stored threshold from 1.00 to 0.10, six to 0.09. So the
 thresholds come from the scores within a fence far above the good ones' spread, and the fit
-names the images beyond it for a person to check.
+names the images beyond it for a person to check. Their patches stay in the memory bank, where
+they can hide defects like themselves; `fit.drop_suspects` fits once more without them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
@@ -40,19 +41,63 @@ def without_outliers(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return scores[scores <= outlier_fence(scores)]
 
 
-def suspect_images(scores: Sequence[float], names: Sequence[str]) -> list[dict[str, Any]]:
-    """The images beyond the fence, highest score first (at most `MAX_NAMED`); none where
-    ``names`` do not name the scores one by one (a calibration not made per image)."""
-    if len(names) != len(scores):
+def suspect_images(
+    scores: Sequence[float], images: Sequence[tuple[int, str]]
+) -> list[dict[str, Any]]:
+    """The images beyond the fence, highest score first (at most `MAX_NAMED`), by name and
+    training index; none where ``images`` (index, name) do not match the scores one by one
+    (a calibration not made per image)."""
+    if len(images) != len(scores):
         return []
     fence = outlier_fence(scores)
     found = sorted(
-        ((float(s), n) for s, n in zip(scores, names, strict=True) if s > fence), reverse=True
+        ((float(s), i, n) for s, (i, n) in zip(scores, images, strict=True) if s > fence),
+        reverse=True,
     )
-    return [{"name": name, "score": round(score, 4)} for score, name in found[:MAX_NAMED]]
+    return [
+        {"name": name, "index": index, "score": round(score, 4)}
+        for score, index, name in found[:MAX_NAMED]
+    ]
 
 
-def calibration_names(shards: Sequence[Any]) -> list[str]:
-    """The name of each calibration image (a fit's shards), in the order of its scores."""
+def calibration_images(shards: Sequence[Any]) -> list[tuple[int, str]]:
+    """(training index, name) of each calibration image of a fit's shards, in the order of
+    its scores."""
     by_id = {i: n for s in shards for i, n in zip(s.image_ids, s.names, strict=True)}
-    return [by_id.get(i) or f"image {i}" for s in shards for i in s.calibration_ids]
+    return [(i, by_id.get(i) or f"image {i}") for s in shards for i in s.calibration_ids]
+
+
+_T = TypeVar("_T")
+
+
+class WithoutImages(Sequence[_T]):
+    """``images`` less the training indices ``dropped``, without reading any image: a lazy
+    sequence (decoded on access) stays lazy."""
+
+    def __init__(self, images: Sequence[_T], dropped: set[int]) -> None:
+        self._images = images
+        self._kept = [i for i in range(len(images)) if i not in dropped]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def renumber(self, records: list[dict[str, Any]]) -> None:
+        """Give suspect ``records`` of a fit on this sequence the indices of ``images``."""
+        for record in records:
+            if "index" in record:
+                record["index"] = self._kept[int(record["index"])]
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
+        if isinstance(index, slice):
+            return [self._images[i] for i in self._kept[index]]
+        return self._images[self._kept[index]]
+
+
+def dropped_indices(suspects: Sequence[dict[str, Any]]) -> set[int]:
+    """The training indices of ``suspects`` (records without one, from older files, are not
+    dropped)."""
+    return {int(s["index"]) for s in suspects if "index" in s}
