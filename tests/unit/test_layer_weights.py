@@ -66,6 +66,18 @@ def test_balancing_gives_every_layer_one_mean_norm_at_the_raw_scale(fitted: Dete
     assert after.mean() == pytest.approx(float(np.exp(np.log(before).mean())), rel=1e-3)
 
 
+def test_balancing_leaves_a_silent_or_lopsided_layer_within_bounds(fitted: Detector) -> None:
+    backbone = fitted.features.backbone
+    shallow, deep = backbone(fitted.preprocessor(texture_crops(2, seed=1)))
+    raw = PatchFeatures(backbone, 1, None, "none")
+    # A layer that is zero on every good image (e.g. all-black images) is left as it is.
+    assert balancing_weights(raw, [[shallow, torch.zeros_like(deep)]], None) == [1.0, 1.0]
+    # A layer a million times weaker gets weights within the bounds, which the config accepts.
+    weights = balancing_weights(raw, [[shallow, 1e-6 * deep]], None)
+    assert all(1e-3 <= w <= 1e3 for w in weights) and weights[1] > weights[0]
+    DetectorConfig.from_dict({"features": {"layer_weights": weights}})
+
+
 def test_a_wrong_number_of_weights_or_a_bad_weight_is_a_clear_config_error(
     fitted: Detector,
 ) -> None:

@@ -69,6 +69,11 @@ def reduce_maps(maps: torch.Tensor, reduction: str, topk_fraction: float) -> tor
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+# Balancing weights stay within this range: a layer 1000x weaker than another is an odd input,
+# not a scale to undo.
+WEIGHT_RANGE = (1e-3, 1e3)
+
+
 @torch.inference_mode()
 def balancing_weights(
     features: PatchFeatures, maps: list[list[torch.Tensor]], embedding_dim: int | None
@@ -86,5 +91,8 @@ def balancing_weights(
             sums[layer] += patches[:, start : start + dim].norm(dim=1).double().sum().cpu()
             start += dim
         count += patches.shape[0] * patches.shape[2] * patches.shape[3]
-    norms = (sums / max(count, 1)).clamp_min(1e-12)
-    return [round(float(w), 6) for w in norms.log().mean().exp() / norms]
+    norms = sums / max(count, 1)
+    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 1e-6:
+        return [1.0] * layers  # a layer silent on the good images: nothing to balance
+    weights = (norms.log().mean().exp() / norms).clamp(WEIGHT_RANGE[0], WEIGHT_RANGE[1])
+    return [round(float(w), 6) for w in weights]
