@@ -39,7 +39,7 @@ from defectscope.detector.reference import PooledEmbeddings, embed_pooled
 from defectscope.detector.scoring import AnomalyScorer
 from defectscope.detector.selection import PreparedMaps, SelectionResult, select_configuration
 from defectscope.detector.shards import FitShard, ShardStore
-from defectscope.detector.suspects import WithoutImages, dropped_indices, suspect_images
+from defectscope.detector.suspects import fit_without_suspects, suspect_images
 from defectscope.errors import (
     DefectscopeError,
     ImageLoadError,
@@ -267,15 +267,16 @@ class Detector:
         if half is not None:
             half.fit(images, on_error=on_error, progress=with_stage_prefix(progress, "half-size "))
             self.join_half_scale(half)
-        if self.config.fit.drop_suspects and (drop := dropped_indices(self.info.training.suspects)):
-            dropped, self.config.fit.drop_suspects = self.info.training.suspects, False
-            kept = WithoutImages(images, drop)
-            try:  # once: the second fit's own suspects are named, not dropped
-                self.fit(kept, on_error=on_error, progress=progress)
+        if self.config.fit.drop_suspects:
+            self.config.fit.drop_suspects = False  # once: the second fit's suspects are named
+            try:
+                fit_without_suspects(
+                    images,
+                    self.info.training.suspects,
+                    lambda kept: self.fit(kept, on_error=on_error, progress=progress),
+                )
             finally:
                 self.config.fit.drop_suspects = True
-            kept.renumber(self.info.training.suspects)
-            self.info.training.dropped = dropped
         self.info.timings["total_s"] = round(time.perf_counter() - start, 4)
         return self
 

@@ -12,10 +12,13 @@ they can hide defects like themselves; `fit.drop_suspects` fits once more withou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from defectscope.detector.detector import Detector
 
 # The fence: this many interquartile ranges above the upper quartile. Good images of the
 # benchmark's products reach at most 5.3 (two odd ones of screw's 320 more); defective bottle
@@ -101,3 +104,21 @@ def dropped_indices(suspects: Sequence[dict[str, Any]]) -> set[int]:
     """The training indices of ``suspects`` (records without one, from older files, are not
     dropped)."""
     return {int(s["index"]) for s in suspects if "index" in s}
+
+
+def fit_without_suspects(
+    images: Sequence[_T],
+    suspects: list[dict[str, Any]],
+    fit: Callable[[Sequence[_T]], Detector],
+) -> Detector | None:
+    """``fit`` on ``images`` less ``suspects`` (`fit.drop_suspects`, local or Ray): the detector
+    it returns, with them under ``training.dropped`` and its own suspects numbered as in
+    ``images``; None where none can be dropped."""
+    drop = dropped_indices(suspects)
+    if not drop:
+        return None
+    kept = WithoutImages(images, drop)
+    detector = fit(kept)
+    kept.renumber(detector.info.training.suspects)
+    detector.info.training.dropped = list(suspects)
+    return detector

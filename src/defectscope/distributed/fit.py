@@ -29,7 +29,7 @@ from defectscope.detector.detector import Detector
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.progress import ProgressFn, with_stage_prefix
 from defectscope.detector.shards import FitShard, ShardStore
-from defectscope.detector.suspects import WithoutImages, dropped_indices
+from defectscope.detector.suspects import fit_without_suspects
 from defectscope.distributed.predict import check_data_access, read_source
 from defectscope.errors import DefectscopeError, ImageLoadError
 
@@ -92,19 +92,20 @@ def fit_with_ray(
             ray, half, paths, workers, cpus_per_worker, on_error, data_access, half_progress
         )
         detector.join_half_scale(half)
-    suspects = detector.info.training.suspects
-    if detector.config.fit.drop_suspects and (drop := dropped_indices(suspects)):
-        # Once, as `Detector.fit` does: the second fit's own suspects are named, not dropped.
-        kept = WithoutImages(paths, drop)
+    if detector.config.fit.drop_suspects:
         again = detector.config.model_copy(deep=True)
-        again.fit.drop_suspects = False
-        detector = fit_with_ray(
-            again, list(kept), workers=workers, cpus_per_worker=cpus_per_worker,
-            on_error=on_error, data_access=data_access, progress=progress,
+        again.fit.drop_suspects = False  # once, as `Detector.fit` does
+        refit = fit_without_suspects(
+            paths,
+            detector.info.training.suspects,
+            lambda kept: fit_with_ray(
+                again, list(kept), workers=workers, cpus_per_worker=cpus_per_worker,
+                on_error=on_error, data_access=data_access, progress=progress,
+            ),
         )  # fmt: skip
-        detector.config.fit.drop_suspects = True
-        kept.renumber(detector.info.training.suspects)
-        detector.info.training.dropped = suspects
+        if refit is not None:
+            detector = refit
+            detector.config.fit.drop_suspects = True
     detector.info.timings["total_s"] = round(time.perf_counter() - start, 4)
     detector.info.training.engine = {"name": "ray", "workers": workers}
     return detector
