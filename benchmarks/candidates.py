@@ -65,6 +65,7 @@ def run(root: Path) -> dict:
             None,
             candidate.normalize,
             features.half_scale,
+            norm_power=config.features.norm_power,
         )
         bank = _bank(trial, train, config, detector.device)
         scorer = AnomalyScorer(bank, config.scoring, preprocessor.input_size, trial.column_groups)

@@ -35,5 +35,5 @@ class Blind(PatchFeatures):
 class BlindCandidate(Candidate):
     """A candidate whose features are `Blind`."""
 
-    def features(self, backbone, embedding_dim, weights=None):  # type: ignore[no-untyped-def]
+    def features(self, backbone, embedding_dim, weights=None, norm_power=0.25):  # type: ignore[no-untyped-def]
         return Blind(backbone, self.neighbourhood, embedding_dim, self.normalize)

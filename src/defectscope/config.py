@@ -68,10 +68,19 @@ class FeatureConfig(_Section):
     neighbourhood: int = Field(
         1, ge=1, le=9, description="Local aggregation window in patches (PatchCore uses 3)."
     )
-    normalize: Literal["l2", "none"] = Field(
+    normalize: Literal["l2", "power", "none"] = Field(
         "l2",
         description="'l2' scales each layer's patch vectors to unit length, so that layers weigh "
-        "equally in distances whatever their width and activation scale.",
+        "equally in distances whatever their width and activation scale; 'none' keeps the "
+        "activation strength; 'power' divides each vector by its length to features.norm_power, "
+        "keeping part of the strength.",
+    )
+    norm_power: float = Field(
+        0.25,
+        gt=0.0,
+        lt=1.0,
+        description="With normalize='power': each layer's patch vectors are divided by their "
+        "length to this power (0 would be raw features, 1 unit length).",
     )
     embedding_dim: int | None = Field(
         None, ge=8, description="Reduce patch features to this many dims (adaptive pooling)."
@@ -81,7 +90,7 @@ class FeatureConfig(_Section):
         min_length=1,
         max_length=16,
         description="Multiply each backbone layer's patch vectors by these weights, one per "
-        "layer, after normalisation. Auto mode's raw_balanced candidate sets them so that "
+        "layer, after normalisation. Auto mode's balanced candidates set them so that "
         "every layer has one mean norm on the training images.",
     )
     half_scale: bool = Field(
@@ -252,13 +261,16 @@ class AutoConfig(_Section):
         description="Choose the feature aggregation at fit time from synthetic defects painted "
         "on held-out good images (see defectscope.detector.selection).",
     )
-    candidates: list[Literal["raw", "l2", "raw_pool3", "l2_pool3", "raw_balanced"]] = Field(
-        ["l2", "raw_balanced"],
+    candidates: list[
+        Literal["raw", "l2", "raw_pool3", "l2_pool3", "raw_balanced", "power_balanced"]
+    ] = Field(
+        ["l2", "power_balanced"],
         min_length=1,
         description="Candidates in order of preference: a later one must win by a margin. "
-        "'raw_balanced' is raw features with each layer at one mean norm (features."
-        "layer_weights); plain 'raw' and the pooled ones are off by default: they chose worse "
-        "on the benchmark.",
+        "'power_balanced' is features divided by their length to features.norm_power, each "
+        "layer at one mean norm (features.layer_weights); 'raw_balanced' the same on raw "
+        "features; plain 'raw' and the pooled ones are off by default: they chose worse on "
+        "the benchmark.",
     )
     reductions: list[Literal["max", "topk_mean"]] = Field(
         ["max"],

@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert config.batch_size == 16
     assert config.half_precision is False
     assert config.auto.enabled is True
-    assert config.auto.candidates == ["l2", "raw_balanced"]
+    assert config.auto.candidates == ["l2", "power_balanced"]
 
 
 @pytest.mark.parametrize("empty", [None, {}])

@@ -1,4 +1,5 @@
-"""Per-layer weights of the patch features, and auto mode's balanced raw candidate (sets them)."""
+"""Per-layer weights and power normalisation of the patch features, and auto mode's balanced
+candidates (they set the weights)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from defectscope.errors import ConfigError
 from defectscope.features.patches import PatchFeatures
 
 BALANCED = {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "candidates": ["raw_balanced"]}}
+NORMALIZE = {"raw_balanced": "none", "power_balanced": "power"}
 
 
-@pytest.fixture(scope="module")
-def balanced() -> Detector:
-    """A fit whose only candidate is the balanced one: auto mode must set its weights."""
-    return Detector(BALANCED).fit(texture_crops(16, seed=21))
+@pytest.fixture(scope="module", params=["power_balanced", "raw_balanced"])
+def balanced(request: pytest.FixtureRequest) -> Detector:
+    """A fit whose only candidate is a balanced one: auto mode must set its weights."""
+    config = {**AUTO_CONFIG, "auto": {**AUTO_CONFIG["auto"], "candidates": [request.param]}}
+    return Detector(config).fit(texture_crops(16, seed=21))
 
 
 def _layer_norms(features: PatchFeatures, maps: list[torch.Tensor]) -> list[float]:
@@ -45,19 +48,47 @@ def test_weights_multiply_each_layer_after_normalisation(fitted: Detector) -> No
     torch.testing.assert_close(got[:, split:], 0.5 * plain[:, split:])
 
 
-def test_balancing_gives_every_layer_one_mean_norm_at_the_raw_scale(fitted: Detector) -> None:
+def test_power_normalisation_shortens_each_vector_to_a_power_of_its_length(
+    fitted: Detector,
+) -> None:
+    backbone = fitted.features.backbone
+    maps = list(backbone(torch.rand(2, 3, 64, 96)))
+    raw = PatchFeatures(backbone, 1, None, "none").aggregate(maps)
+    for power in (0.25, 0.5, 0.9):
+        got = PatchFeatures(backbone, 1, None, "power", norm_power=power).aggregate(maps)
+        start = 0
+        for dim in PatchFeatures(backbone).layer_dims:
+            before, after = raw[:, start : start + dim], got[:, start : start + dim]
+            start += dim
+            length = before.norm(dim=1, keepdim=True)
+            # Same direction, length |x|^(1 - p): longer vectors stay longer, by less.
+            torch.testing.assert_close(after, before / length.pow(power), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                after.norm(dim=1), length[:, 0].pow(1 - power), rtol=1e-4, atol=1e-6
+            )
+    with pytest.raises(ConfigError, match="'l2', 'power' or 'none'"):
+        PatchFeatures(backbone, 1, None, "cosine")
+    for bad in (0.0, 1.0, -0.5, 2.0, float("nan")):
+        with pytest.raises(ConfigError, match="norm_power"):
+            DetectorConfig.from_dict({"features": {"normalize": "power", "norm_power": bad}})
+
+
+@pytest.mark.parametrize("normalize", ["none", "power"])
+def test_balancing_gives_every_layer_one_mean_norm_at_the_layers_scale(
+    fitted: Detector, normalize: str
+) -> None:
     backbone = fitted.features.backbone
     batches = []
     for seed in (1, 2):
         shallow, deep = backbone(fitted.preprocessor(texture_crops(4, seed=seed)))
         # On brick both layers happen to have one mean norm; on a product they need not.
-        batches.append([shallow, 2.5 * deep])
-    raw = PatchFeatures(backbone, 1, None, "none")
+        batches.append([shallow, 6.0 * deep])
+    raw = PatchFeatures(backbone, 1, None, normalize)
     before = np.array([_layer_norms(raw, b) for b in batches]).mean(axis=0)
     assert before.max() / before.min() > 2.0
-    weights = balancing_weights(raw, batches, None)
+    weights = balancing_weights(raw, batches, None, normalize)
     after = np.array(
-        [_layer_norms(PatchFeatures(backbone, 1, None, "none", layer_weights=weights), b)
+        [_layer_norms(PatchFeatures(backbone, 1, None, normalize, layer_weights=weights), b)
          for b in batches]
     ).mean(axis=0)  # fmt: skip
     assert after == pytest.approx([after.mean()] * len(after), rel=1e-3)
@@ -95,10 +126,11 @@ def test_the_balanced_choice_is_applied_saved_and_scores_alike_after_load(
     balanced: Detector, tmp_path: Path
 ) -> None:
     selection = balanced.info.selection
-    assert selection["chosen"] == "raw_balanced"
+    assert selection["chosen"] in NORMALIZE
     weights = balanced.config.features.layer_weights
     assert weights is not None and len(weights) == 2 and weights[0] != weights[1]
-    assert balanced.config.features.normalize == "none"
+    assert balanced.config.features.normalize == NORMALIZE[selection["chosen"]]
+    assert balanced.features.normalize == NORMALIZE[selection["chosen"]]
     assert balanced.features.layer_weights == tuple(weights)
     # The half-size bank embeds with the same weights.
     assert balanced.half_scale is not None

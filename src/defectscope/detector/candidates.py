@@ -24,7 +24,11 @@ class Candidate:
     balanced: bool = False  # each layer weighted to one mean norm on the bank images
 
     def features(
-        self, backbone: Any, embedding_dim: int | None, weights: list[float] | None = None
+        self,
+        backbone: Any,
+        embedding_dim: int | None,
+        weights: list[float] | None = None,
+        norm_power: float = 0.25,
     ) -> PatchFeatures:
         """The patch-feature module this candidate stands for, on a shared backbone
         (``weights``: the bank images' `balancing_weights`, used by a balanced candidate)."""
@@ -34,6 +38,7 @@ class Candidate:
             embedding_dim,
             self.normalize,
             layer_weights=weights if self.balanced else None,
+            norm_power=norm_power,
         )
 
     def apply(self, config: DetectorConfig, weights: list[float] | None = None) -> None:
@@ -51,6 +56,14 @@ CANDIDATES: dict[str, Candidate] = {
         Candidate("l2_pool3", "l2", 3, "unit-length features averaged over 3x3 patches"),
         Candidate(
             "raw_balanced", "none", 1, "raw layer features, each layer at one mean norm", True
+        ),
+        Candidate(
+            "power_balanced",
+            "power",
+            1,
+            "layer features divided by a root of their length (between raw and unit length), "
+            "each layer at one mean norm",
+            True,
         ),
     )
 }
@@ -76,12 +89,16 @@ WEIGHT_RANGE = (1e-3, 1e3)
 
 @torch.inference_mode()
 def balancing_weights(
-    features: PatchFeatures, maps: list[list[torch.Tensor]], embedding_dim: int | None
+    features: PatchFeatures,
+    maps: list[list[torch.Tensor]],
+    embedding_dim: int | None,
+    normalize: str = "none",
+    norm_power: float = 0.25,
 ) -> list[float]:
     """Per-layer weights that give every full-size layer the same mean norm on the patches of
-    ``maps`` (raw features), their geometric mean: distances keep the raw scale."""
+    ``maps`` (normalised by ``normalize``), their geometric mean: distances keep their scale."""
     layers = len(features.backbone.channels)
-    plain = PatchFeatures(features.backbone, 1, embedding_dim, "none")
+    plain = PatchFeatures(features.backbone, 1, embedding_dim, normalize, norm_power=norm_power)
     sums = torch.zeros(layers, dtype=torch.float64)
     count = 0
     for batch in maps:

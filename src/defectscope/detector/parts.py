@@ -63,6 +63,7 @@ class FeatureParts:
             config.normalize,
             config.half_scale,
             config.layer_weights,
+            config.norm_power,
         ).to(device)
         half = half_precision and device.type == "cuda"
         if half:

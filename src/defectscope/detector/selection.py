@@ -201,7 +201,13 @@ def select_configuration(
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
     bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
-    weights = balancing_weights(features, bank_maps, config.features.embedding_dim)
+    power = config.features.norm_power
+    balanced = {
+        n: balancing_weights(features, bank_maps, config.features.embedding_dim, n, power)
+        for n in {
+            CANDIDATES[name].normalize for name in auto.candidates if CANDIDATES[name].balanced
+        }
+    }
 
     def judge(
         defect_images: list[np.ndarray], truths: list[np.ndarray] | None
@@ -215,7 +221,7 @@ def select_configuration(
             rows.extend(
                 _candidate_rows(
                     CANDIDATES[name], features, bank_maps, maps, labels, truths,
-                    config, device, preprocessor, weights,
+                    config, device, preprocessor, balanced.get(CANDIDATES[name].normalize),
                 )
             )  # fmt: skip
             report(len(sample) + number + 1)
@@ -247,7 +253,7 @@ def select_configuration(
         n_defects = len(defects)
     best = choose(table)
     candidate = CANDIDATES[best["name"].split("+")[0]]
-    candidate.apply(config, weights)
+    candidate.apply(config, balanced.get(candidate.normalize))
     config.scoring.reduction = best["reduction"]
     if try_half:
         trial = PatchFeatures(
@@ -257,6 +263,7 @@ def select_configuration(
             candidate.normalize,
             half_scale=True,
             layer_weights=config.features.layer_weights,
+            norm_power=power,
         )
         layers = len(prepared[bank_ids[0]].maps)
         chunks = _chunks(bank_ids, config.batch_size)
@@ -318,7 +325,9 @@ def _candidate_rows(
     AUROC."""
     from defectscope.detector.known_defects import soft_auroc
 
-    trial = candidate.features(features.backbone, config.features.embedding_dim, weights)
+    trial = candidate.features(
+        features.backbone, config.features.embedding_dim, weights, config.features.norm_power
+    )
     full = len(features.backbone.channels)
     t0 = time.perf_counter()
     bank = _bank(trial, bank_maps, config, device)

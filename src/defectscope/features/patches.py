@@ -21,6 +21,8 @@ class PatchFeatures(nn.Module):
     With ``normalize='l2'`` each layer's vectors get unit length, so that a wide or high-magnitude
     deep layer does not drown the finer shallow one; that also discards the activation strength,
     which is what flags small defects on plain backgrounds, so neither setting wins everywhere.
+    ``normalize='power'`` divides each vector by its length to ``norm_power`` (between 0 and 1):
+    the longer vectors stay longer, but by less, keeping part of the strength.
 
     With ``half_scale`` the backbone also sees the image at half size, and those layers join each
     patch's features: a view over twice the area, which large low-contrast defects (blotches,
@@ -39,8 +41,13 @@ class PatchFeatures(nn.Module):
         normalize: str = "l2",
         half_scale: bool = False,
         layer_weights: Sequence[float] | None = None,
+        norm_power: float = 0.25,
     ) -> None:
         super().__init__()
+        if normalize not in ("l2", "power", "none"):
+            raise ConfigError(
+                f"features.normalize must be 'l2', 'power' or 'none', not {normalize!r}"
+            )
         if layer_weights is not None and len(layer_weights) != len(backbone.channels):
             raise ConfigError(
                 f"features.layer_weights has {len(layer_weights)} weights for the backbone's "
@@ -50,6 +57,7 @@ class PatchFeatures(nn.Module):
         self.backbone = backbone
         self.neighbourhood = int(neighbourhood)
         self.normalize = normalize
+        self.norm_power = float(norm_power)
         self.embedding_dim = embedding_dim
         self.half_scale = bool(half_scale)
         self.stride = min(backbone.strides)
@@ -111,6 +119,9 @@ class PatchFeatures(nn.Module):
                 feature = F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
             if self.normalize == "l2":
                 feature = F.normalize(feature, dim=1)
+            elif self.normalize == "power":
+                length = feature.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                feature = feature / length.pow(self.norm_power)
             if self.layer_weights is not None:
                 feature = feature * self.layer_weights[number % len(self.layer_weights)]
             parts.append(feature)
