@@ -86,7 +86,7 @@ def test_balancing_gives_every_layer_one_mean_norm_at_the_layers_scale(
     raw = PatchFeatures(backbone, 1, None, normalize)
     before = np.array([_layer_norms(raw, b) for b in batches]).mean(axis=0)
     assert before.max() / before.min() > 2.0
-    weights = balancing_weights(raw, batches, None, normalize)
+    weights = balancing_weights(raw, batches)
     after = np.array(
         [_layer_norms(PatchFeatures(backbone, 1, None, normalize, layer_weights=weights), b)
          for b in batches]
@@ -102,9 +102,9 @@ def test_balancing_leaves_a_silent_or_lopsided_layer_within_bounds(fitted: Detec
     shallow, deep = backbone(fitted.preprocessor(texture_crops(2, seed=1)))
     raw = PatchFeatures(backbone, 1, None, "none")
     # A layer that is zero on every good image (e.g. all-black images) is left as it is.
-    assert balancing_weights(raw, [[shallow, torch.zeros_like(deep)]], None) == [1.0, 1.0]
+    assert balancing_weights(raw, [[shallow, torch.zeros_like(deep)]]) == [1.0, 1.0]
     # A layer a million times weaker gets weights within the bounds, which the config accepts.
-    weights = balancing_weights(raw, [[shallow, 1e-6 * deep]], None)
+    weights = balancing_weights(raw, [[shallow, 1e-6 * deep]])
     assert all(1e-3 <= w <= 1e3 for w in weights) and weights[1] > weights[0]
     DetectorConfig.from_dict({"features": {"layer_weights": weights}})
 

@@ -27,8 +27,8 @@ class Candidate:
         self,
         backbone: Any,
         embedding_dim: int | None,
-        weights: list[float] | None = None,
-        norm_power: float = 0.25,
+        weights: list[float] | None,
+        norm_power: float,
     ) -> PatchFeatures:
         """The patch-feature module this candidate stands for, on a shared backbone
         (``weights``: the bank images' `balancing_weights`, used by a balanced candidate)."""
@@ -88,23 +88,16 @@ WEIGHT_RANGE = (1e-3, 1e3)
 
 
 @torch.inference_mode()
-def balancing_weights(
-    features: PatchFeatures,
-    maps: list[list[torch.Tensor]],
-    embedding_dim: int | None,
-    normalize: str = "none",
-    norm_power: float = 0.25,
-) -> list[float]:
-    """Per-layer weights that give every full-size layer the same mean norm on the patches of
-    ``maps`` (normalised by ``normalize``), their geometric mean: distances keep their scale."""
+def balancing_weights(features: PatchFeatures, maps: list[list[torch.Tensor]]) -> list[float]:
+    """Per-layer weights that give every full-size layer of ``features`` (unweighted) the same
+    mean norm on the patches of ``maps``, their geometric mean: distances keep their scale."""
     layers = len(features.backbone.channels)
-    plain = PatchFeatures(features.backbone, 1, embedding_dim, normalize, norm_power=norm_power)
     sums = torch.zeros(layers, dtype=torch.float64)
     count = 0
     for batch in maps:
-        patches = plain.aggregate(batch[:layers])
+        patches = features.aggregate(batch[:layers])
         start = 0
-        for layer, dim in enumerate(plain.layer_dims):
+        for layer, dim in enumerate(features.layer_dims):
             sums[layer] += patches[:, start : start + dim].norm(dim=1).double().sum().cpu()
             start += dim
         count += patches.shape[0] * patches.shape[2] * patches.shape[3]

@@ -201,12 +201,13 @@ def select_configuration(
     # defects want L2 (BENCHMARKS.md, "The image at half size too").
     full = len(features.backbone.channels)
     bank_maps = [_cat_layers(prepared, c, full) for c in _chunks(bank_ids, config.batch_size)]
-    power = config.features.norm_power
-    balanced = {
-        n: balancing_weights(features, bank_maps, config.features.embedding_dim, n, power)
-        for n in {
-            CANDIDATES[name].normalize for name in auto.candidates if CANDIDATES[name].balanced
-        }
+    power, dim = config.features.norm_power, config.features.embedding_dim
+    balanced: dict[str, list[float]] = {
+        name: balancing_weights(
+            CANDIDATES[name].features(features.backbone, dim, None, power), bank_maps
+        )
+        for name in auto.candidates
+        if CANDIDATES[name].balanced
     }
 
     def judge(
@@ -221,7 +222,7 @@ def select_configuration(
             rows.extend(
                 _candidate_rows(
                     CANDIDATES[name], features, bank_maps, maps, labels, truths,
-                    config, device, preprocessor, balanced.get(CANDIDATES[name].normalize),
+                    config, device, preprocessor, balanced.get(name),
                 )
             )  # fmt: skip
             report(len(sample) + number + 1)
@@ -253,7 +254,7 @@ def select_configuration(
         n_defects = len(defects)
     best = choose(table)
     candidate = CANDIDATES[best["name"].split("+")[0]]
-    candidate.apply(config, balanced.get(candidate.normalize))
+    candidate.apply(config, balanced.get(candidate.name))
     config.scoring.reduction = best["reduction"]
     if try_half:
         trial = PatchFeatures(
