@@ -11,11 +11,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from defectscope.config import BackboneConfig
+from defectscope.detector.detector import Detector
 from defectscope.errors import BackboneError, ConfigError
 from defectscope.features import backbones, checkpoints
 from defectscope.features.backbones import (
@@ -543,3 +545,40 @@ def test_non_tf_efficientnet_lite_is_refused() -> None:
     with pytest.raises(BackboneError) as excinfo:
         create_backbone(BackboneConfig(name="efficientnet_lite0", weights="random"))
     assert_clean_error(excinfo, "pads differently", "use tf_efficientnet_lite0 instead")
+
+
+def test_a_vit_fit_on_differently_shaped_images_keeps_the_half_size_pass_on_its_grid() -> None:
+    """Auto geometry picks a canvas whose half (the half-size bank's input) is also a whole
+    number of 14 px patches: a ViT cannot take a half such as 35x84."""
+    rng = np.random.default_rng(0)
+    shapes = [(61, 125), (70, 150), (64, 140), (75, 160)] * 3
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    config = {
+        "backbone": {"name": "vit_small_patch14_dinov2", "weights": "random", "layers": [2]},
+        "features": {"input_size": [112, 112], "aspect": "auto", "half_size_bank": 0.5},
+        "coreset": {"ratio": 0.25, "min_size": None},
+        "auto": {"enabled": False},
+        "few_shot": {"enabled": False},
+        "device": "cpu",
+    }
+    detector = Detector(config).fit(images)
+    height, width = detector.config.features.input_size
+    assert height % 28 == 0 and width % 28 == 0 and width > height
+    predictions = detector.predict(images[:2])
+    assert [p.anomaly_map.shape for p in predictions] == [shapes[0], shapes[1]]
+
+
+def test_a_vit_input_whose_half_is_off_its_grid_names_a_size_that_fits() -> None:
+    config = {
+        "backbone": {"name": "vit_small_patch14_dinov2", "weights": "random", "layers": [2]},
+        "features": {"input_size": [238, 238], "aspect": "stretch", "half_size_bank": 0.5},
+        "auto": {"enabled": False},
+        "few_shot": {"enabled": False},
+        "device": "cpu",
+    }
+    images = [np.full((64, 64, 3), 128, np.uint8)] * 4
+    with pytest.raises(ConfigError) as excinfo:
+        Detector(config).fit(images)
+    assert_clean_error(
+        excinfo, "238x238", "try features.input_size=224x224", "features.half_size_bank=0"
+    )

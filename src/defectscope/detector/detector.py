@@ -30,7 +30,7 @@ from defectscope.detector.model_file import (
     resolve_model_path,
     write_model_file,
 )
-from defectscope.detector.parts import FeatureParts, input_multiple, resolve_device
+from defectscope.detector.parts import FeatureParts, resolve_device
 from defectscope.detector.persistence import model_description, restore_engine
 from defectscope.detector.plan import FitPlan
 from defectscope.detector.prediction import Prediction
@@ -159,10 +159,6 @@ class Detector:
         if self._backbone_module is None:
             self._backbone_module = create_backbone(self.config.backbone)
         return self._backbone_module
-
-    def backbone_input_multiple(self) -> int:
-        """Input sides must be a multiple of this for the configured backbone."""
-        return input_multiple(self._backbone())
 
     def reset_features(self) -> None:
         """Forget the feature extractor and preprocessor (not the backbone) so that the next

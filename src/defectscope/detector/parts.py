@@ -46,8 +46,14 @@ class FeatureParts:
             try:
                 backbone.check_input_size(pooled_size((height, width), config.input_pooling))
             except ConfigError as exc:
+                hint = str(exc)
+                if backbone.is_vit:
+                    step = backbone.input_multiple * config.input_pooling
+                    near = "x".join(str(max(step, round(s / step) * step)) for s in (height, width))
+                    hint = f"try features.input_size={near}, or features.half_size_bank=0"
                 raise ConfigError(
-                    f"the half-size bank needs the half of the {height}x{width} input: {exc}"
+                    f"the half-size bank needs half of the {height}x{width} input to suit "
+                    f"{backbone.name}: {hint}"
                 ) from None
         if config.half_scale:
             try:
@@ -108,9 +114,13 @@ def pool_input(batch: torch.Tensor, pooling: int) -> torch.Tensor:
     return F.avg_pool2d(batch, pooling, ceil_mode=True) if pooling > 1 else batch
 
 
-def input_multiple(backbone: FeatureBackbone) -> int:
-    """Input sides must be a multiple of this for ``backbone`` (CNNs: of their largest stride)."""
-    return max(backbone.input_multiple, 32 if not backbone.is_vit else 1)
+def input_multiple(backbone: FeatureBackbone, config: FeatureConfig | None = None) -> int:
+    """Input sides must be a multiple of this for ``backbone`` (CNNs: of their largest stride).
+    With a half-size pass in ``config``, a ViT needs the half input on its patch grid too."""
+    if not backbone.is_vit:
+        return max(backbone.input_multiple, 32)
+    halved = config is not None and (config.half_size_bank > 0 or config.half_scale)
+    return backbone.input_multiple * (2 if halved else 1)
 
 
 def resolve_device(name: str) -> torch.device:

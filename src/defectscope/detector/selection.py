@@ -132,7 +132,9 @@ def select_configuration(
     geometry: dict[str, Any] = {"aspect_requested": config.features.aspect}
     if config.features.aspect == "auto":
         probe = [probe_size(images[int(i)]) for i in order[: auto.size_probe_images]]
-        geometry = resolve_geometry([s for s in probe if s], config, input_multiple(backbone))
+        geometry = resolve_geometry(
+            [s for s in probe if s], config, input_multiple(backbone, config.features)
+        )
     if few_shot.applies(config, len(images)):
         return few_shot.select_views(backbone, config, device, images, geometry, progress), (
             PreparedMaps()
