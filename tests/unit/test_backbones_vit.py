@@ -572,13 +572,21 @@ def test_a_vit_input_whose_half_is_off_its_grid_names_a_size_that_fits() -> None
     config = {
         "backbone": {"name": "vit_small_patch14_dinov2", "weights": "random", "layers": [2]},
         "features": {"input_size": [238, 238], "aspect": "stretch", "half_size_bank": 0.5},
-        "auto": {"enabled": False},
-        "few_shot": {"enabled": False},
         "device": "cpu",
     }
-    images = [np.full((64, 64, 3), 128, np.uint8)] * 4
+
+    class Counted(list):
+        reads = 0
+
+        def __getitem__(self, index):  # type: ignore[no-untyped-def]
+            Counted.reads += 1
+            return super().__getitem__(index)
+
+    images = Counted([np.full((64, 64, 3), 128, np.uint8)] * 24)
     with pytest.raises(ConfigError) as excinfo:
         Detector(config).fit(images)
     assert_clean_error(
         excinfo, "238x238", "try features.input_size=224x224", "features.half_size_bank=0"
     )
+    # Refused before any image is read: the half-size bank is fitted last, after the rest.
+    assert Counted.reads == 0

@@ -40,28 +40,7 @@ class FeatureParts:
         by a fit from the images' sizes) becomes 'stretch': one shape is assumed."""
         if config.aspect == "auto":
             config.aspect = "stretch"
-        height, width = config.input_size
-        backbone.check_input_size((height, width))
-        if config.input_pooling > 1:
-            try:
-                backbone.check_input_size(pooled_size((height, width), config.input_pooling))
-            except ConfigError as exc:
-                hint = str(exc)
-                if backbone.is_vit:
-                    step = backbone.input_multiple * config.input_pooling
-                    near = "x".join(str(max(step, round(s / step) * step)) for s in (height, width))
-                    hint = f"try features.input_size={near}, or features.half_size_bank=0"
-                raise ConfigError(
-                    f"the half-size bank needs half of the {height}x{width} input to suit "
-                    f"{backbone.name}: {hint}"
-                ) from None
-        if config.half_scale:
-            try:
-                backbone.check_input_size((-(-height // 2), -(-width // 2)))
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"features.half_scale needs the half of the {height}x{width} input: {exc}"
-                ) from None
+        check_input(backbone, config)
         features = PatchFeatures(
             backbone,
             config.neighbourhood,
@@ -101,6 +80,33 @@ class FeatureParts:
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised input (B, 3, H, W) -> patch embeddings (B, D, h, w), float32."""
         return self.features.aggregate(self.backbone_maps(batch))
+
+
+def check_input(backbone: FeatureBackbone, config: FeatureConfig) -> None:
+    """Raise ConfigError unless ``backbone`` takes ``config``'s input and the halves its
+    half-size passes need (a fit checks this before any work: it fails late otherwise)."""
+    height, width = config.input_size
+    backbone.check_input_size((height, width))
+    if config.input_pooling > 1:
+        try:
+            backbone.check_input_size(pooled_size((height, width), config.input_pooling))
+        except ConfigError as exc:
+            hint = str(exc)
+            if backbone.is_vit:
+                step = backbone.input_multiple * config.input_pooling
+                near = "x".join(str(max(step, round(s / step) * step)) for s in (height, width))
+                hint = f"try features.input_size={near}, or features.half_size_bank=0"
+            raise ConfigError(
+                f"the half-size bank needs half of the {height}x{width} input to suit "
+                f"{backbone.name}: {hint}"
+            ) from None
+    if config.half_scale:
+        try:
+            backbone.check_input_size((-(-height // 2), -(-width // 2)))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"features.half_scale needs the half of the {height}x{width} input: {exc}"
+            ) from None
 
 
 def pooled_size(size: tuple[int, int], pooling: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from defectscope.detector.candidates import (
 )
 from defectscope.detector.coreset import coreset_size, select_coreset
 from defectscope.detector.geometry import probe_size, resolve_geometry
-from defectscope.detector.parts import FeatureParts, input_multiple
+from defectscope.detector.parts import FeatureParts, check_input, input_multiple
 from defectscope.detector.progress import ProgressFn
 from defectscope.detector.ranking import auroc
 from defectscope.detector.scoring import AnomalyScorer
@@ -135,6 +135,11 @@ def select_configuration(
         geometry = resolve_geometry(
             [s for s in probe if s], config, input_multiple(backbone, config.features)
         )
+    from defectscope.detector import scales  # imports few_shot, which imports this module
+
+    if scales.uses_half_scale(config, len(images)):
+        # Before any backbone pass: the half-size bank is fitted last.
+        check_input(backbone, scales.half_scale_config(config).features)
     if few_shot.applies(config, len(images)):
         return few_shot.select_views(backbone, config, device, images, geometry, progress), (
             PreparedMaps()
