@@ -446,7 +446,19 @@ def check_output_folder(uri: str | os.PathLike[str], label: str) -> None:
             if not candidate.is_dir():
                 where = "" if candidate == path else f" (inside {candidate}, a file)"
                 raise DefectscopeError(f"{label} {uri}: not a folder{where}")
+            _check_writable(candidate, f"{label} {uri}")
             return
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Create and remove a folder in ``folder``: the one test that a later mkdir or write
+    there will work (permissions, read-only mounts, pseudo file systems)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".defectscope-probe-", dir=folder)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DefectscopeError(f"{what}: cannot write in {folder} ({reason})") from None
+    os.rmdir(probe)
 
 
 def remove_outputs(folder: str | os.PathLike[str], names: tuple[str, ...]) -> list[str]:

@@ -59,6 +59,8 @@ def test_fit_refuses_an_output_in_the_way_before_fitting(good_images, model_copy
         (in_the_way / "model", ("not a folder", "a file")),
         (model_copy, ("already exists", "--overwrite")),
         (model_copy / "model.safetensors", ("already exists", "--overwrite")),
+        # A folder no one can create: found before the fit, not when the model is saved.
+        (Path("/proc/defectscope-test/model"), ("cannot write in /proc",)),
     ]:
         started = time.monotonic()
         proc = run_cli("fit", str(good_images), "--out", str(out), *FAST)

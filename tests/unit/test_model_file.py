@@ -131,6 +131,33 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import safetensors.torch
+
+    path = write_model_file(tmp_path / "m", {"x": torch.zeros(3)}, {"run": 1})
+
+    def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(ModelFileError, match=r"cannot write the model \(No space left on device\)"):
+        write_model_file(tmp_path / "m", {"x": torch.ones(3)}, {"run": 2})
+    loaded, meta = read_model_file(path)
+    assert meta["run"] == 1 and torch.equal(loaded["x"], torch.zeros(3))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["defectscope-test/model", "defectscope-test.safetensors"])
+def test_a_place_that_cannot_be_written_is_a_clear_error(name: str) -> None:
+    # /proc takes no new files or folders, not even from root.
+    with pytest.raises(ModelFileError, match="cannot write the model"):
+        write_model_file(Path("/proc") / name, {"x": torch.zeros(3)}, {})
+
+
 def test_tensor_digest() -> None:
     a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     assert tensor_digest(a) == tensor_digest(a.clone())

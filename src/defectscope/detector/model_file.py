@@ -94,11 +94,13 @@ def write_model_file(
             local = write_model_file(Path(staging), tensors, meta)
             return storage.upload_file(local, uri)
     path = Path(path)
+    folder = path if path.suffix != ".safetensors" else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot write the model here ({exc.strerror})") from None
     if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
         path = path / MODEL_FILENAME
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "tensor_sha256": {k: tensor_digest(v) for k, v in tensors.items()}}
     try:
         encoded = json.dumps(meta, allow_nan=False)
@@ -111,12 +113,16 @@ def write_model_file(
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~current_umask()
     # A per-process, per-thread name: workers saving at the same instant never share a temp file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file  # torch only where tensors are written
 
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), header)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only mount: one clear line
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ModelFileError(f"{path}: cannot write the model ({reason})") from None
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when the write failed
     return path
