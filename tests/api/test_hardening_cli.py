@@ -70,6 +70,42 @@ def test_fit_refuses_an_output_in_the_way_before_fitting(good_images, model_copy
     assert in_the_way.read_text() == "keep me"
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(
+    texture_model_dir, good_images
+) -> None:
+    # /proc takes no new folders, not even from root: each command says so in one line at
+    # once, instead of a traceback after scoring, tracing or fitting.
+    model, data = str(texture_model_dir), str(good_images)
+    for argv, option in [
+        (["evaluate", model, data, "--report", "/proc/ds-test/report"], "--report"),
+        (["export", model, "--out", "/proc/ds-test/model.onnx"], "--out"),
+        (["predict", model, data, "--out", "/proc/ds-test/p"], "--out"),
+        (["demo", "--out", "/proc/ds-test/demo"], "--out"),
+        (["experiment", "--out", "/proc/ds-test/x", f"data={data}"], "--out"),
+    ]:
+        assert_one_line_error(run_cli(*argv), option, "cannot write in /proc")
+
+
+def test_a_refused_write_the_checks_did_not_foresee_is_one_line(capsys) -> None:
+    from defectscope.cli.console import run_reporting_errors
+
+    def writes_to_a_full_disk() -> None:
+        raise OSError(28, "No space left on device", "/data/out/model.safetensors")
+
+    with pytest.raises(SystemExit) as exited:
+        run_reporting_errors(writes_to_a_full_disk)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    message = " ".join((captured.err + captured.out).split())
+    assert message == "error: /data/out/model.safetensors: No space left on device"
+
+    def a_bug() -> None:
+        raise OSError("no file involved")  # not about a path: a bug, shown as one
+
+    with pytest.raises(OSError, match="no file involved"):
+        run_reporting_errors(a_bug)
+
+
 def test_fit_overwrite_replaces_the_model_and_its_stale_outputs(good_images, model_copy):
     before = (model_copy / "model.safetensors").read_bytes()
     (model_copy / "report").mkdir()

@@ -71,6 +71,16 @@ def run_reporting_errors(command: Callable[[], Any]) -> None:
         # Escaped: messages name extras like 'defectscope[cloud]', which rich reads as markup.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
+    except OSError as exc:
+        # A file or folder the system refused (a full disk, permissions, a read-only mount):
+        # the commands check their outputs first, this catches what only fails on writing.
+        if debug or exc.filename is None:
+            raise
+        console.print(
+            f"[bold red]error:[/] {escape(f'{exc.filename}: {exc.strerror or exc}')}",
+            highlight=False,
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

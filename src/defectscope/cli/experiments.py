@@ -34,10 +34,12 @@ def experiment(
 
     With --mlflow, each run is an MLflow run; a sweep's runs nest under one parent run.
     """
+    from defectscope import storage
     from defectscope.errors import ConfigError
     from defectscope.experiment import compose, plan_runs, run_experiment, write_sweep_summary
     from defectscope.tracking import open_tracker, sweep_run
 
+    storage.check_output_folder(out_dir, "--out")
     runs = plan_runs(config, overrides or [], multirun)
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -74,9 +76,11 @@ def demo(
     device: DeviceOpt = None,
 ) -> None:
     """Fit, evaluate and report end to end; no download, no data needed."""
+    from defectscope import storage
     from defectscope.data.synthetic import make_synthetic_dataset
     from defectscope.experiment import compose, run_experiment
 
+    storage.check_output_folder(out_dir, "--out")
     if data is None:
         data = out_dir / "data"
         console.print(f"Building a synthetic dataset from scikit-image textures in {data}")

@@ -241,6 +241,7 @@ def evaluate(
     if set_threshold != "none" and resolve_runtime(model, runtime) != "torch":
         raise DefectscopeError("--set-threshold needs --runtime torch (it rewrites the model)")
     storage.check_destination(report)
+    storage.check_output_folder(report, "--report")  # before the scoring, not after it
     tracker = open_tracker(mlflow, mlflow_uri, mlflow_experiment)  # unreachable: fails now
     started = time.time()
     detector = load_detector(model, runtime, device)
@@ -408,6 +409,10 @@ def export(
         raise ConfigError(f"--format must be 'onnx' or 'openvino', not {fmt!r}")
     if precision == "int8" and fmt != "openvino":
         raise ConfigError("int8 is available for --format openvino only")
+    if out_file is not None:
+        from defectscope import storage
+
+        storage.check_output_folder(out_file.parent, "--out")  # before the trace and export
     detector = load_detector(model, "torch", device="cpu")
     from defectscope.export.onnx import export_onnx, export_openvino
 

@@ -158,10 +158,12 @@ def drift_study(
     device: DeviceOpt = None,
 ) -> None:
     """Score the test split under controlled shifts; AUROC, false alarms and drift verdicts."""
+    from defectscope import storage
     from defectscope.data.datasets import open_dataset
     from defectscope.detector.detector import Detector
     from defectscope.monitoring.study import run_drift_study
 
+    storage.check_output_folder(out_dir, "--out")
     detector = Detector.load(model, device=device)
     dataset = open_dataset(data)
     with progress_bars() as progress:

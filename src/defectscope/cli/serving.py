@@ -396,6 +396,9 @@ def client_predict(
         raise DefectscopeError("no images found in " + ", ".join(str(i) for i in inputs))
     names = unique_output_names(paths)
     if out_dir is not None:
+        from defectscope import storage
+
+        storage.check_output_folder(out_dir, "--out")
         out_dir.mkdir(parents=True, exist_ok=True)
     table = Table(title=f"{url}: {len(paths)} images")
     for column in ("image", "score", "normalized", "decision", "defect area"):
