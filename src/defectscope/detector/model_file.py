@@ -94,13 +94,12 @@ def write_model_file(
             local = write_model_file(Path(staging), tensors, meta)
             return storage.upload_file(local, uri)
     path = Path(path)
-    folder = path if path.suffix != ".safetensors" else path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelFileError(f"{path}: cannot write the model here ({exc.strerror})") from None
     if path.suffix != ".safetensors":
         path = path / MODEL_FILENAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot write the model here ({exc.strerror})") from None
     meta = {**meta, "tensor_sha256": {k: tensor_digest(v) for k, v in tensors.items()}}
     try:
         encoded = json.dumps(meta, allow_nan=False)
